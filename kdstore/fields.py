@@ -1,0 +1,165 @@
+"""The fields a spec implies: name, container, per-row shape, codec chain.
+
+`fields_for_spec` is the single place that decides the on-disk layout; `store.json` records its
+result (`field_layout_to_json`), and readers rebuild the layout from that JSON, never from code
+defaults, so an old store stays readable when defaults change.
+
+Input arrays handed to the writer, per shard (R rows, T = row_length):
+  sample_id [R] int, input_ids [R,T] int, doc_ids [R,T] int, valid [R,T] bool
+  topk_ids [R,T,k] int, topk_logp [R,T,k] float (sorted descending, -inf = padding), topk_tail [R,T]
+  draw_ids [R,T,n] int + draw_counts [R,T,n] int (count 0 = padding; n ≤ n_draws)
+  hidden_<L> [R,T,d] float
+  attn_<L> [R,H,T,T] float probabilities, or with attention.topk: attn_<L>_ids / attn_<L>_p [R,H,T,ka]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdstore.codecs import (
+    BFloat16,
+    Cast,
+    Delta,
+    FloatCast,
+    Int8RowScale,
+    LogQuant,
+    ProbQuant,
+    chain_from_json,
+    chain_to_json,
+)
+from kdstore.errors import ShardDataError
+from kdstore.spec import StoreSpec, id_dtype_for_vocab
+
+ARROW = "arrow"  # fixed-size per-token data, one Arrow row per sample
+RAGGED = "ragged"  # variable-length per-token data (sampled draws), Arrow list columns
+ZARR = "zarr"  # dense arrays, Zarr v3 sharded + zstd
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    container: str
+    shape: tuple[int, ...]  # per row
+    stored_dtype: str
+    decoded_dtype: str
+    chain: tuple[Any, ...]
+    kind: str  # what the writer accepts: "int", "float" or "bool"
+    group: str  # the file it lives in: <group>.arrow, or dense.zarr/<group> for zarr fields
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "container": self.container,
+            "shape": list(self.shape),
+            "stored_dtype": self.stored_dtype,
+            "decoded_dtype": self.decoded_dtype,
+            "codecs": chain_to_json(self.chain),
+            "kind": self.kind,
+            "group": self.group,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Field:
+        return cls(
+            name=data["name"],
+            container=data["container"],
+            shape=tuple(data["shape"]),
+            stored_dtype=data["stored_dtype"],
+            decoded_dtype=data["decoded_dtype"],
+            chain=chain_from_json(data["codecs"]),
+            kind=data["kind"],
+            group=data["group"],
+        )
+
+
+def hidden_field(layer: int) -> str:
+    return f"hidden_{layer}"
+
+
+def attention_field(layer: int) -> str:
+    return f"attn_{layer}"
+
+
+def fields_for_spec(spec: StoreSpec) -> tuple[Field, ...]:
+    T = spec.row_length
+    ids = id_dtype_for_vocab(spec.vocab_size)
+    out = [
+        Field("sample_id", ARROW, (), "int64", "int64", (), "int", "tokens"),
+        Field("input_ids", ARROW, (T,), ids, "int64", (Cast(ids, "int64"),), "int", "tokens"),
+        Field("doc_ids", ARROW, (T,), "int32", "int32", (Cast("int32", "int32"),), "int", "tokens"),
+        Field("valid", ARROW, (T,), "uint8", "bool", (Cast("uint8", "bool"),), "bool", "tokens"),
+    ]
+    if spec.topk is not None:
+        k = spec.topk.k
+        out.append(Field("topk_ids", ARROW, (T, k), ids, "int32", (Cast(ids, "int32"),), "int", "topk_ids"))
+        if spec.topk.logp_step > 0:
+            logp_chain: tuple[Any, ...] = (LogQuant(spec.topk.logp_step, "uint16"), Delta())
+            out.append(Field("topk_logp", ARROW, (T, k), "uint16", "float32", logp_chain, "float", "topk_logp"))
+        else:
+            out.append(Field("topk_logp", ARROW, (T, k), "float32", "float32", (), "float", "topk_logp"))
+        out.append(Field("topk_tail", ARROW, (T,), "float32", "float32", (), "float", "topk_tail"))
+    if spec.sampled is not None:
+        n = spec.sampled.n_draws
+        out.append(Field("draw_ids", RAGGED, (T, n), ids, "int32", (Cast(ids, "int32"),), "int", "draws"))
+        out.append(Field("draw_counts", RAGGED, (T, n), "uint8", "int32", (Cast("uint8", "int32"),), "int", "draws"))
+    if spec.hidden is not None:
+        d = spec.hidden.width
+        codec = {"float16": FloatCast("float16"), "bfloat16": BFloat16(), "int8": Int8RowScale()}[spec.hidden.dtype]
+        stored = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}[spec.hidden.dtype]
+        for layer in spec.hidden.layers:
+            out.append(Field(hidden_field(layer), ZARR, (T, d), stored, "float32", (codec,), "float", hidden_field(layer)))
+    if spec.attention is not None:
+        a = spec.attention
+        H = len(a.heads)
+        for layer in a.layers:
+            name = attention_field(layer)
+            if a.topk is None:
+                out.append(Field(name, ZARR, (H, T, T), a.dtype, "float32", (ProbQuant(a.dtype),), "float", name))
+            else:
+                pos = id_dtype_for_vocab(T)
+                out.append(Field(f"{name}_ids", ZARR, (H, T, a.topk), pos, "int32", (Cast(pos, "int32"),), "int", f"{name}_ids"))
+                out.append(Field(f"{name}_p", ZARR, (H, T, a.topk), a.dtype, "float32", (ProbQuant(a.dtype),), "float", f"{name}_p"))
+    return tuple(out)
+
+
+def field_layout_to_json(fields: tuple[Field, ...]) -> list[dict[str, Any]]:
+    return [f.to_json() for f in fields]
+
+
+def field_layout_from_json(data: list[Mapping[str, Any]]) -> tuple[Field, ...]:
+    return tuple(Field.from_json(d) for d in data)
+
+
+def check_rows(fields: tuple[Field, ...], rows: Mapping[str, np.ndarray], where: str) -> int:
+    """Validate names, shapes and dtypes of the arrays for one shard; return the row count."""
+    expected = {f.name for f in fields}
+    missing = sorted(expected - set(rows))
+    extra = sorted(set(rows) - expected)
+    if missing:
+        raise ShardDataError(f"{where}: missing field(s) {missing}")
+    if extra:
+        raise ShardDataError(f"{where}: field(s) {extra} are not in the store's spec (fields: {sorted(expected)})")
+    n_rows = len(rows["sample_id"])
+    for f in fields:
+        arr = np.asarray(rows[f.name])
+        shape = (n_rows, *f.shape)
+        ragged_ok = f.container == RAGGED and arr.shape[:-1] == shape[:-1] and arr.shape[-1] <= shape[-1]
+        if arr.shape != shape and not ragged_ok:
+            raise ShardDataError(f"{where}: field {f.name!r} has shape {arr.shape}, expected {shape}")
+        ok = {
+            "int": np.issubdtype(arr.dtype, np.integer),
+            "float": np.issubdtype(arr.dtype, np.floating),
+            "bool": arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer),
+        }[f.kind]
+        if not ok:
+            raise ShardDataError(f"{where}: field {f.name!r} has dtype {arr.dtype}, expected {f.kind}")
+    sample_ids = np.asarray(rows["sample_id"])
+    if n_rows == 0:
+        raise ShardDataError(f"{where}: a shard needs at least one row")
+    if sample_ids.min() < 0 or len(np.unique(sample_ids)) != n_rows:
+        raise ShardDataError(f"{where}: sample_id must be non-negative and unique within a shard")
+    return n_rows

@@ -1,0 +1,80 @@
+"""Where a store lives: a local directory or any fsspec URL (memory://, s3://, ...).
+
+Local stores get real atomic commits (rename of a finished directory); object stores, which
+have no rename, get the commit record written last, so a shard without one is invisible.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass(frozen=True)
+class Location:
+    fs: fsspec.AbstractFileSystem
+    root: str
+    url: str
+
+    @classmethod
+    def of(cls, url: str | os.PathLike[str]) -> Location:
+        text = os.fspath(url)
+        fs, root = fsspec.core.url_to_fs(text)
+        return cls(fs=fs, root=root.rstrip("/") or "/", url=text)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def local_path(self, *parts: str) -> Path:
+        assert self.is_local
+        return Path(self.path(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a small file so readers never see it half-written (temp + rename where possible)."""
+        target = self.path(*parts)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if self.is_local:
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        """Names of the sub-directories (empty list when the directory does not exist)."""
+        base = self.path(*parts)
+        if not self.fs.exists(base):
+            return []
+        names = []
+        for info in self.fs.ls(base, detail=True):
+            if info["type"] == "directory":
+                names.append(posixpath.basename(info["name"].rstrip("/")))
+        return sorted(names)
+
+    def walk_files(self, *parts: str) -> dict[str, int]:
+        """Relative path → size of every file below a directory."""
+        base = self.path(*parts)
+        out = {}
+        for name, info in self.fs.find(base, detail=True).items():
+            rel = posixpath.relpath(self.fs._strip_protocol(name), self.fs._strip_protocol(base))
+            out[rel] = int(info["size"])
+        return out

@@ -1,0 +1,152 @@
+"""The two JSON records of a store: `store.json` (once per store) and `COMMIT.json` (per shard).
+
+`store.json` carries the field layout with every codec chain, so a reader decodes from the
+store alone. A shard's `COMMIT.json` names every file with its size and sha256: it is both the
+proof that the shard is complete and the checklist that `verify` re-hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdstore.errors import FormatVersionError, NotAStoreError, SpecError
+from kdstore.fields import Field, field_layout_from_json, field_layout_to_json, fields_for_spec
+from kdstore.location import Location
+from kdstore.spec import FORMAT_VERSION, Provenance, StoreSpec, fingerprint
+
+STORE_JSON = "store.json"
+COMMIT_JSON = "COMMIT.json"
+SHARDS_DIR = "shards"
+TEACHER_DIR = "teacher"
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    spec: StoreSpec
+    provenance: Provenance
+    fingerprint: str
+    fields: tuple[Field, ...]
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def new(cls, spec: StoreSpec, provenance: Provenance) -> StoreMeta:
+        return cls(spec, provenance, fingerprint(spec, provenance), fields_for_spec(spec))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "kdcache-store",
+            "format_version": self.format_version,
+            "fingerprint": self.fingerprint,
+            "spec": self.spec.to_dict(),
+            "provenance": self.provenance.to_dict(),
+            "fields": field_layout_to_json(self.fields),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> StoreMeta:
+        if data.get("format") != "kdcache-store":
+            raise NotAStoreError(f"{where} is not a kdcache store.json (format={data.get('format')!r})")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where} has format version {version}; this kdcache reads versions up to "
+                f"{FORMAT_VERSION}: upgrade kdcache to read it"
+            )
+        try:
+            spec = StoreSpec.from_dict(data["spec"], f"{where}: spec")
+            provenance = Provenance.from_dict(data["provenance"], f"{where}: provenance")
+            fields = field_layout_from_json(data["fields"])
+            stamp = data["fingerprint"]
+        except KeyError as exc:
+            raise SpecError(f"{where}: missing key {exc}") from exc
+        return cls(spec, provenance, stamp, fields, version)
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+def read_store_meta(location: Location) -> StoreMeta:
+    where = location.path(STORE_JSON)
+    try:
+        raw = location.read_bytes(STORE_JSON)
+    except FileNotFoundError:
+        raise NotAStoreError(f"no kdcache store at {location.url!r}: {where} does not exist") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise NotAStoreError(f"{where} is not valid JSON: {exc}") from exc
+    return StoreMeta.from_json(data, where)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    shard_id: str
+    fingerprint: str
+    rows: int
+    tokens: int
+    valid_tokens: int
+    sample_id_min: int
+    sample_id_max: int
+    files: Mapping[str, FileRecord]
+    stats: Mapping[str, float] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shard_id": self.shard_id,
+            "fingerprint": self.fingerprint,
+            "format_version": self.format_version,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "valid_tokens": self.valid_tokens,
+            "sample_id_min": self.sample_id_min,
+            "sample_id_max": self.sample_id_max,
+            "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in sorted(self.files.items())},
+            "stats": dict(self.stats),
+            "meta": dict(self.meta),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CommitRecord:
+        return cls(
+            shard_id=data["shard_id"],
+            fingerprint=data["fingerprint"],
+            rows=int(data["rows"]),
+            tokens=int(data["tokens"]),
+            valid_tokens=int(data["valid_tokens"]),
+            sample_id_min=int(data["sample_id_min"]),
+            sample_id_max=int(data["sample_id_max"]),
+            files={k: FileRecord(int(v["bytes"]), v["sha256"]) for k, v in data["files"].items()},
+            stats=data.get("stats", {}),
+            meta=data.get("meta", {}),
+            created_at=data.get("created_at", ""),
+            format_version=int(data.get("format_version", FORMAT_VERSION)),
+        )
+
+
+def sha256_of(fs_open, path: str, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with fs_open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,200 @@
+"""Encode one shard's rows into files, and decode files back into arrays.
+
+Per-token sparse data goes to Arrow IPC files (one file per field group, zstd-compressed
+buffers, record batches of `record_batch_rows` rows for random access); dense arrays go to one
+Zarr v3 group (`dense.zarr`, one array per field, sharded: a single zarr shard per array, chunks
+of one row, zstd). Plain pyarrow and zarr open every file; each file's metadata carries the
+codec chain that turns the stored integers back into values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import zarr
+import zarr.codecs
+
+from kdstore.codecs import Int8RowScale, decode_chain, encode_chain
+from kdstore.fields import ARROW, RAGGED, ZARR, Field
+
+DENSE_DIR = "dense.zarr"
+
+
+def arrow_file(group: str) -> str:
+    return f"{group}.arrow"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_shard_files(
+    directory: Path,
+    fields: Sequence[Field],
+    rows: Mapping[str, np.ndarray],
+    zstd_level: int,
+    record_batch_rows: int,
+) -> None:
+    """Write every field of `rows` under `directory` (a local staging folder)."""
+    n_rows = len(rows["sample_id"])
+    options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", zstd_level))
+    for group, group_fields in _groups(fields, (ARROW, RAGGED)).items():
+        schema = pa.schema([_arrow_field(f) for f in _columns(group_fields)])
+        with pa.OSFile(str(directory / arrow_file(group)), "wb") as sink:
+            with pa.ipc.new_file(sink, schema, options=options) as writer:
+                for start in range(0, n_rows, record_batch_rows):
+                    stop = min(start + record_batch_rows, n_rows)
+                    columns = _encode_group(group_fields, rows, start, stop)
+                    writer.write_batch(pa.record_batch(columns, schema=schema))
+    dense = [f for f in fields if f.container == ZARR]
+    if dense:
+        group = zarr.open_group(zarr.storage.LocalStore(str(directory / DENSE_DIR)), mode="w", zarr_format=3)
+        for f in dense:
+            for name, array in _encode_dense(f, np.asarray(rows[f.name])):
+                chunks = (1, *array.shape[1:])
+                stored = group.create_array(
+                    name,
+                    shape=array.shape,
+                    dtype=array.dtype,
+                    chunks=chunks,
+                    shards=array.shape,
+                    compressors=zarr.codecs.ZstdCodec(level=zstd_level),
+                    attributes={"kdcache_field": f.to_json()},
+                )
+                stored[...] = array
+
+
+def _groups(fields: Sequence[Field], containers: tuple[str, ...]) -> dict[str, list[Field]]:
+    out: dict[str, list[Field]] = {}
+    for f in fields:
+        if f.container in containers:
+            out.setdefault(f.group, []).append(f)
+    return out
+
+
+def _columns(group_fields: Sequence[Field]) -> list[Field]:
+    if group_fields[0].container == RAGGED:
+        return [_draw_count_field(group_fields[0]), *group_fields]
+    return list(group_fields)
+
+
+def _draw_count_field(like: Field) -> Field:
+    """Per-token number of unique draws: the ragged group's row index."""
+    return Field("draw_n", ARROW, like.shape[:-1], "uint8", "int32", (), "int", like.group)
+
+
+def _arrow_field(f: Field) -> pa.Field:
+    meta = {"kdcache_field": json.dumps(f.to_json())}
+    value_type = pa.from_numpy_dtype(np.dtype(f.stored_dtype))
+    if f.container == RAGGED and f.name != "draw_n":
+        return pa.field(f.name, pa.list_(value_type), nullable=False, metadata=meta)
+    width = int(np.prod(f.shape)) if f.shape else 0
+    arrow_type = pa.list_(value_type, width) if width else value_type
+    return pa.field(f.name, arrow_type, nullable=False, metadata=meta)
+
+
+def _encode_group(
+    group_fields: Sequence[Field], rows: Mapping[str, np.ndarray], start: int, stop: int
+) -> list[pa.Array]:
+    if group_fields[0].container == RAGGED:
+        return _encode_draws(group_fields, rows, start, stop)
+    out = []
+    for f in group_fields:
+        stored = encode_chain(f.chain, np.asarray(rows[f.name][start:stop]))
+        stored = np.ascontiguousarray(stored, dtype=f.stored_dtype)
+        out.append(_fixed_list(stored, f))
+    return out
+
+
+def _fixed_list(stored: np.ndarray, f: Field) -> pa.Array:
+    if not f.shape:
+        return pa.array(stored)
+    width = int(np.prod(f.shape))
+    return pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), width)
+
+
+def _encode_draws(
+    group_fields: Sequence[Field], rows: Mapping[str, np.ndarray], start: int, stop: int
+) -> list[pa.Array]:
+    ids_field, counts_field = group_fields
+    ids = np.asarray(rows[ids_field.name][start:stop])
+    counts = np.asarray(rows[counts_field.name][start:stop])
+    keep = counts > 0
+    n_per_token = keep.sum(axis=-1).astype(np.uint8)
+    n_per_row = n_per_token.reshape(len(ids), -1).sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(n_per_row)]).astype(np.int32)
+    flat_ids = encode_chain(ids_field.chain, ids[keep]).astype(ids_field.stored_dtype)
+    flat_counts = encode_chain(counts_field.chain, counts[keep]).astype(counts_field.stored_dtype)
+    n_field = _draw_count_field(ids_field)
+    return [
+        _fixed_list(n_per_token, n_field),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids)),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_counts)),
+    ]
+
+
+def _encode_dense(f: Field, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    codec = f.chain[0] if f.chain else None
+    if isinstance(codec, Int8RowScale):
+        q, scale = codec.encode_pair(array)
+        return [(f.name, q), (f"{f.name}_scale", scale)]
+    return [(f.name, np.ascontiguousarray(encode_chain(f.chain, array), dtype=f.stored_dtype))]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def decode_arrow_batches(
+    batches: Sequence[pa.RecordBatch], group_fields: Sequence[Field], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Decode the named fields of one Arrow group from whole record batches, in bulk."""
+    n_rows = sum(b.num_rows for b in batches)
+    wanted = [f for f in group_fields if f.name in names]
+    if group_fields[0].container == RAGGED:
+        return _decode_draws(batches, group_fields, wanted, n_rows)
+    out: dict[str, np.ndarray] = {}
+    for f in wanted:
+        dest = np.empty((n_rows, *f.shape), dtype=f.decoded_dtype)
+        start = 0
+        for batch in batches:
+            column = batch.column(f.name)
+            flat = column.values if f.shape else column
+            stored = flat.to_numpy(zero_copy_only=False).reshape((batch.num_rows, *f.shape))
+            dest[start : start + batch.num_rows] = decode_chain(f.chain, stored)
+            start += batch.num_rows
+        out[f.name] = dest
+    return out
+
+
+def _decode_draws(
+    batches: Sequence[pa.RecordBatch], group_fields: Sequence[Field], wanted: Sequence[Field], n_rows: int
+) -> dict[str, np.ndarray]:
+    n_tokens = _draw_count_field(group_fields[0]).shape
+    width = group_fields[0].shape[-1]
+    n = np.concatenate(
+        [b.column("draw_n").values.to_numpy(zero_copy_only=False) for b in batches]
+    ).reshape(n_rows, *n_tokens)
+    slot = np.arange(width) < n[..., None]  # padded [R, T, width] positions that hold a draw
+    out = {}
+    for f in wanted:
+        flat = np.concatenate([b.column(f.name).values.to_numpy(zero_copy_only=False) for b in batches])
+        dest = np.zeros((n_rows, *f.shape), dtype=f.decoded_dtype)
+        dest[slot] = decode_chain(f.chain, flat)
+        out[f.name] = dest
+    return out
+
+
+def decode_dense(group: zarr.Group, f: Field, rows: np.ndarray | None = None) -> np.ndarray:
+    """Decode one dense field: every row, or the given row positions (any order)."""
+
+    def load(name: str) -> np.ndarray:
+        array = group[name]
+        return array[...] if rows is None else array.oindex[np.asarray(rows)]
+
+    codec = f.chain[0] if f.chain else None
+    if isinstance(codec, Int8RowScale):
+        return codec.decode_pair(load(f.name), load(f"{f.name}_scale"))
+    return decode_chain(f.chain, load(f.name)).astype(f.decoded_dtype, copy=False)

@@ -1,0 +1,192 @@
+"""What a store holds (spec) and where it came from (provenance), and their fingerprint.
+
+The spec and provenance are written once into `store.json`; the fingerprint (a hash of both)
+is stamped on every shard, so a store can never mix rows of two teachers, tokenizers, corpora
+or specs. Frozen dataclasses with strict (de)serialisation: an unknown key is an error naming
+the key, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdstore.errors import SpecError
+
+FORMAT_VERSION = 1
+
+SAMPLERS = ("topk", "topp_k")
+HIDDEN_DTYPES = ("float16", "bfloat16", "int8")
+ATTENTION_DTYPES = ("uint8", "uint16")
+
+
+@dataclass(frozen=True)
+class TopKSpec:
+    """Top-k (or top-p capped at k) teacher log-probs, normalised over the full vocabulary.
+
+    `logp_step` is the quantisation step of the stored log-probs in nats (0 stores float32).
+    The tail mass 1 - sum(kept probabilities) is always stored as float32.
+    """
+
+    k: int
+    sampler: str = "topk"
+    top_p: float | None = None
+    temperature: float = 1.0
+    logp_step: float = 1.0 / 16
+
+    def __post_init__(self) -> None:
+        _require(self.k >= 1, f"topk.k must be >= 1, got {self.k}")
+        _require(self.sampler in SAMPLERS, f"topk.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "topp_k":
+            _require(self.top_p is not None and 0 < self.top_p <= 1, "topk.top_p in (0, 1] is required for sampler 'topp_k'")
+        _require(self.temperature > 0, "topk.temperature must be > 0")
+        _require(0 <= self.logp_step <= 1, f"topk.logp_step must be in [0, 1] nats, got {self.logp_step}")
+
+
+@dataclass(frozen=True)
+class SampledSpec:
+    """Random-sampling KD (arXiv 2503.16870): `n_draws` draws per token, unique ids + counts."""
+
+    n_draws: int
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.n_draws <= 255, f"sampled.n_draws must be in [1, 255], got {self.n_draws}")
+        _require(self.temperature > 0, "sampled.temperature must be > 0")
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """Hidden states [rows, T, width] of the selected layers (0 = embeddings output)."""
+
+    layers: tuple[int, ...]
+    width: int
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        _require(len(self.layers) > 0, "hidden.layers must name at least one layer")
+        _require(len(set(self.layers)) == len(self.layers), f"hidden.layers has duplicates: {self.layers}")
+        _require(self.width >= 1, "hidden.width must be >= 1")
+        _require(self.dtype in HIDDEN_DTYPES, f"hidden.dtype must be one of {HIDDEN_DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Attention probabilities [rows, heads, T, T] of selected layers and heads, quantised.
+
+    With `topk`, only the `topk` largest keys of each query row are kept (ids + values).
+    """
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    dtype: str = "uint8"
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "heads", tuple(int(x) for x in self.heads))
+        _require(len(self.layers) > 0 and len(self.heads) > 0, "attention needs at least one layer and one head")
+        _require(len(set(self.layers)) == len(self.layers), f"attention.layers has duplicates: {self.layers}")
+        _require(self.dtype in ATTENTION_DTYPES, f"attention.dtype must be one of {ATTENTION_DTYPES}, got {self.dtype!r}")
+        _require(self.topk is None or self.topk >= 1, "attention.topk must be >= 1")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Which signals a store holds and how they are laid out."""
+
+    vocab_size: int
+    row_length: int
+    shard_rows: int
+    topk: TopKSpec | None = None
+    sampled: SampledSpec | None = None
+    hidden: HiddenSpec | None = None
+    attention: AttentionSpec | None = None
+    zstd_level: int = 3
+    record_batch_rows: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 2, "vocab_size must be >= 2")
+        _require(self.row_length >= 1, "row_length must be >= 1")
+        _require(self.shard_rows >= 1, "shard_rows must be >= 1")
+        _require(1 <= self.zstd_level <= 22, "zstd_level must be in [1, 22]")
+        _require(self.record_batch_rows >= 1, "record_batch_rows must be >= 1")
+        if self.attention is not None and self.attention.topk is not None:
+            _require(self.attention.topk <= self.row_length, "attention.topk must be <= row_length")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> StoreSpec:
+        sub = {"topk": TopKSpec, "sampled": SampledSpec, "hidden": HiddenSpec, "attention": AttentionSpec}
+        kwargs = _checked_kwargs(cls, data, where)
+        for key, sub_cls in sub.items():
+            if kwargs.get(key) is not None:
+                kwargs[key] = sub_cls(**_checked_kwargs(sub_cls, kwargs[key], f"{where}.{key}"))
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"{where}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the signals came from. Plain JSON mappings so any teacher or corpus fits.
+
+    teacher: name, revision, weights_sha256, tokenizer_sha256 ...
+    corpus: the corpus *source* (what it is, not the content digest of a growing file set:
+            per-file digests live in the shards' commit records).
+    packing: row length, EOS handling, split ...
+    """
+
+    teacher: Mapping[str, Any] = field(default_factory=dict)
+    corpus: Mapping[str, Any] = field(default_factory=dict)
+    packing: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"teacher": dict(self.teacher), "corpus": dict(self.corpus), "packing": dict(self.packing)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "provenance") -> Provenance:
+        return cls(**_checked_kwargs(cls, data, where))
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(spec: StoreSpec, provenance: Provenance) -> str:
+    """sha256 over the canonical JSON of spec + provenance (first 32 hex digits)."""
+    payload = canonical_json({"spec": spec.to_dict(), "provenance": provenance.to_dict()})
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def id_dtype_for_vocab(vocab_size: int) -> str:
+    """The narrowest unsigned integer that holds every token id (no 131,072 cap)."""
+    if vocab_size <= 1 << 8:
+        return "uint8"
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    return "uint32"
+
+
+def _checked_kwargs(cls: type, data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return dict(data)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise SpecError(message)
