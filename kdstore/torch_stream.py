@@ -1,0 +1,237 @@
+"""KDStream: a resumable torch IterableDataset over a store (the only kdstore module with torch).
+
+Each epoch the committed shards are shuffled with (seed, epoch); the concatenated row sequence
+is cut into contiguous, balanced blocks, one per (rank, dataloader worker), so every row is
+seen exactly once per epoch and each worker decodes only the shards its block touches. Within a
+block rows go through a bounded shuffle buffer. The whole order is a pure function of
+(seed, epoch, worker), computed on row *indices*, so resuming only needs how many rows each
+worker has handed out: `state_dict()` is a few integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdstore.reader import StoreReader
+
+WORKER_KEY = "_kd_worker"
+POSITION_KEY = "_kd_position"
+
+
+class KDStream(IterableDataset):
+    """Batches of decoded store fields as torch tensors.
+
+    Yields dicts: `sample_id` [B] plus each requested field with a leading batch axis
+    (e.g. topk_ids [B,T,k] int32, topk_logp [B,T,k] float32, topk_tail [B,T] float32,
+    input_ids [B,T] int64, hidden_<L> [B,T,d] float32).
+    """
+
+    def __init__(
+        self,
+        store: str | StoreReader,
+        fields: Sequence[str],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_rows: int = 1024,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
+        names = list(dict.fromkeys(["sample_id", *fields]))
+        self.reader.resolve(names)  # MissingFieldError now, not in a worker later
+        self.fields = names
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.buffer_rows = max(1, int(buffer_rows))
+        if rank is None or world_size is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if distributed else 0
+            world_size = dist.get_world_size() if distributed else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.drop_last = drop_last
+        self.shards = self.reader.shard_ids()
+        self.shard_rows = np.array([self.reader.record(s).rows for s in self.shards], dtype=np.int64)
+        self.epoch = 0
+        self.num_workers = 1
+        self._consumed: dict[int, int] = {}
+
+    # ------------------------------------------------------------ order
+
+    def worker_order(self, epoch: int, worker: int, total_workers: int) -> np.ndarray:
+        """[n, 2] (shard index, row) pairs worker `worker` yields in `epoch`, in order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        shard_order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
+        lengths = self.shard_rows[shard_order]
+        total = int(lengths.sum())
+        lo, hi = worker * total // total_workers, (worker + 1) * total // total_workers
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        pairs = []
+        for pos, shard in enumerate(shard_order):
+            a, b = max(lo, starts[pos]), min(hi, starts[pos + 1])
+            if a >= b:
+                continue
+            rows = np.arange(a - starts[pos], b - starts[pos])
+            if self.shuffle:
+                rows = np.random.default_rng([self.seed, epoch, int(shard)]).permutation(rows)
+            pairs.append(np.stack([np.full(len(rows), shard), rows], axis=1))
+        order = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+        if self.shuffle and len(order) > 1:
+            order = order[_buffer_shuffle(len(order), self.buffer_rows, np.random.default_rng([self.seed, epoch, 1_000_003 + worker]))]
+        return order
+
+    # ------------------------------------------------------------ iteration
+
+    def _worker_identity(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        wid = info.id if info is not None else 0
+        return self.rank * workers + wid, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, total = self._worker_identity()
+        self._check_topology(total)
+        order = self.worker_order(self.epoch, worker, total)
+        position = self._consumed.get(worker, 0)
+        remaining = np.bincount(order[position:, 0], minlength=len(self.shards))
+        cache: dict[int, dict[str, np.ndarray]] = {}
+        while position < len(order):
+            stop = min(position + self.batch_size, len(order))
+            if self.drop_last and stop - position < self.batch_size:
+                break
+            chunk = order[position:stop]
+            for shard in np.unique(chunk[:, 0]):
+                if shard not in cache:
+                    cache[shard] = self.reader.read_shard(self.shards[shard], self.fields)
+            batch = _gather(cache, chunk, self.fields)
+            for shard, count in zip(*np.unique(chunk[:, 0], return_counts=True), strict=True):
+                remaining[shard] -= count
+                if remaining[shard] == 0:
+                    cache.pop(shard, None)
+            position = stop
+            self._consumed[worker] = position
+            batch[WORKER_KEY] = torch.tensor(worker)
+            batch[POSITION_KEY] = torch.tensor(position)
+            yield batch
+        if get_worker_info() is None:
+            self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self._consumed = {}
+
+    def _check_topology(self, total: int) -> None:
+        expected = self.world_size * self.num_workers
+        if self._consumed and total != expected:
+            raise ValueError(
+                f"KDStream state was saved with {expected} rank×worker streams, this run has {total}: "
+                "resume with the same world size and num_workers"
+            )
+
+    def rows_per_epoch(self) -> int:
+        return int(self.shard_rows.sum())
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.reader.fingerprint,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "consumed": {int(k): int(v) for k, v in self._consumed.items()},
+            "shards": list(self.shards),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["fingerprint"] != self.reader.fingerprint:
+            raise ValueError(f"stream state is for store fingerprint {state['fingerprint']}, not {self.reader.fingerprint}")
+        if list(state["shards"]) != list(self.shards):
+            raise ValueError("the store's committed shards changed since this state was saved; exact resume is impossible")
+        if state["seed"] != self.seed or state["world_size"] != self.world_size:
+            raise ValueError(
+                f"stream state has seed={state['seed']} world_size={state['world_size']}, "
+                f"this stream seed={self.seed} world_size={self.world_size}"
+            )
+        self.epoch = int(state["epoch"])
+        self.num_workers = int(state["num_workers"])
+        self._consumed = {int(k): int(v) for k, v in state["consumed"].items()}
+
+
+class KDLoader:
+    """A DataLoader over a KDStream whose state_dict is exact with any number of workers.
+
+    Workers hold copies of the stream, so the loader records, from each batch it hands out,
+    how far that batch's worker has got; saving and resuming go through the stream.
+    """
+
+    def __init__(self, stream: KDStream, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
+        if stream._consumed and stream.num_workers != max(1, num_workers):
+            raise ValueError(f"stream state was saved with num_workers={stream.num_workers}, loader has {num_workers}")
+        stream.num_workers = max(1, num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+        for batch in loader:
+            worker = int(batch.pop(WORKER_KEY))
+            self.stream._consumed[worker] = int(batch.pop(POSITION_KEY))
+            yield batch
+        if self.num_workers > 0:
+            self.stream._next_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Permutation produced by streaming n items through a shuffle buffer of `buffer_rows`."""
+    if buffer_rows >= n:
+        return rng.permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    buffer = list(range(buffer_rows))
+    picks = rng.integers(0, buffer_rows, size=n - buffer_rows)
+    for i, nxt in enumerate(range(buffer_rows, n)):
+        j = picks[i]
+        out[i] = buffer[j]
+        buffer[j] = nxt
+    out[n - buffer_rows :] = rng.permutation(buffer)
+    return out
+
+
+def _gather(cache: dict[int, dict[str, np.ndarray]], chunk: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+    shards = chunk[:, 0]
+    out = {}
+    for name in fields:
+        first = cache[shards[0]][name]
+        dest = np.empty((len(chunk), *first.shape[1:]), dtype=first.dtype)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            dest[mask] = cache[shard][name][chunk[mask, 1]]
+        out[name] = torch.from_numpy(dest)
+    return out

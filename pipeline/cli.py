@@ -1,0 +1,126 @@
+"""The `kdcache` command: one sub-command per step, each a thin call into a plain function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from kdstore.errors import StoreError
+from pipeline.config import ConfigError
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from kdstore.verify import verify_store
+
+    report = verify_store(args.store, check="size" if args.quick else "hash")
+    for problem in report.problems:
+        print(f"BAD  {problem}")
+    for leftover in report.leftovers:
+        print(f"note {leftover}: leftover of an interrupted write (not visible to readers)")
+    verdict = "clean" if report.ok else f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}"
+    print(f"{args.store}: {report.shards_checked} shard(s) checked, {verdict}")
+    return 0 if report.ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from kdstore.summary import summarize
+
+    summary = summarize(args.store)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(summary.to_markdown())
+        print()
+        print("spec:", json.dumps(summary.spec))
+        print("provenance:", json.dumps(summary.provenance))
+    return 0
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, object]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.teacher_pass import plan_cache
+
+    config = load_config(args.config, overrides=_overrides(args.set))
+    print(plan_cache(config).to_markdown())
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    config = load_config(args.config, overrides=_overrides(args.set))
+    if args.no_flow:
+        from pipeline.teacher_pass import run_cache
+
+        summary = run_cache(config)
+    else:
+        from flows.cache_teacher import cache_teacher
+
+        summary = cache_teacher(config.model_dump())
+    print(json.dumps(summary, indent=2) if isinstance(summary, dict) else summary)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(out_dir=args.out, tokens=args.tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdcache", description="Teacher once, students many times.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("verify", help="re-hash every file of a store; exit 1 if anything is bad")
+    p.add_argument("store", help="store path or fsspec URL")
+    p.add_argument("--quick", action="store_true", help="check sizes only, do not re-hash")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("inspect", help="rows, tokens, bytes/token per field, spec, provenance")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    for name, func, helptext in (
+        ("plan", _plan, "rows, tokens, shards and disk a cache config will take, before running it"),
+        ("cache", _cache, "run the teacher once over the corpus into the store (Prefect flow)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+        if name == "cache":
+            p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="the main job on the embedded teacher and corpus")
+    p.add_argument("--out", default="runs/demo", help="output folder (store and report)")
+    p.add_argument("--tokens", type=int, default=None, help="corpus tokens to cache (default: all of it)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (StoreError, ConfigError, FileNotFoundError) as exc:
+        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Configs: YAML files of values, validated by pydantic models (`extra="forbid"`).
+
+A typo is an error that names the key and the file; a missing file is an error naming the path.
+The models here are the only schema; `configs/*.yaml` hold values only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdstore.spec import AttentionSpec, HiddenSpec, SampledSpec, TopKSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(Strict):
+    name: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; a folder; a .gguf; a hub name
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = Field(8, ge=1)
+    trust_remote_code: bool = False
+
+
+class CorpusConfig(Strict):
+    kind: Literal["builtin", "files", "hub"] = "builtin"
+    paths: list[str] = []
+    name: str | None = None  # hub dataset name
+    text_field: str = "text"
+    text_split: Literal["file", "blank_line"] = "file"
+    errors: Literal["strict", "replace"] = "strict"
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_documents: int | None = Field(None, ge=1)
+
+
+class TopKConfig(Strict):
+    k: int = Field(64, ge=1)
+    sampler: Literal["topk", "topp_k"] = "topk"
+    top_p: float | None = None
+    temperature: float = Field(1.0, gt=0)
+    logp_step: float = Field(1.0 / 16, ge=0, le=1)
+
+    def to_spec(self) -> TopKSpec:
+        return TopKSpec(**self.model_dump())
+
+
+class SampledConfig(Strict):
+    n_draws: int = Field(12, ge=1, le=255)
+    temperature: float = Field(1.0, gt=0)
+    seed: int = 0
+
+    def to_spec(self) -> SampledSpec:
+        return SampledSpec(**self.model_dump())
+
+
+class HiddenConfig(Strict):
+    layers: list[int]
+    dtype: Literal["float16", "bfloat16", "int8"] = "float16"
+
+    def to_spec(self, width: int) -> HiddenSpec:
+        return HiddenSpec(layers=tuple(self.layers), width=width, dtype=self.dtype)
+
+
+class AttentionConfig(Strict):
+    layers: list[int]
+    heads: list[int]
+    dtype: Literal["uint8", "uint16"] = "uint8"
+    topk: int | None = Field(None, ge=1)
+
+    def to_spec(self) -> AttentionSpec:
+        return AttentionSpec(layers=tuple(self.layers), heads=tuple(self.heads), dtype=self.dtype, topk=self.topk)
+
+
+class SignalsConfig(Strict):
+    topk: TopKConfig | None = TopKConfig()
+    sampled: SampledConfig | None = None
+    hidden: HiddenConfig | None = None
+    attention: AttentionConfig | None = None
+
+    @model_validator(mode="after")
+    def _some_signal(self) -> SignalsConfig:
+        if self.topk is None and self.sampled is None:
+            raise ValueError("signals: at least one of topk or sampled is needed")
+        return self
+
+
+class RunnerConfig(Strict):
+    kind: Literal["thread", "dask"] = "thread"
+    workers: int = Field(1, ge=1)
+    dask_address: str | None = None  # a scheduler address; None with kind=dask = a LocalCluster
+    retries: int = Field(2, ge=0)
+
+
+class CacheConfig(Strict):
+    """Everything `kdcache cache` / the `cache-teacher` flow needs."""
+
+    store: str
+    teacher: TeacherConfig = TeacherConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    row_length: int = Field(256, ge=2)
+    shard_rows: int = Field(64, ge=1)
+    split: Literal["train", "validation", "all"] = "all"
+    signals: SignalsConfig = SignalsConfig()
+    runner: RunnerConfig = RunnerConfig()
+    zstd_level: int = Field(3, ge=1, le=22)
+
+
+class ConfigError(ValueError):
+    """A config file is missing, not YAML, or does not validate (names file and key)."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_config(path: str | Path, model: type[M] = CacheConfig, overrides: dict[str, Any] | None = None) -> M:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, model, str(path))
+
+
+def parse_config(data: dict[str, Any], model: type[M], where: str = "config") -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if error["type"] == "missing":
+        return f"missing key '{key}'"
+    return f"key '{key}': {error['msg']}"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
