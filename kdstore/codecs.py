@@ -191,7 +191,12 @@ class Int8RowScale:
     def encode_pair(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(array, dtype=np.float32)
         amax = np.abs(x).max(axis=-1, keepdims=True)
-        scale = (amax / 127.0).astype(np.float16)
+        exact = amax / np.float32(127.0)
+        scale = exact.astype(np.float16)
+        # Round the scale *up* in float16: a scale rounded down clips max|x| (by up to 2% where
+        # float16 is subnormal) and a tiny vector's scale would underflow to 0 (all values lost).
+        low = scale.astype(np.float32) < exact
+        scale[low] = np.nextafter(scale[low], np.float16(np.inf))
         # Use the float16-rounded scale, so decode(q, scale) is what was measured on encode.
         safe = np.where(scale == 0, np.float16(1), scale).astype(np.float32)
         q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)

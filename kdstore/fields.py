@@ -157,6 +157,10 @@ def check_rows(fields: tuple[Field, ...], rows: Mapping[str, np.ndarray], where:
         }[f.kind]
         if not ok:
             raise ShardDataError(f"{where}: field {f.name!r} has dtype {arr.dtype}, expected {f.kind}")
+    ragged = [f.name for f in fields if f.container == RAGGED]
+    if len({np.shape(rows[name]) for name in ragged}) > 1:
+        shapes = {name: np.shape(rows[name]) for name in ragged}
+        raise ShardDataError(f"{where}: fields {ragged} must have the same shape, got {shapes}")
     sample_ids = np.asarray(rows["sample_id"])
     if n_rows == 0:
         raise ShardDataError(f"{where}: a shard needs at least one row")

@@ -93,6 +93,7 @@ class StoreReader:
                 out.update(self._read_arrow(shard_id, group, group_fields, names, record, rows))
         dense = [f for f in wanted if f.container == ZARR]
         if dense:
+            self._check_dense_files(shard_id, dense, record)
             out.update(self._read_dense(shard_id, dense, rows))
         return {f.name: out[f.name] for f in wanted}
 
@@ -144,6 +145,28 @@ class StoreReader:
             raise
         except Exception as exc:  # zarr raises many types for missing/corrupt chunks
             raise CorruptShardError(f"shard {shard_id}, file {DENSE_DIR}: cannot be read ({exc!r})") from exc
+
+    def _check_dense_files(self, shard_id: str, dense: list[Field], record: CommitRecord) -> None:
+        """zarr reads a missing chunk file as fill values (zeros): check presence and size."""
+        prefixes = tuple(f"{DENSE_DIR}/{name}/" for f in dense for name in (f.name, f"{f.name}_scale"))
+        expected = {rel: r.bytes for rel, r in record.files.items() if rel.startswith(prefixes)}
+        if self.location.is_local:
+            sizes = {}
+            for rel in expected:
+                try:
+                    sizes[rel] = os.path.getsize(self.location.local_path(SHARDS_DIR, shard_id, rel))
+                except OSError:
+                    pass
+        else:
+            found = self.location.walk_files(SHARDS_DIR, shard_id, DENSE_DIR)
+            sizes = {f"{DENSE_DIR}/{rel}": size for rel, size in found.items()}
+        for rel, size in sorted(expected.items()):
+            if rel not in sizes:
+                raise CorruptShardError(f"shard {shard_id}, file {rel}: missing")
+            if sizes[rel] != size:
+                raise CorruptShardError(
+                    f"shard {shard_id}, file {rel}: {sizes[rel]} bytes, the commit record says {size}"
+                )
 
     def _zarr_store(self, shard_id: str):
         if self.location.is_local:

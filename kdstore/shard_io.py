@@ -19,6 +19,7 @@ import zarr
 import zarr.codecs
 
 from kdstore.codecs import Int8RowScale, decode_chain, encode_chain
+from kdstore.errors import ShardDataError
 from kdstore.fields import ARROW, RAGGED, ZARR, Field
 
 DENSE_DIR = "dense.zarr"
@@ -103,7 +104,7 @@ def _encode_group(
         return _encode_draws(group_fields, rows, start, stop)
     out = []
     for f in group_fields:
-        stored = encode_chain(f.chain, np.asarray(rows[f.name][start:stop]))
+        stored = _encode(f, np.asarray(rows[f.name][start:stop]))
         stored = np.ascontiguousarray(stored, dtype=f.stored_dtype)
         out.append(_fixed_list(stored, f))
     return out
@@ -122,12 +123,14 @@ def _encode_draws(
     ids_field, counts_field = group_fields
     ids = np.asarray(rows[ids_field.name][start:stop])
     counts = np.asarray(rows[counts_field.name][start:stop])
+    if (counts < 0).any():
+        raise ShardDataError(f"field {counts_field.name!r}: negative counts")
     keep = counts > 0
     n_per_token = keep.sum(axis=-1).astype(np.uint8)
     n_per_row = n_per_token.reshape(len(ids), -1).sum(axis=1)
     offsets = np.concatenate([[0], np.cumsum(n_per_row)]).astype(np.int32)
-    flat_ids = encode_chain(ids_field.chain, ids[keep]).astype(ids_field.stored_dtype)
-    flat_counts = encode_chain(counts_field.chain, counts[keep]).astype(counts_field.stored_dtype)
+    flat_ids = _encode(ids_field, ids[keep]).astype(ids_field.stored_dtype)
+    flat_counts = _encode(counts_field, counts[keep]).astype(counts_field.stored_dtype)
     n_field = _draw_count_field(ids_field)
     return [
         _fixed_list(n_per_token, n_field),
@@ -141,7 +144,15 @@ def _encode_dense(f: Field, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
     if isinstance(codec, Int8RowScale):
         q, scale = codec.encode_pair(array)
         return [(f.name, q), (f"{f.name}_scale", scale)]
-    return [(f.name, np.ascontiguousarray(encode_chain(f.chain, array), dtype=f.stored_dtype))]
+    return [(f.name, np.ascontiguousarray(_encode(f, array), dtype=f.stored_dtype))]
+
+
+def _encode(f: Field, array: np.ndarray) -> np.ndarray:
+    """encode_chain, with a range error naming the field."""
+    try:
+        return encode_chain(f.chain, array)
+    except ShardDataError as exc:
+        raise ShardDataError(f"field {f.name!r}: {exc}") from exc
 
 
 # ---------------------------------------------------------------- reading

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class TopKSpec:
     logp_step: float = 1.0 / 16
 
     def __post_init__(self) -> None:
+        _numbers(self, "topk", ints=("k",), floats=("top_p", "temperature", "logp_step"))
         _require(self.k >= 1, f"topk.k must be >= 1, got {self.k}")
         _require(self.sampler in SAMPLERS, f"topk.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.sampler == "topp_k":
@@ -56,6 +58,7 @@ class SampledSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _numbers(self, "sampled", ints=("n_draws", "seed"), floats=("temperature",))
         _require(1 <= self.n_draws <= 255, f"sampled.n_draws must be in [1, 255], got {self.n_draws}")
         _require(self.temperature > 0, "sampled.temperature must be > 0")
 
@@ -69,7 +72,7 @@ class HiddenSpec:
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        _numbers(self, "hidden", ints=("width",), int_tuples=("layers",))
         _require(len(self.layers) > 0, "hidden.layers must name at least one layer")
         _require(len(set(self.layers)) == len(self.layers), f"hidden.layers has duplicates: {self.layers}")
         _require(self.width >= 1, "hidden.width must be >= 1")
@@ -89,8 +92,7 @@ class AttentionSpec:
     topk: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        object.__setattr__(self, "heads", tuple(int(x) for x in self.heads))
+        _numbers(self, "attention", ints=("topk",), int_tuples=("layers", "heads"))
         _require(len(self.layers) > 0 and len(self.heads) > 0, "attention needs at least one layer and one head")
         _require(len(set(self.layers)) == len(self.layers), f"attention.layers has duplicates: {self.layers}")
         _require(self.dtype in ATTENTION_DTYPES, f"attention.dtype must be one of {ATTENTION_DTYPES}, got {self.dtype!r}")
@@ -112,6 +114,7 @@ class StoreSpec:
     record_batch_rows: int = 32
 
     def __post_init__(self) -> None:
+        _numbers(self, "spec", ints=("vocab_size", "row_length", "shard_rows", "zstd_level", "record_batch_rows"))
         _require(self.vocab_size >= 2, "vocab_size must be >= 2")
         _require(self.row_length >= 1, "row_length must be >= 1")
         _require(self.shard_rows >= 1, "shard_rows must be >= 1")
@@ -129,7 +132,11 @@ class StoreSpec:
         kwargs = _checked_kwargs(cls, data, where)
         for key, sub_cls in sub.items():
             if kwargs.get(key) is not None:
-                kwargs[key] = sub_cls(**_checked_kwargs(sub_cls, kwargs[key], f"{where}.{key}"))
+                sub_kwargs = _checked_kwargs(sub_cls, kwargs[key], f"{where}.{key}")
+                try:
+                    kwargs[key] = sub_cls(**sub_kwargs)
+                except TypeError as exc:  # a missing required key
+                    raise SpecError(f"{where}.{key}: {exc}") from exc
         try:
             return cls(**kwargs)
         except TypeError as exc:
@@ -185,6 +192,33 @@ def _checked_kwargs(cls: type, data: Any, where: str) -> dict[str, Any]:
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
     return dict(data)
+
+
+def _numbers(
+    obj: Any, where: str, ints: tuple[str, ...] = (), floats: tuple[str, ...] = (), int_tuples: tuple[str, ...] = ()
+) -> None:
+    """Type-check numeric fields (None allowed) and store plain int/float, so equal specs get
+    equal fingerprints (1 vs 1.0, numpy scalars) and a string or 2.5 is an error, not a shape."""
+
+    def as_int(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise SpecError(f"{where}.{name} must be an integer, got {value!r}")
+        return int(value)
+
+    for name in ints:
+        if (value := getattr(obj, name)) is not None:
+            object.__setattr__(obj, name, as_int(name, value))
+    for name in floats:
+        value = getattr(obj, name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise SpecError(f"{where}.{name} must be a number, got {value!r}")
+            object.__setattr__(obj, name, float(value))
+    for name in int_tuples:
+        value = getattr(obj, name)
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            raise SpecError(f"{where}.{name} must be a list of integers, got {value!r}")
+        object.__setattr__(obj, name, tuple(as_int(name, x) for x in value))
 
 
 def _require(cond: bool, message: str) -> None:

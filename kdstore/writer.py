@@ -47,6 +47,7 @@ from kdstore.verify import check_shard
 _SHARD_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 TMP_PREFIX = ".tmp-"
 QUARANTINE_PREFIX = ".corrupt-"
+RETIRED_PREFIX = ".retired-"
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,10 @@ class StoreWriter:
             raise ShardDataError(f"shard {shard_id!r} has {n_rows} rows; the spec allows {spec.shard_rows}")
         stage = self._stage_dir(shard_id)
         try:
-            write_shard_files(stage, self.meta.fields, rows, spec.zstd_level, spec.record_batch_rows)
+            try:
+                write_shard_files(stage, self.meta.fields, rows, spec.zstd_level, spec.record_batch_rows)
+            except ShardDataError as exc:  # a value out of range for its stored dtype
+                raise ShardDataError(f"shard {shard_id!r}: {exc}") from exc
             record = self._record(shard_id, stage, rows, n_rows, meta or {})
             _write_synced(stage / COMMIT_JSON, json.dumps(record.to_json(), indent=1).encode())
             return self._publish(shard_id, stage, record)
@@ -171,6 +175,12 @@ class StoreWriter:
             loc.fs.put_file(str(stage / rel), f"{target}/{rel}")
         loc.fs.put_file(str(stage / COMMIT_JSON), f"{target}/{COMMIT_JSON}")  # last: the commit
         return WriteResult(record, skipped=False)
+
+    def retire_shard(self, shard_id: str) -> str:
+        """Move a committed shard out of sight (`.retired-*`): its rows leave the store, its bytes stay."""
+        name = f"{RETIRED_PREFIX}{shard_id}-{uuid.uuid4().hex[:8]}"
+        self.location.fs.mv(self.location.path(SHARDS_DIR, shard_id), self.location.path(SHARDS_DIR, name), recursive=True)
+        return name
 
     def cleanup_stale(self, max_age_s: float = 6 * 3600) -> list[str]:
         """Remove leftovers of crashed writers: staging dirs of dead local processes, or old ones."""

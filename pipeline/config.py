@@ -106,6 +106,7 @@ class CacheConfig(Strict):
     row_length: int = Field(256, ge=2)
     shard_rows: int = Field(64, ge=1)
     split: Literal["train", "validation", "all"] = "all"
+    max_tokens: int | None = Field(None, ge=1)  # cache only the first shards up to this many tokens
     signals: SignalsConfig = SignalsConfig()
     runner: RunnerConfig = RunnerConfig()
     zstd_level: int = Field(3, ge=1, le=22)

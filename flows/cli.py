@@ -1,4 +1,7 @@
-"""The `kdcache` command: one sub-command per step, each a thin call into a plain function."""
+"""The `kdcache` command: one sub-command per step, each a thin call into a flow or a plain function.
+
+It lives in `flows/` because it starts flows: imports go flows → pipeline → kdstore only.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 def _plan(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.teacher_pass import plan_cache
+    from pipeline.shard_plan import plan_cache
 
     config = load_config(args.config, overrides=_overrides(args.set))
     print(plan_cache(config).to_markdown())
@@ -76,7 +79,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from flows.demo import run_demo
 
     return run_demo(out_dir=args.out, tokens=args.tokens)
 

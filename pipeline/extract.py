@@ -1,0 +1,88 @@
+"""Teacher signals extracted on the device, from one batch of model outputs.
+
+Everything here is torch on whatever device the teacher runs on; only the compact results
+(top-k ids/log-probs, draws, selected layers and heads) travel to the host. The log-softmax is
+taken in chunks of tokens, so memory stays bounded for 150k+ vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+TOKEN_CHUNK = 2048
+
+
+def topk_logprobs(
+    logits: torch.Tensor, k: int, temperature: float = 1.0, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [..., k], log-probs over the full vocabulary [..., k] (sorted), tail mass [...].
+
+    With `top_p`, entries past the first whose cumulative probability reaches top_p become -inf
+    (top-p capped at k); the tail then holds everything not kept, so it stays exact.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    ids_out, vals_out, tail_out = [], [], []
+    for start in range(0, flat.shape[0], TOKEN_CHUNK):
+        logp = torch.log_softmax(flat[start : start + TOKEN_CHUNK].float() / temperature, dim=-1)
+        vals, ids = logp.topk(k, dim=-1, sorted=True)
+        if top_p is not None:
+            before = torch.cumsum(vals.exp(), dim=-1) - vals.exp()
+            vals = vals.masked_fill(before >= top_p, float("-inf"))
+        kept = torch.logsumexp(vals, dim=-1)
+        tail = (-torch.expm1(kept)).clamp_min(0.0)  # 1 - Σ kept, without cancellation for small tails
+        ids_out.append(ids)
+        vals_out.append(vals)
+        tail_out.append(tail)
+    shape = logits.shape[:-1]
+    return (
+        torch.cat(ids_out).reshape(*shape, k),
+        torch.cat(vals_out).reshape(*shape, k),
+        torch.cat(tail_out).reshape(shape),
+    )
+
+
+def sampled_draws(
+    logits: torch.Tensor, n_draws: int, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n_draws draws per token → unique ids [..., n_draws] and counts (0 = padding, at the end)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    ids_out, counts_out = [], []
+    for start in range(0, flat.shape[0], TOKEN_CHUNK):
+        probs = torch.softmax(flat[start : start + TOKEN_CHUNK].float() / temperature, dim=-1)
+        draws = torch.multinomial(probs, n_draws, replacement=True, generator=generator)
+        ids, counts = unique_counts(draws)
+        ids_out.append(ids)
+        counts_out.append(counts)
+    shape = logits.shape[:-1]
+    return torch.cat(ids_out).reshape(*shape, n_draws), torch.cat(counts_out).reshape(*shape, n_draws)
+
+
+def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [N, n] draws: unique ids left-packed (ascending) and their counts."""
+    ordered, _ = draws.sort(dim=-1)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = new.long().cumsum(dim=-1) - 1
+    ids = torch.zeros_like(ordered)
+    counts = torch.zeros_like(ordered)
+    ids.scatter_(1, slot, ordered)
+    counts.scatter_add_(1, slot, torch.ones_like(ordered))
+    return ids, counts
+
+
+def attention_rows(
+    attentions: torch.Tensor, heads: Sequence[int], topk: int | None
+) -> dict[str, torch.Tensor]:
+    """[B, H_all, T, T] attention probabilities → selected heads, dense or top-k per query row."""
+    selected = attentions[:, list(heads)].float()
+    if topk is None:
+        return {"": selected}
+    vals, ids = selected.topk(topk, dim=-1)
+    return {"_ids": ids, "_p": vals}
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu").numpy()
