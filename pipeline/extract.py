@@ -28,11 +28,13 @@ def topk_logprobs(
     for start in range(0, flat.shape[0], TOKEN_CHUNK):
         logp = torch.log_softmax(flat[start : start + TOKEN_CHUNK].float() / temperature, dim=-1)
         vals, ids = logp.topk(k, dim=-1, sorted=True)
+        raw = vals
         if top_p is not None:
             before = torch.cumsum(vals.exp(), dim=-1) - vals.exp()
             vals = vals.masked_fill(before >= top_p, float("-inf"))
-        kept = torch.logsumexp(vals, dim=-1)
-        tail = (-torch.expm1(kept)).clamp_min(0.0)  # 1 - Σ kept, without cancellation for small tails
+        # The tail summed from the ids not kept (not 1 - Σ kept): exact even when it is ~1e-20.
+        dropped = logp.scatter(-1, ids, torch.where(torch.isfinite(vals), float("-inf"), raw))
+        tail = torch.logsumexp(dropped, dim=-1).exp()
         ids_out.append(ids)
         vals_out.append(vals)
         tail_out.append(tail)
