@@ -58,7 +58,8 @@ def get_teacher(name: str, revision: str | None, device: str, dtype: str, attent
         trust_remote_code=trust_remote_code,
     )
     provenance = {
-        "name": loaded.name,
+        # A local path is machine-specific: keep its last component; the digests identify the teacher.
+        "name": loaded.name if loaded.name == name else str(loaded.name).rstrip("/").rsplit("/", 1)[-1],
         "revision": loaded.revision,
         "weights_sha256": loaded.digests.weights_sha256,
         "tokenizer_sha256": loaded.digests.tokenizer_sha256,
