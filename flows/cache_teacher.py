@@ -48,9 +48,9 @@ def cache_teacher_flow(config: dict[str, Any]) -> dict[str, Any]:
     results = [f.result() for f in futures]
     computed = [r for r in results if not r["skipped"]]
     summary = pass_summary(cfg.store, plans, computed, retired, time.perf_counter() - started)
-    create_markdown_artifact(markdown=summary_markdown(summary), key="kdcache-store-summary",
-                             description="kdcache teacher pass")
-    return summary
+    artifact_id = create_markdown_artifact(markdown=summary_markdown(summary), key="kdcache-store-summary",
+                                           description="kdcache teacher pass")
+    return {**summary, "artifact_id": str(artifact_id)}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -109,7 +109,7 @@ class CacheConfig(Strict):
     max_tokens: int | None = Field(None, ge=1)  # cache only the first shards up to this many tokens
     signals: SignalsConfig = SignalsConfig()
     runner: RunnerConfig = RunnerConfig()
-    zstd_level: int = Field(3, ge=1, le=22)
+    zstd_level: int = Field(1, ge=1, le=22)
 
 
 class ConfigError(ValueError):

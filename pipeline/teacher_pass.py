@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ def get_teacher(name: str, revision: str | None, device: str, dtype: str, attent
     )
     provenance = {
         # A local path is machine-specific: keep its last component; the digests identify the teacher.
-        "name": loaded.name if loaded.name == name else str(loaded.name).rstrip("/").rsplit("/", 1)[-1],
+        "name": str(loaded.name).rstrip("/").rsplit("/", 1)[-1] if "/" in str(loaded.name) and Path(str(loaded.name)).exists() else loaded.name,
         "revision": loaded.revision,
         "weights_sha256": loaded.digests.weights_sha256,
         "tokenizer_sha256": loaded.digests.tokenizer_sha256,
