@@ -82,6 +82,12 @@ class StoreReader:
         """Decode the named fields of one shard (all rows, or the given row positions)."""
         wanted = self.resolve(fields)
         record = self.record(shard_id)
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.size == 0:
+                return _empty(wanted)
+            if rows.min() < 0 or rows.max() >= record.rows:  # not corruption: a bad request
+                raise IndexError(f"shard {shard_id} has rows 0..{record.rows - 1}; asked for {rows.min()}..{rows.max()}")
         out: dict[str, np.ndarray] = {}
         groups: dict[str, list[Field]] = {}
         for f in self.meta.fields:
@@ -187,6 +193,8 @@ class StoreReader:
         """Rows by sample id, in the order asked (only the record batches that hold them)."""
         index = self._sample_index()
         ids = [int(s) for s in sample_ids]
+        if not ids:
+            return _empty(self.resolve(fields))
         unknown = [s for s in ids if s not in index]
         if unknown:
             raise KeyError(f"sample id(s) {unknown[:5]} not in store {self.location.url!r}")
@@ -221,3 +229,7 @@ class StoreReader:
                 f"store {self.location.url!r} has no teacher tensors {name!r} "
                 f"({self.location.path(TEACHER_DIR, name + '.safetensors')} is missing)"
             ) from None
+
+
+def _empty(fields: Sequence[Field]) -> dict[str, np.ndarray]:
+    return {f.name: np.empty((0, *f.shape), dtype=f.decoded_dtype) for f in fields}
