@@ -178,7 +178,17 @@ class KDLoader:
     how far that batch's worker has got; saving and resuming go through the stream.
     """
 
-    def __init__(self, stream: KDStream, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None):
+    def __init__(
+        self,
+        stream: KDStream,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: str = "forkserver",
+    ):
+        # forkserver, not fork: workers start from a clean process, not from a parent whose
+        # threads (zarr's event loop, Prefect, Dask) a fork would copy in a broken state.
+        self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -194,6 +204,7 @@ class KDLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
+            multiprocessing_context=self.multiprocessing_context,
         )
         for batch in loader:
             worker = int(batch.pop(WORKER_KEY))
