@@ -8,6 +8,15 @@ also published as a markdown artifact.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, task
@@ -23,6 +32,7 @@ from pipeline.teacher_pass import (
     pass_summary,
     retire_stale_shards,
     teacher_for,
+    write_teacher_files,
 )
 
 
@@ -31,15 +41,14 @@ def cache_shard_task(config: CacheConfig, plan: ShardPlan) -> dict[str, Any]:
     return cache_shard(config, plan)
 
 
-@flow(name="cache-teacher")
+@flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def cache_teacher_flow(config: dict[str, Any]) -> dict[str, Any]:
-    import time
-
     started = time.perf_counter()
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
     teacher = teacher_for(cfg)
     writer = open_writer(cfg, teacher)
     writer.cleanup_stale()
+    write_teacher_files(writer, teacher)
     plans = plan_shards(cfg, teacher.tokenizer)
     retired = retire_stale_shards(writer, plans)
     todo = [p for p in plans if writer.committed(p.shard_id) is None]
@@ -75,3 +84,58 @@ def cache_teacher(config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
     flow_ = cache_teacher_flow.with_options(task_runner=task_runner_for(cfg))
     return flow_(cfg.model_dump())
+
+
+def serve_cache(config: dict[str, Any], cron: str | None = None, interval: float | None = None, name: str = "kdcache-cache") -> None:
+    """Serve `cache-teacher` as a scheduled Prefect deployment: each run caches new corpus files only.
+
+    Prefect's temporary server has no scheduler, so with no PREFECT_API_URL this starts a local
+    Prefect server on 127.0.0.1 (SQLite under PREFECT_HOME) for as long as serving lasts.
+    Blocks until interrupted. Scheduled runs use the flow's thread task runner.
+    """
+    if (cron is None) == (interval is None):
+        raise ValueError("serve needs exactly one of cron or interval")
+    cfg = parse_config(config, CacheConfig, "cache-teacher config")
+    if os.environ.get("PREFECT_API_URL"):
+        cache_teacher_flow.serve(name=name, cron=cron, interval=interval, parameters={"config": cfg.model_dump()})
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server below is stopped too
+    with local_prefect_server() as url:
+        cmd = [sys.executable, "-c", "import sys, json; from flows.cache_teacher import serve_cache; "
+               "serve_cache(json.loads(sys.argv[1]), cron=sys.argv[2] or None, "
+               "interval=float(sys.argv[3]) if sys.argv[3] else None, name=sys.argv[4])",
+               json.dumps(cfg.model_dump()), cron or "", "" if interval is None else str(interval), name]
+        subprocess.run(cmd, env={**os.environ, "PREFECT_API_URL": url}, check=False)
+
+
+@contextlib.contextmanager
+def local_prefect_server(timeout_s: float = 180.0) -> Iterator[str]:
+    """A `prefect server start` on a free loopback port, stopped on exit; yields its API URL."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": os.environ.get("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", "10")}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the local Prefect server exited with code {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local Prefect server did not answer on {url} within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        print(f"local Prefect server at {url} (stops with this command)", flush=True)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -78,6 +78,15 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from flows.cache_teacher import serve_cache
+    from pipeline.config import load_config
+
+    config = load_config(args.config, overrides=_overrides(args.set))
+    serve_cache(config.model_dump(), cron=args.cron, interval=args.interval, name=args.name)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -108,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cache":
             p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("serve", help="serve the cache flow on a schedule (new corpus files get cached)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 * * * *"')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    p.add_argument("--name", default="kdcache-cache", help="deployment name")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded teacher and corpus")
     p.add_argument("--out", default="runs/demo", help="output folder (store and report)")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 TOKEN_CHUNK = 2048
+SMALL_TAIL = 1e-3  # below this the tail is summed from the dropped ids (exact), above it 1 - Σ kept
 
 
 def topk_logprobs(
@@ -26,15 +27,24 @@ def topk_logprobs(
     flat = logits.reshape(-1, logits.shape[-1])
     ids_out, vals_out, tail_out = [], [], []
     for start in range(0, flat.shape[0], TOKEN_CHUNK):
-        logp = torch.log_softmax(flat[start : start + TOKEN_CHUNK].float() / temperature, dim=-1)
-        vals, ids = logp.topk(k, dim=-1, sorted=True)
-        raw = vals
+        chunk = flat[start : start + TOKEN_CHUNK].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        # Two passes over the vocabulary (top-k and log-sum-exp), no [tokens, V] log-softmax copy.
+        top, ids = chunk.topk(k, dim=-1, sorted=True)
+        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
+        raw = top - lse
+        vals = raw
         if top_p is not None:
-            before = torch.cumsum(vals.exp(), dim=-1) - vals.exp()
-            vals = vals.masked_fill(before >= top_p, float("-inf"))
-        # The tail summed from the ids not kept (not 1 - Σ kept): exact even when it is ~1e-20.
-        dropped = logp.scatter(-1, ids, torch.where(torch.isfinite(vals), float("-inf"), raw))
-        tail = torch.logsumexp(dropped, dim=-1).exp()
+            before = torch.cumsum(raw.exp(), dim=-1) - raw.exp()
+            vals = raw.masked_fill(before >= top_p, float("-inf"))
+        tail = (-torch.expm1(torch.logsumexp(vals.double(), dim=-1))).clamp_min(0.0).float()
+        small = tail < SMALL_TAIL
+        if small.any():
+            # 1 - Σ kept loses its digits when the tail is tiny: sum the dropped ids instead.
+            rows = small.nonzero().squeeze(-1)
+            sub = chunk[rows].scatter(-1, ids[rows], torch.where(torch.isfinite(vals[rows]), float("-inf"), top[rows]))
+            tail[rows] = (torch.logsumexp(sub, dim=-1) - lse[rows, 0]).exp()
         ids_out.append(ids)
         vals_out.append(vals)
         tail_out.append(tail)

@@ -120,6 +120,31 @@ def open_writer(config: CacheConfig, teacher: Teacher) -> StoreWriter:
     return StoreWriter(config.store, build_spec(config, teacher.facts), build_provenance(config, teacher))
 
 
+def write_teacher_files(writer: StoreWriter, teacher: Teacher) -> None:
+    """teacher/: tokenizer files, model config, output head and input embeddings (float16).
+
+    Written once per store; losses such as dual-space KD use the head instead of a resident
+    teacher. Tied embeddings are stored once (`output_head`) and said so in teacher.json.
+    """
+    import json
+    import tempfile
+
+    if writer.location.exists("teacher", "teacher.json"):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher.tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            writer.write_teacher_file(f"tokenizer/{path.name}", path.read_bytes())
+    writer.write_teacher_file("config.json", teacher.model.config.to_json_string().encode())
+    head = teacher.model.get_output_embeddings().weight.detach().float().cpu().numpy().astype("float16")
+    writer.write_teacher_tensors("output_head", {"weight": head})
+    if not teacher.facts["tied_embeddings"]:
+        emb = teacher.model.get_input_embeddings().weight.detach().float().cpu().numpy().astype("float16")
+        writer.write_teacher_tensors("input_embeddings", {"weight": emb})
+    info = {**teacher.provenance, **teacher.facts}
+    writer.write_teacher_file("teacher.json", json.dumps(info, indent=2).encode())  # last: the marker
+
+
 # ---------------------------------------------------------------- one shard
 
 
@@ -195,11 +220,22 @@ def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = prin
     teacher = teacher_for(config)
     writer = open_writer(config, teacher)
     writer.cleanup_stale()
+    write_teacher_files(writer, teacher)
     plans = plan_shards(config, teacher.tokenizer)
     retired = retire_stale_shards(writer, plans)
     todo = [p for p in plans if writer.committed(p.shard_id) is None]
     if progress:
         progress(f"{len(plans)} shards planned, {len(plans) - len(todo)} already committed, {len(todo)} to compute")
+    results = cache_pipelined(teacher, writer, todo, config, progress, started)
+    return pass_summary(config.store, plans, results, retired, time.perf_counter() - started)
+
+
+def cache_pipelined(
+    teacher: Teacher, writer: StoreWriter, todo: list[ShardPlan], config: CacheConfig,
+    progress: Callable[[str], None] | None = None, started: float | None = None,
+) -> list[dict[str, Any]]:
+    """Forward passes in this thread, writes in a writer thread behind a queue of 2 shards."""
+    started = time.perf_counter() if started is None else started
     results: list[dict[str, Any]] = []
     pending: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -210,7 +246,7 @@ def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = prin
             try:
                 r = writer.write_shard(plan.shard_id, arrays, meta=plan.meta())
                 results.append({"shard_id": plan.shard_id, "tokens": r.record.tokens, "bytes": r.record.bytes})
-            except BaseException as exc:  # surfaced in the main thread below
+            except BaseException as exc:  # surfaced in the calling thread below
                 failure.append(exc)
 
     thread = threading.Thread(target=write_loop, name="kdcache-writer", daemon=True)
@@ -225,7 +261,7 @@ def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = prin
         thread.join()
     if failure:
         raise failure[0]
-    return pass_summary(config.store, plans, results, retired, time.perf_counter() - started)
+    return results
 
 
 def _timed(todo, teacher, writer, config, progress, started) -> Iterator[tuple[dict[str, np.ndarray], ShardPlan]]:

@@ -79,3 +79,51 @@ def test_cli_verify_inspect_and_errors(tmp_path, tiny_teacher_dir, capsys):
     err = capsys.readouterr().err
     assert "teacher.nmae" in err and "bad.yaml" in err
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_served_schedule_caches_only_the_new_file(tmp_path, tiny_teacher_dir):
+    """`kdcache serve --interval`: a real local Prefect server and runner; a file added later is
+    cached by a scheduled run, the shards already there are left untouched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The first file talks about cats and dogs. " * 10)
+    store = tmp_path / "store"
+    cfg = _config(store, tiny_teacher_dir, corpus={"kind": "files", "paths": [str(corpus)]}, split="all")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": "3"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(path), "--interval", "3"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def committed() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in store.glob("shards/*/COMMIT.json")}
+
+    def wait_for(n: int) -> dict[Path, int]:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(done := committed()) >= n:
+                return done
+            time.sleep(1)
+        raise AssertionError(f"no scheduled run cached {n} shard(s) (serve exit code {proc.poll()})")
+
+    try:
+        first = wait_for(1)
+        (corpus / "b.txt").write_text("A second file arrives later, about birds and fish. " * 10)
+        second = wait_for(len(first) + 1)
+        for p, mtime in first.items():
+            assert second[p] == mtime  # not recomputed
+        assert verify_store(str(store)).ok
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -71,6 +71,10 @@ def test_pass_writes_what_a_fresh_forward_gives(tmp_path, tiny_teacher_dir):
     assert np.abs(got["hidden_1"] - hidden).max() <= np.abs(hidden).max() * 2**-10
     attn = out.attentions[0][:, [0, 2]].numpy()
     assert np.abs(got["attn_0"] - attn).max() <= 0.5 / 255 + 1e-6
+    head = reader.read_teacher_tensors("output_head")["weight"]
+    ref_head = teacher.model.get_output_embeddings().weight.detach().numpy()
+    assert head.shape == ref_head.shape and np.allclose(head, ref_head, atol=1e-3, rtol=1e-3)
+    assert (Path(cfg.store) / "teacher" / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_rerun_does_no_teacher_work(tmp_path, tiny_teacher_dir):

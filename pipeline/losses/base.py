@@ -1,0 +1,175 @@
+"""What every loss shares: the student's outputs, the result, masks, reduction and errors.
+
+A loss is an `nn.Module` (so the projections some losses own reach the optimizer through
+`loss.parameters()`) whose `forward(student, batch)` returns a `LossResult`. It declares the store
+fields it reads (`fields`) and what it needs from the student's forward pass (`needs`), so the
+trainer can check the store and ask the model for hidden states or attentions only when needed.
+
+Reduction, everywhere: a per-position value is averaged over the positions that count (token
+level, `masked_mean`), so a batch's loss does not depend on how much padding it holds, and a
+batch without any such position gives exactly 0 with zero (finite) gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import ConfigError
+
+STUDENT_NEEDS = ("logits", "hidden_states", "attentions", "output_head")
+
+
+class LossConfigError(ConfigError):
+    """A loss config cannot be built (bad value, unknown name, mismatch with the store)."""
+
+
+class UnknownLossError(LossConfigError, KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingLossFieldError(LossConfigError, KeyError):
+    """A loss needs a store field the store does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component went NaN or infinite; the message names it and the batch's sample ids."""
+
+
+@dataclass(frozen=True)
+class StudentOutputs:
+    """What the student's forward pass hands to the losses.
+
+    logits [B,T,V] (any float dtype; losses compute in float32, float64 stays float64);
+    hidden_states: HF convention, a tuple of num_layers + 1 tensors [B,T,d] (0 = embeddings);
+    attentions: HF convention, a tuple of num_layers tensors [B,H,T,T] (probabilities);
+    output_head: the student's output embedding weight [V,d] (dual-space KD only).
+    """
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    output_head: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """`total`: the scalar to back-propagate (weights applied). `components`: unweighted
+    per-loss values, detached, for logging (e.g. {"fkl": ..., "hidden_mse": ...})."""
+
+    total: Tensor
+    components: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudentDims:
+    """The student's sizes that alignment losses need when they are built (before any forward)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int | None = None
+
+    @classmethod
+    def from_config(cls, config: object) -> StudentDims:
+        """From a transformers `PretrainedConfig` (num_hidden_layers, hidden_size, num_attention_heads)."""
+        return cls(
+            num_layers=int(config.num_hidden_layers),  # type: ignore[attr-defined]
+            hidden_size=int(config.hidden_size),  # type: ignore[attr-defined]
+            num_heads=getattr(config, "num_attention_heads", None),
+        )
+
+
+class KDLoss(nn.Module):
+    """Base of every loss: `label` names its component, `fields` the store fields it reads,
+    `needs` what it reads from `StudentOutputs`."""
+
+    label: str = "loss"
+    fields: tuple[str, ...] = ()
+    needs: frozenset[str] = frozenset({"logits"})
+
+    def required_fields(self, store_field_names: Sequence[str] | None = None) -> tuple[str, ...]:
+        return self.fields
+
+    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def result(self, value: Tensor) -> LossResult:
+        return LossResult(value, {self.label: value.detach()})
+
+
+# ---------------------------------------------------------------- masks and reduction
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def kd_mask(batch: Mapping[str, Tensor]) -> Tensor:
+    """[B,T] positions whose teacher signal counts: the store row's `valid`."""
+    return batch["valid"].bool()
+
+
+def label_mask(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Next-token labels [B,T-1] and their mask: position t predicts input_ids[t+1] and counts
+    when both t and t+1 are valid (the last position has no label)."""
+    valid = batch["valid"].bool()
+    mask = valid[:, :-1] & valid[:, 1:]
+    labels = torch.where(mask, batch["input_ids"][:, 1:].long(), 0)
+    return labels, mask
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over `mask`; exactly 0 (with zero gradients) when the mask is empty.
+
+    `torch.where` (not multiplication) keeps NaN or inf from masked-out positions out of both the
+    value and the gradient.
+    """
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / mask.sum().clamp_min(1).to(values.dtype)
+
+
+def require(student: StudentOutputs, what: str, label: str) -> None:
+    if getattr(student, what) is None:
+        how = {
+            "hidden_states": "call the student with output_hidden_states=True",
+            "attentions": "load the student with attn_implementation='eager' and call it with output_attentions=True",
+            "output_head": "pass the student's output embedding weight (model.get_output_embeddings().weight)",
+        }.get(what, "")
+        raise ValueError(f"loss {label!r} needs the student's {what}: {how}")
+
+
+def batch_field(batch: Mapping[str, Tensor], name: str, label: str) -> Tensor:
+    try:
+        return batch[name]
+    except KeyError:
+        raise MissingLossFieldError(
+            f"loss {label!r} needs batch field {name!r}; the batch holds {sorted(batch)} "
+            "(ask KDStream for the loss's `fields`)"
+        ) from None
+
+
+# ---------------------------------------------------------------- NaN/inf detection
+
+
+def check_finite(result: LossResult, batch: Mapping[str, Tensor]) -> None:
+    """Raise `NonFiniteLossError` naming each NaN/inf component and the batch's sample ids.
+
+    One device sync (a single stacked `isfinite`); call it every step or every few steps.
+    """
+    values = {**result.components, "total": result.total.detach()}
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    ok = torch.isfinite(stacked)
+    if bool(ok.all()):
+        return
+    bad = [f"{name}={float(v):g}" for (name, v), good in zip(values.items(), ok.tolist(), strict=True) if not good]
+    ids = batch.get("sample_id")
+    where = f"sample ids {ids.tolist()}" if isinstance(ids, Tensor) else "a batch without sample_id"
+    raise NonFiniteLossError(f"loss component(s) not finite: {', '.join(bad)}; batch with {where}")
