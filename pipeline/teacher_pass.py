@@ -48,8 +48,11 @@ class Teacher:
 @lru_cache(maxsize=2)
 def get_teacher(name: str, revision: str | None, device: str, dtype: str, attention: bool, trust_remote_code: bool) -> Teacher:
     """Load once per process (flow tasks on the same worker share it)."""
+    from transformers.utils import logging as hf_logging
+
     from pipeline.teacher import load_teacher, model_facts
 
+    hf_logging.disable_progress_bar()
     loaded = load_teacher(
         name,
         revision=revision,
