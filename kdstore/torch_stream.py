@@ -10,6 +10,7 @@ worker has handed out: `state_dict()` is a few integers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdstore.errors import CorruptShardError
 from kdstore.reader import StoreReader
 
 WORKER_KEY = "_kd_worker"
@@ -44,8 +46,12 @@ class KDStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        on_corrupt: str = "raise",
     ):
         super().__init__()
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
         self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
         names = list(dict.fromkeys(["sample_id", *fields]))
         self.reader.resolve(names)  # MissingFieldError now, not in a worker later
@@ -114,19 +120,31 @@ class KDStream(IterableDataset):
             chunk = order[position:stop]
             for shard in np.unique(chunk[:, 0]):
                 if shard not in cache:
-                    cache[shard] = self.reader.read_shard(self.shards[shard], self.fields)
-            batch = _gather(cache, chunk, self.fields)
+                    cache[shard] = self._load(shard)
+            kept = chunk[[cache[s] is not None for s in chunk[:, 0]]]  # rows of skipped corrupt shards drop out
+            batch = _gather(cache, kept, self.fields) if len(kept) else None
             for shard, count in zip(*np.unique(chunk[:, 0], return_counts=True), strict=True):
                 remaining[shard] -= count
                 if remaining[shard] == 0:
                     cache.pop(shard, None)
             position = stop
             self._consumed[worker] = position
+            if batch is None:
+                continue
             batch[WORKER_KEY] = torch.tensor(worker)
             batch[POSITION_KEY] = torch.tensor(position)
             yield batch
         if get_worker_info() is None:
             self._next_epoch()
+
+    def _load(self, shard: int) -> dict[str, np.ndarray] | None:
+        try:
+            return self.reader.read_shard(self.shards[shard], self.fields)
+        except CorruptShardError as exc:
+            if self.on_corrupt == "raise":
+                raise
+            warnings.warn(f"skipping corrupt shard ({exc})", stacklevel=2)
+            return None
 
     def _next_epoch(self) -> None:
         self.epoch += 1

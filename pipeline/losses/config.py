@@ -160,7 +160,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"unknown key '{key}'"
     if error["type"] == "missing":
         return f"missing key '{key}'"
-    return f"key '{key}': {error['msg']}"
+    return f"key '{key}': {error['msg'].removeprefix('Value error, ')}"
 
 
 def parse_loss_config(data: Any, where: str = "losses") -> Any:

@@ -1,0 +1,327 @@
+"""The loss registry: short names → builders, field requirements, and weighted sums.
+
+`build_loss(config, store, student)` turns configs into one `KDLoss` module and checks, before any
+step, that the store holds every field the losses read (`check_fields`: the error names the loss
+and the missing field). `store` is a `StoreInfo` or anything it is made from (a `StoreReader`, a
+`StoreMeta`, a `StoreSpec`); `student` is a `StudentDims`, needed by hidden, attention and
+dual-space losses (layer maps and projection widths are fixed at build time, so the projections
+exist before the optimizer is made).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from kdstore.fields import fields_for_spec
+from kdstore.spec import StoreSpec
+from pipeline.losses import alignment
+from pipeline.losses.alignment import AttentionLoss, HiddenLoss
+from pipeline.losses.base import (
+    KDLoss,
+    LossConfigError,
+    LossResult,
+    MissingLossFieldError,
+    StudentDims,
+    StudentOutputs,
+)
+from pipeline.losses.config import (
+    AttentionConfig,
+    CEConfig,
+    DistributionConfig,
+    DSKDConfig,
+    FAKDConfig,
+    HiddenConfig,
+    MixConfig,
+    SampledKDConfig,
+    known_names,
+    parse_loss_config,
+)
+from pipeline.losses.dskd import DualSpaceKD
+from pipeline.losses.output import (
+    CE_FIELDS,
+    SAMPLED_FIELDS,
+    TOPK_FIELDS,
+    CrossEntropyLoss,
+    DistributionLoss,
+    SampledKDLoss,
+)
+
+# ---------------------------------------------------------------- what the store offers
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What the losses need to know about a store: its spec, its field names, and (for dual-space
+    KD) the teacher's output head and layer count, loaded only when asked for."""
+
+    spec: StoreSpec
+    field_names: tuple[str, ...]
+    head_loader: Callable[[], Tensor] | None = None
+    teacher_num_layers: int | None = None
+
+    @classmethod
+    def of(cls, store: Any) -> StoreInfo:
+        if isinstance(store, StoreInfo):
+            return store
+        if isinstance(store, StoreSpec):
+            return cls(store, tuple(f.name for f in fields_for_spec(store)))
+        if hasattr(store, "read_teacher_tensors"):  # a StoreReader
+            return cls(store.spec, tuple(store.field_names), lambda: _head(store), _teacher_layers(store))
+        if hasattr(store, "spec") and hasattr(store, "fields"):  # a StoreMeta
+            return cls(store.spec, tuple(f.name for f in store.fields))
+        raise TypeError(f"expected a StoreInfo, StoreReader, StoreMeta or StoreSpec, got {type(store).__name__}")
+
+    def teacher_head(self, label: str) -> Tensor:
+        if self.head_loader is None:
+            raise LossConfigError(f"loss {label!r} needs the teacher's output head (teacher/output_head.safetensors); build it from a StoreReader or a StoreInfo with head_loader")
+        return self.head_loader()
+
+
+def _head(reader: Any) -> Tensor:
+    return torch.from_numpy(reader.read_teacher_tensors("output_head")["weight"]).float()
+
+
+def _teacher_layers(reader: Any) -> int | None:
+    try:
+        info = json.loads(reader.location.read_bytes("teacher", "teacher.json"))
+    except (FileNotFoundError, OSError, ValueError, AttributeError):
+        return None
+    layers = info.get("num_layers")
+    return int(layers) if layers is not None else None
+
+
+# ---------------------------------------------------------------- weighted sums
+
+
+class WeightedSum(KDLoss):
+    """Σ weight_i · loss_i; components merged (a repeated key gets '#2', '#3'...)."""
+
+    def __init__(self, parts: Sequence[tuple[float, KDLoss]], label: str = "mix"):
+        super().__init__()
+        if not parts:
+            raise LossConfigError(f"loss {label!r} has no parts")
+        self.label = label
+        self.weights = tuple(float(w) for w, _ in parts)
+        self.losses = nn.ModuleList(loss for _, loss in parts)
+        self.fields = tuple(dict.fromkeys(f for _, loss in parts for f in loss.fields))
+        self.needs = frozenset().union(*(loss.needs for _, loss in parts))
+
+    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        total: Tensor | None = None
+        components: dict[str, Tensor] = {}
+        for weight, loss in zip(self.weights, self.losses, strict=True):
+            result = loss(student, batch)
+            total = weight * result.total if total is None else total + weight * result.total
+            for key, value in result.components.items():
+                name, n = key, 1
+                while name in components:
+                    n += 1
+                    name = f"{key}#{n}"
+                components[name] = value
+        assert total is not None
+        return LossResult(total, components)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def _capture_power(cfg: Any, store: StoreInfo, label: str, kind: str = "topk") -> float:
+    """τc/τ to re-temper the cached teacher, or 1 when τ equals the capture temperature."""
+    signal = getattr(store.spec, kind)
+    if signal is None:
+        return 1.0  # the missing fields are reported by check_fields
+    captured = float(signal.temperature)
+    if abs(cfg.temperature - captured) < 1e-12:
+        return 1.0
+    if kind == "topk" and cfg.retemper:
+        return captured / cfg.temperature
+    hint = "set retemper: true to re-temper the cached teacher over kept ids + tail (approximate), or " if kind == "topk" else ""
+    raise LossConfigError(
+        f"loss {label!r}: temperature {cfg.temperature} differs from the store's {kind} capture temperature "
+        f"{captured}; {hint}use temperature {captured}"
+    )
+
+
+def _dims(student: StudentDims | None, label: str) -> StudentDims:
+    if student is None:
+        raise LossConfigError(f"loss {label!r} needs the student's dimensions: pass student=StudentDims(...) (StudentDims.from_config(model.config))")
+    return student
+
+
+def _build_distribution(cfg: DistributionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, _capture_power(cfg, store, cfg.name))
+
+
+def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    _capture_power(cfg, store, cfg.name, "sampled")
+    return SampledKDLoss(cfg.temperature)
+
+
+def _build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    return CrossEntropyLoss()
+
+
+def _build_hidden(cfg: HiddenConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = _dims(student, cfg.name)
+    stored = alignment.stored_layers(store.field_names, "hidden")
+    width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
+    pairs = alignment.resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "hidden")
+    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width)
+
+
+def _build_attention(cfg: AttentionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = _dims(student, cfg.name)
+    stored = alignment.stored_layers(store.field_names, "attn")
+    pairs = alignment.resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "attn")
+    heads = store.spec.attention.heads if store.spec.attention is not None else ()
+    topk = [t for t in stored if f"attn_{t}_ids" in store.field_names and f"attn_{t}" not in store.field_names]
+    return AttentionLoss(pairs, cfg.metric, cfg.head_map, heads, topk)
+
+
+def _build_fakd(cfg: FAKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    parts = [part for part in (cfg.hidden, cfg.attention, cfg.output) if part is not None]
+    return WeightedSum([(p.weight, _build_one(p, store, student)) for p in parts], label=cfg.name)
+
+
+def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = _dims(student, cfg.name)
+    stored = alignment.stored_layers(store.field_names, "hidden")
+    layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else 0)
+    if store.teacher_num_layers is not None and layer != store.teacher_num_layers:
+        raise LossConfigError(
+            f"loss 'dskd' needs the teacher's last hidden states (layer {store.teacher_num_layers}, what its head "
+            f"reads); it would use hidden_{layer} (stored hidden layers: {stored})"
+        )
+    head = store.teacher_head(cfg.name)
+    if store.spec.hidden is not None and head.shape[1] != store.spec.hidden.width:
+        raise LossConfigError(f"loss 'dskd': teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
+    return DualSpaceKD(
+        head, dims.hidden_size, layer, cfg.divergence, cfg.divergence_param, cfg.temperature,
+        _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight, cfg.t2s_correct_only,
+    )
+
+
+def _build_mix(cfg: MixConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    return WeightedSum([(c.weight, _build_one(c, store, student)) for c in cfg.losses], label=cfg.name)
+
+
+def _fields_dskd(cfg: DSKDConfig, names: Sequence[str]) -> tuple[str, ...]:
+    stored = alignment.stored_layers(names, "hidden")
+    layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else None)
+    hidden = f"hidden_{layer}" if layer is not None else "hidden_<last layer>"
+    return (*TOPK_FIELDS[:-1], hidden, *CE_FIELDS)
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """One registry name: its config model, its builder and its store fields."""
+
+    config: type[BaseModel]
+    build: Callable[[Any, StoreInfo, StudentDims | None], KDLoss]
+    fields: Callable[[Any, Sequence[str]], tuple[str, ...]]
+    summary: str
+
+
+def _topk(cfg: Any, names: Sequence[str]) -> tuple[str, ...]:
+    return TOPK_FIELDS
+
+
+_DIST = {
+    "fkl": "forward KL(teacher ‖ student)",
+    "rkl": "reverse KL(student ‖ teacher)",
+    "js": "(generalised) Jensen–Shannon, beta",
+    "skl": "skewed forward KL, alpha (DistiLLM)",
+    "srkl": "skewed reverse KL, alpha (DistiLLM)",
+    "tvd": "total variation distance",
+    "akl": "adaptive KL: head/tail-weighted FKL + RKL, mu",
+}
+REGISTRY: dict[str, LossEntry] = {
+    **{name: LossEntry(DistributionConfig, _build_distribution, _topk, text) for name, text in _DIST.items()},
+    "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: SAMPLED_FIELDS, "CE against sampled teacher draws (unbiased)"),
+    "ce": LossEntry(CEConfig, _build_ce, lambda c, n: CE_FIELDS, "hard-label next-token cross-entropy"),
+    "hidden": LossEntry(HiddenConfig, _build_hidden, lambda c, n: (*alignment.hidden_fields(c.layer_map, n), "valid"), "hidden-state MSE / cosine"),
+    "attention": LossEntry(AttentionConfig, _build_attention, lambda c, n: (*alignment.attention_fields(c.layer_map, n), "valid"), "attention KL / MSE"),
+    "fakd": LossEntry(FAKDConfig, _build_fakd, lambda c, n: _union(_leaves_of_config(c, n)), "feature-alignment KD: hidden + attention + output"),
+    "dskd": LossEntry(DSKDConfig, _build_dskd, _fields_dskd, "dual-space KD from the cache"),
+    "mix": LossEntry(MixConfig, _build_mix, lambda c, n: _union(_leaves_of_config(c, n)), "weighted sum of losses"),
+}
+assert sorted(REGISTRY) == known_names()
+
+
+def _build_one(cfg: Any, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    return REGISTRY[cfg.name].build(cfg, store, student)
+
+
+def build_loss(spec: Any, store: Any, student: StudentDims | None = None) -> KDLoss:
+    """Configs (a model, a mapping, or a list of them = a weighted sum) → one loss module.
+
+    Raises `UnknownLossError` / `LossConfigError` for bad configs and `MissingLossFieldError`
+    (naming the loss and the field) when the store lacks a field a loss reads.
+    """
+    info = StoreInfo.of(store)
+    cfg = parse_loss_config(spec)
+    check_fields(cfg, info.field_names)
+    if isinstance(cfg, list):
+        loss: KDLoss = WeightedSum([(c.weight, _build_one(c, info, student)) for c in cfg])
+    else:
+        loss = _build_one(cfg, info, student)
+        if cfg.weight != 1.0:
+            loss = WeightedSum([(cfg.weight, loss)], label=cfg.name)
+    check_fields(loss, info.field_names)
+    return loss
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _union(leaves: Iterator[tuple[str, tuple[str, ...]]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f for _, fields in leaves for f in fields))
+
+
+def _leaves_of_config(cfg: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    if isinstance(cfg, MixConfig):
+        for child in cfg.losses:
+            yield from _leaves_of_config(child, names)
+    elif isinstance(cfg, FAKDConfig):
+        for part in (cfg.hidden, cfg.attention, cfg.output):
+            if part is not None:
+                yield from _leaves_of_config(part, names)
+    else:
+        yield cfg.name, REGISTRY[cfg.name].fields(cfg, names)
+
+
+def _leaves(item: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    if isinstance(item, WeightedSum):
+        for child in item.losses:
+            yield from _leaves(child, names)
+    elif isinstance(item, KDLoss):
+        yield item.label, tuple(item.required_fields(names))
+    elif isinstance(item, list | tuple):
+        for child in item:
+            yield from _leaves(child, names)
+    else:
+        yield from _leaves_of_config(parse_loss_config(item), names)
+
+
+def required_fields(losses: Any, store_field_names: Sequence[str]) -> tuple[str, ...]:
+    """Every store field the losses (configs or built modules) read, in order, once."""
+    return _union(_leaves(losses, store_field_names))
+
+
+def check_fields(losses: Any, store_field_names: Sequence[str]) -> None:
+    """Raise `MissingLossFieldError` naming each loss and the store field(s) it lacks."""
+    names = set(store_field_names)
+    problems = [
+        f"loss {label!r} needs store field(s) {missing}"
+        for label, fields in _leaves(losses, list(store_field_names))
+        if (missing := [f for f in fields if f not in names])
+    ]
+    if problems:
+        raise MissingLossFieldError(f"{'; '.join(problems)}; the store holds {sorted(names)}")
