@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from kdstore.errors import StoreError
 from pipeline.config import ConfigError
+from pipeline.losses import NonFiniteLossError
+from pipeline.student import TokenizerMismatchError
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -78,6 +80,23 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.trainer import TrainConfig
+
+    config = load_config(args.config, TrainConfig, overrides=_overrides(args.set))
+    if args.no_flow:
+        from pipeline.trainer import train
+
+        result = train(config)
+    else:
+        from flows.train_student import train_student_flow
+
+        result = train_student_flow(config.model_dump())
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from flows.cache_teacher import serve_cache
     from pipeline.config import load_config
@@ -118,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("train", help="train a student from a store (Prefect flow; refuses unverified stores)")
+    p.add_argument("config", help="YAML train config (see configs/train_demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
+    p.set_defaults(func=_train)
+
     p = sub.add_parser("serve", help="serve the cache flow on a schedule (new corpus files get cached)")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -138,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StoreError, ConfigError, FileNotFoundError) as exc:
+    except (StoreError, ConfigError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError) as exc:
         print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

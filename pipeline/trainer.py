@@ -1,0 +1,275 @@
+"""The student trainer: streams the store, computes the configured losses, checkpoints, resumes.
+
+No teacher in memory (unless `online_teacher` asks for the online-KD baseline, which feeds the
+same losses from live teacher outputs). A checkpoint holds model, optimizer, scheduler, the
+stream's position and every RNG, so a resumed run takes exactly the batches the uninterrupted
+run would have taken. Under `torchrun` each rank streams its own part of the store (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from kdstore.errors import CorruptShardError
+from kdstore.reader import StoreReader
+from kdstore.torch_stream import KDLoader, KDStream
+from pipeline.config import Strict, parse_config
+from pipeline.losses import (
+    NonFiniteLossError,
+    StudentDims,
+    StudentOutputs,
+    build_loss,
+    check_finite,
+)
+from pipeline.student import StudentConfig, build_student
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainConfig(Strict):
+    store: str
+    out: str
+    student: StudentConfig = StudentConfig()
+    losses: Any = [{"name": "fkl"}]
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    clip: float | None = 1.0
+    seed: int = 0
+    buffer_rows: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: str = "auto"
+    bf16: bool | None = None  # default: on for CUDA
+    compile: bool = False
+    on_corrupt_shard: Literal["stop", "skip"] = "stop"
+    online_teacher: str | None = None  # online-KD baseline: this teacher resident, same losses
+    tensorboard: bool = True
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = _distributed()
+        self.device = _device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.manual_seed(cfg.seed)
+        self.reader = StoreReader(cfg.store)
+        loss_probe = build_loss(cfg.losses, self.reader)  # field check before the student is built
+        self.student = build_student(cfg.student, self.reader, "attentions" in loss_probe.needs, str(self.device))
+        model = self.student.model
+        self.loss = build_loss(cfg.losses, self.reader, StudentDims.from_config(model.config)).to(self.device)
+        fields = sorted(set(self.loss.fields) | {"input_ids", "valid"})
+        if cfg.online_teacher:
+            fields = ["input_ids", "valid", "doc_ids"]
+        self.stream = KDStream(self.reader, fields, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.buffer_rows,
+                               rank=self.rank, world_size=self.world,
+                               on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise")
+        self.loader = KDLoader(self.stream, num_workers=cfg.num_workers)
+        params = [p for p in list(model.parameters()) + list(self.loss.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.forward_model = model
+        if self.world > 1:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(model)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.teacher = None
+        if cfg.online_teacher:
+            from pipeline.teacher_pass import get_teacher
+
+            self.teacher = get_teacher(cfg.online_teacher, None, str(self.device), "auto", False, False)
+        self._resume()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.student.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["stream"][self.rank] if self.world > 1 else state["stream"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        stream_state = self.loader.state_dict()
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, stream_state)
+            stream_state = gathered
+        if self.rank != 0:
+            return self.out / CHECKPOINT
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.student.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "stream": stream_state,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "step": self.step,
+            "config": self.cfg.model_dump(),
+        }
+        tmp = self.out / f"{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)  # a kill mid-save keeps the previous checkpoint
+        return self.out / CHECKPOINT
+
+    # ------------------------------------------------------------ training
+
+    def batches(self):
+        while True:
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise RuntimeError(f"store {self.cfg.store!r} yields no rows to rank {self.rank}")
+
+    def _teacher_fields(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from pipeline.teacher_pass import extract_signals
+
+        with torch.inference_mode():
+            result = self.teacher.model(input_ids=batch["input_ids"].to(self.teacher.device), use_cache=False)
+            arrays = extract_signals(result, self.reader.spec, None)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def train_step(self, batches) -> dict[str, float]:
+        cfg = self.cfg
+        model = self.forward_model
+        needs = self.loss.needs
+        components: dict[str, float] = {}
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            if self.teacher is not None:
+                batch.update(self._teacher_fields(batch))
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16())
+            with autocast:
+                out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
+                            output_attentions="attentions" in needs, use_cache=False)
+                student = StudentOutputs(out.logits, out.hidden_states, out.attentions,
+                                         self.student.model.get_output_embeddings().weight)
+                result = self.loss(student, batch)
+            try:
+                check_finite(result, batch)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(f"step {self.step}: {exc}") from exc
+            (result.total / cfg.grad_accum).backward()
+            for name, value in result.components.items():
+                components[name] = components.get(name, 0.0) + float(value) / cfg.grad_accum
+            components["loss"] = components.get("loss", 0.0) + float(result.total.detach()) / cfg.grad_accum
+            tokens += int(batch["valid"].sum())
+        if cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**components, "tokens": tokens}
+
+    def _bf16(self) -> bool:
+        return self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+
+    def train(self, progress: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / "train_log.jsonl", "a") if self.rank == 0 else None
+        board = _tensorboard(self.out) if cfg.tensorboard and self.rank == 0 else None
+        self.student.model.train()
+        batches = self.batches()
+        started, window_tokens, last = time.perf_counter(), 0, {}
+        try:
+            while self.step < cfg.steps:
+                try:
+                    stats = self.train_step(batches)
+                except CorruptShardError as exc:
+                    saved = self.save_checkpoint()
+                    raise CorruptShardError(f"{exc}; training stopped at step {self.step}, checkpoint {saved} "
+                                            "(set on_corrupt_shard: skip to train on without it)") from exc
+                window_tokens += stats.pop("tokens")
+                elapsed = time.perf_counter() - started
+                last = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), **stats}
+                if log is not None:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                if board is not None:
+                    for key, value in last.items():
+                        if key != "step":
+                            board.add_scalar(key, value, self.step)
+                if progress and self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    parts = " ".join(f"{k}={v:.4g}" for k, v in stats.items())
+                    print(f"step {self.step}/{cfg.steps} {parts} lr={last['lr']:.3g} "
+                          f"{last['tokens_per_s']:,.0f} tok/s", flush=True)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+            if self.rank == 0:
+                self.student.model.save_pretrained(self.out / "model")
+                self.student.tokenizer.save_pretrained(self.out / "model")
+        finally:
+            if log is not None:
+                log.close()
+            if board is not None:
+                board.close()
+        return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the JSONL log is enough
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(config: dict[str, Any] | TrainConfig, progress: bool = True) -> dict[str, Any]:
+    cfg = config if isinstance(config, TrainConfig) else parse_config(config, TrainConfig, "train config")
+    return Trainer(cfg).train(progress)
