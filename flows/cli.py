@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    return run_demo(out_dir=args.out, tokens=args.tokens)
+    return run_demo(out_dir=args.out, tokens=args.tokens, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded teacher and corpus")
     p.add_argument("--out", default="runs/demo", help="output folder (store and report)")
-    p.add_argument("--tokens", type=int, default=None, help="corpus tokens to cache (default: all of it)")
+    p.add_argument("--tokens", type=int, default=None, help="corpus tokens to cache (default 32,768)")
+    p.add_argument("--steps", type=int, default=None, help="student training steps (default: configs/train_demo.yaml)")
     p.set_defaults(func=_demo)
     return parser
 
