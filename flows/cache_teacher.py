@@ -25,14 +25,11 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.config import CacheConfig, parse_config
-from pipeline.shard_plan import ShardPlan, plan_shards
+from pipeline.shard_plan import ShardPlan
 from pipeline.teacher_pass import (
     cache_shard,
-    open_writer,
     pass_summary,
-    retire_stale_shards,
-    teacher_for,
-    write_teacher_files,
+    prepare_pass,
 )
 
 
@@ -45,18 +42,10 @@ def cache_shard_task(config: CacheConfig, plan: ShardPlan) -> dict[str, Any]:
 def cache_teacher_flow(config: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
-    teacher = teacher_for(cfg)
-    writer = open_writer(cfg, teacher)
-    writer.cleanup_stale()
-    write_teacher_files(writer, teacher)
-    plans = plan_shards(cfg, teacher.tokenizer)
-    retired = retire_stale_shards(writer, plans)
-    todo = [p for p in plans if writer.committed(p.shard_id) is None]
-    print(f"{len(plans)} shards planned, {len(plans) - len(todo)} already committed, {len(todo)} to compute")
-    futures = [cache_shard_task.submit(cfg, p) for p in todo]
-    results = [f.result() for f in futures]
-    computed = [r for r in results if not r["skipped"]]
-    summary = pass_summary(cfg.store, plans, computed, retired, time.perf_counter() - started)
+    pass_plan = prepare_pass(cfg)
+    futures = [cache_shard_task.submit(cfg, p) for p in pass_plan.todo]
+    computed = [r for r in (f.result() for f in futures) if not r["skipped"]]
+    summary = pass_summary(cfg.store, pass_plan.plans, computed, pass_plan.retired, time.perf_counter() - started)
     artifact_id = create_markdown_artifact(markdown=summary_markdown(summary), key="kdcache-store-summary",
                                            description="kdcache teacher pass")
     return {**summary, "artifact_id": str(artifact_id)}

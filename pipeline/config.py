@@ -138,16 +138,16 @@ def parse_config(data: dict[str, Any], model: type[M], where: str = "config") ->
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        raise ConfigError(f"{where}: " + "; ".join(describe_error(e) for e in exc.errors())) from None
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe_error(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if error["type"] == "missing":
         return f"missing key '{key}'"
-    return f"key '{key}': {error['msg']}"
+    return f"key '{key}': {error['msg'].removeprefix('Value error, ')}"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -217,9 +217,17 @@ def cache_shard(config: CacheConfig, plan: ShardPlan) -> dict[str, Any]:
 # ---------------------------------------------------------------- whole pass without Prefect
 
 
-def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """The teacher pass as a plain function: a forward loop and a writer thread (queue of 2)."""
-    started = time.perf_counter()
+@dataclass(frozen=True, eq=False)
+class PassPlan:
+    teacher: Teacher
+    writer: StoreWriter
+    plans: list[ShardPlan]
+    todo: list[ShardPlan]  # planned shards not yet committed and valid
+    retired: list[str]
+
+
+def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = print) -> PassPlan:
+    """Open the store, clean crash leftovers, write teacher/ once, plan, retire stale shards."""
     teacher = teacher_for(config)
     writer = open_writer(config, teacher)
     writer.cleanup_stale()
@@ -229,8 +237,15 @@ def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = prin
     todo = [p for p in plans if writer.committed(p.shard_id) is None]
     if progress:
         progress(f"{len(plans)} shards planned, {len(plans) - len(todo)} already committed, {len(todo)} to compute")
-    results = cache_pipelined(teacher, writer, todo, config, progress, started)
-    return pass_summary(config.store, plans, results, retired, time.perf_counter() - started)
+    return PassPlan(teacher, writer, plans, todo, retired)
+
+
+def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """The teacher pass as a plain function: a forward loop and a writer thread (queue of 2)."""
+    started = time.perf_counter()
+    p = prepare_pass(config, progress)
+    results = cache_pipelined(p.teacher, p.writer, p.todo, config, progress, started)
+    return pass_summary(config.store, p.plans, results, p.retired, time.perf_counter() - started)
 
 
 def cache_pipelined(

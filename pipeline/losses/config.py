@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from pipeline.config import describe_error
 from pipeline.losses.base import LossConfigError, UnknownLossError
 from pipeline.losses.coarse import DIVERGENCE_PARAMS
 
@@ -154,15 +155,6 @@ def _check_names(data: Any, where: str) -> None:
             _check_names(child, f"{where}.losses[{i}]")
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if error["type"] == "missing":
-        return f"missing key '{key}'"
-    return f"key '{key}': {error['msg'].removeprefix('Value error, ')}"
-
-
 def parse_loss_config(data: Any, where: str = "losses") -> Any:
     """A mapping → one loss config; a list → a list of them; models pass through."""
     if isinstance(data, BaseModel):
@@ -173,4 +165,4 @@ def parse_loss_config(data: Any, where: str = "losses") -> Any:
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise LossConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        raise LossConfigError(f"{where}: " + "; ".join(describe_error(e) for e in exc.errors())) from None
