@@ -124,6 +124,11 @@ def _from_teacher_layers(cfg: StudentConfig, attn: str | None) -> tuple[Any, Any
     bad = [i for i in keep if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"student.layers {bad}: the teacher has layers 0..{len(layers) - 1}")
+    # A repeated index would put one module (shared weights, one layer_idx) at two depths.
+    repeated = sorted({i for i in keep if list(keep).count(i) > 1})
+    if not keep or repeated:
+        raise ValueError(f"student.layers {list(keep)}: " + (f"layer(s) {repeated} repeated" if repeated else "empty")
+                         + "; give distinct teacher layer indices")
     model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_index

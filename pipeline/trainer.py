@@ -29,7 +29,9 @@ from pipeline.losses import (
     StudentDims,
     StudentOutputs,
     build_loss,
+    check_fields,
     check_finite,
+    required_fields,
 )
 from pipeline.student import StudentConfig, build_student
 
@@ -91,8 +93,10 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.manual_seed(cfg.seed)
         self.reader = StoreReader(cfg.store)
-        loss_probe = build_loss(cfg.losses, self.reader)  # field check before the student is built
-        self.student = build_student(cfg.student, self.reader, "attentions" in loss_probe.needs, str(self.device))
+        # Field check before the student is built (the losses themselves need the student's sizes).
+        check_fields(cfg.losses, self.reader.field_names)
+        needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, self.reader.field_names))
+        self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device))
         model = self.student.model
         self.loss = build_loss(cfg.losses, self.reader, StudentDims.from_config(model.config)).to(self.device)
         fields = sorted(set(self.loss.fields) | {"input_ids", "valid"})
@@ -116,7 +120,8 @@ class Trainer:
         if cfg.online_teacher:
             from pipeline.teacher_pass import get_teacher
 
-            self.teacher = get_teacher(cfg.online_teacher, None, str(self.device), "auto", False, False)
+            attention = self.reader.spec.attention is not None  # eager attention to extract the maps
+            self.teacher = get_teacher(cfg.online_teacher, None, str(self.device), "auto", attention, False)
         self._resume()
 
     # ------------------------------------------------------------ checkpoints
@@ -126,12 +131,25 @@ class Trainer:
         if not path.exists():
             return
         state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["stream"]
+        streams = saved if isinstance(saved, list) else [saved]
+        if len(streams) != self.world:
+            raise ValueError(f"checkpoint {path} was saved by {len(streams)} rank(s), this run has world size "
+                             f"{self.world}: resume with the same number of ranks (the stream position is per rank)")
+        stream_state = streams[self.rank]
+        saved_workers = int(stream_state["num_workers"])  # data streams per rank: num_workers 0 and 1 both give 1
+        if stream_state["consumed"] and saved_workers != max(1, self.cfg.num_workers):
+            was = "0 or 1" if saved_workers == 1 else saved_workers
+            raise ValueError(f"checkpoint {path} was saved with {saved_workers} data stream(s) per rank (num_workers {was}), "
+                             f"this run has num_workers={self.cfg.num_workers}: resume with the same num_workers")
         self.student.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["stream"][self.rank] if self.world > 1 else state["stream"])
+        self.loader.load_state_dict(stream_state)
         torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         self.step = int(state["step"])
@@ -151,7 +169,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "stream": stream_state,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "step": self.step,
             "config": self.cfg.model_dump(),
         }
@@ -163,30 +182,40 @@ class Trainer:
     # ------------------------------------------------------------ training
 
     def batches(self):
+        empty_passes = 0
         while True:
             yielded = False
             for batch in self.loader:
                 yielded = True
                 yield batch
-            if not yielded:
+            # A run resumed from a checkpoint taken at the very end of an epoch first finishes that
+            # epoch (an empty pass); only a second empty pass in a row means there are no rows.
+            empty_passes = 0 if yielded else empty_passes + 1
+            if empty_passes >= 2:
                 raise RuntimeError(f"store {self.cfg.store!r} yields no rows to rank {self.rank}")
 
     def _teacher_fields(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from pipeline.teacher_pass import extract_signals
 
+        spec = self.reader.spec
         with torch.inference_mode():
-            result = self.teacher.model(input_ids=batch["input_ids"].to(self.teacher.device), use_cache=False)
-            arrays = extract_signals(result, self.reader.spec, None)
+            result = self.teacher.model(input_ids=batch["input_ids"].to(self.teacher.device), use_cache=False,
+                                        output_hidden_states=spec.hidden is not None,
+                                        output_attentions=spec.attention is not None)
+            arrays = extract_signals(result, spec, None)
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches) -> dict[str, Any]:
         cfg = self.cfg
         model = self.forward_model
         needs = self.loss.needs
         components: dict[str, float] = {}
         tokens = 0
+        sample_ids: list[int] = []
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         for _ in range(cfg.grad_accum):
             batch = next(batches)
+            sample_ids += batch["sample_id"].tolist()
             if self.teacher is not None:
                 batch.update(self._teacher_fields(batch))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -200,19 +229,30 @@ class Trainer:
             try:
                 check_finite(result, batch)
             except NonFiniteLossError as exc:
-                raise NonFiniteLossError(f"step {self.step}: {exc}") from exc
+                raise NonFiniteLossError(f"step {self.step + 1}: {exc}") from exc
             (result.total / cfg.grad_accum).backward()
             for name, value in result.components.items():
                 components[name] = components.get(name, 0.0) + float(value) / cfg.grad_accum
             components["loss"] = components.get("loss", 0.0) + float(result.total.detach()) / cfg.grad_accum
             tokens += int(batch["valid"].sum())
+        if self.world > 1:
+            self._sync_loss_grads()
         if cfg.clip is not None:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**components, "tokens": tokens}
+        return {**components, "lr": lr, "tokens": tokens, "sample_ids": sample_ids}
+
+    def _sync_loss_grads(self) -> None:
+        """DDP averages the student's gradients; the losses' own projections are averaged here."""
+        for p in self.loss.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world)
 
     def _bf16(self) -> bool:
         return self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
@@ -220,6 +260,8 @@ class Trainer:
     def train(self, progress: bool = True) -> dict[str, Any]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            _trim_log(self.out / "train_log.jsonl", self.step)
         log = open(self.out / "train_log.jsonl", "a") if self.rank == 0 else None
         board = _tensorboard(self.out) if cfg.tensorboard and self.rank == 0 else None
         self.student.model.train()
@@ -234,11 +276,12 @@ class Trainer:
                     raise CorruptShardError(f"{exc}; training stopped at step {self.step}, checkpoint {saved} "
                                             "(set on_corrupt_shard: skip to train on without it)") from exc
                 window_tokens += stats.pop("tokens")
+                sample_ids = stats.pop("sample_ids")
                 elapsed = time.perf_counter() - started
-                last = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                last = {"step": self.step, "lr": stats.pop("lr"),
                         "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), **stats}
                 if log is not None:
-                    log.write(json.dumps(last) + "\n")
+                    log.write(json.dumps({**last, "sample_ids": sample_ids}) + "\n")
                     log.flush()
                 if board is not None:
                     for key, value in last.items():
@@ -260,6 +303,24 @@ class Trainer:
             if board is not None:
                 board.close()
         return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin}
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step` (where a resumed run starts): lines written after
+    the last checkpoint by a killed run, or torn by the kill, would otherwise appear twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and int(entry.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _tensorboard(out: Path):
