@@ -106,7 +106,7 @@ def build_student(cfg: StudentConfig, reader: StoreReader, needs_attentions: boo
         config.quantization_config = None
         if attn:
             config._attn_implementation = attn
-        torch.manual_seed(0)
+        # random init drawn from torch's global RNG: the trainer seeds it with its `seed`
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         origin = f"random {config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)"
     check_tokenizer(tokenizer, reader, origin)

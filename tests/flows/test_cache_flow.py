@@ -107,7 +107,7 @@ def test_served_schedule_caches_only_the_new_file(tmp_path, tiny_teacher_dir):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def committed() -> dict[Path, int]:
-        return {p: p.stat().st_mtime_ns for p in store.glob("shards/*/COMMIT.json")}
+        return {p: p.stat().st_mtime_ns for p in store.glob("shards/*/COMMIT.json") if not p.parent.name.startswith(".")}
 
     def wait_for(n: int) -> dict[Path, int]:
         deadline = time.time() + 240
