@@ -1,0 +1,416 @@
+"""Student training step: KD from the cache vs CE only vs online KD (teacher resident), same
+student and batches, one run; plus the peak memory of offline and online KD.
+
+    .venv/bin/python bench/train.py [--steps 8] [--warmup 1] [--batch-size 4] [--tokens 12288]
+                                    [--device auto] [--quick]
+
+Store: the real default teacher (SmolLM2-135M-Instruct) over the built-in corpus, top-64,
+rows of 256, built once and reused from `$KDCACHE_BENCH_CACHE/train-store-<key>` (default
+`<tmp>/kdcache-bench/`) while `verify_store` finds it clean. Student: 6 of the teacher's 30
+layers. Modes, each a fresh `Trainer` with the same seed (so the same sample ids, checked):
+`ce` (CE only), `kd` (fkl from the cache), `kd+ce`, `online` (fkl from the resident teacher).
+Warm-up steps first, then rounds in which every mode takes one step, the order rotating each
+round, so a noisy neighbour hits all modes alike; the median step is reported.
+Peak memory: each of `kd` and `online` in its own process (`--mode X --measure-memory`).
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from pipeline.config import CacheConfig, parse_config  # noqa: E402
+from pipeline.trainer import TrainConfig, Trainer  # noqa: E402
+
+MODES: dict[str, dict[str, Any]] = {
+    "ce": {"losses": [{"name": "ce"}]},
+    "kd": {"losses": [{"name": "fkl"}]},
+    "kd+ce": {"losses": [{"name": "fkl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]},
+    "online": {"losses": [{"name": "fkl"}], "online_teacher": "default"},
+}
+MEMORY_MODES = ("kd", "online")
+MB = 1024 * 1024
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the store
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KDCACHE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "kdcache-bench")
+
+
+def ensure_store(args: argparse.Namespace) -> str:
+    """Build the bench store once; reuse it while it verifies clean and matches the config."""
+    from kdstore.verify import verify_store
+    from pipeline.teacher_pass import run_cache
+
+    data = {
+        "store": "",
+        "teacher": {"name": args.teacher},
+        "corpus": {"kind": "builtin"},
+        "row_length": args.row_length,
+        "shard_rows": 16,
+        "split": "train",
+        "max_tokens": args.tokens,
+        "signals": {"topk": {"k": 64}},
+    }
+    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    store = cache_dir() / f"train-store-{key}"
+    marker = cache_dir() / f"train-store-{key}.done.json"
+    data["store"] = str(store)
+    if marker.exists() and store.exists():
+        try:
+            report = verify_store(str(store))
+            if report.ok and report.shards_checked == json.loads(marker.read_text())["shards"]:
+                log(f"reusing store {store} ({report.shards_checked} shards, verified)")
+                return str(store)
+            log(f"store {store} does not verify ({len(report.problems)} problems): rebuilding")
+        except Exception as exc:  # unreadable: rebuild
+            log(f"store {store} unreadable ({exc}): rebuilding")
+    shutil.rmtree(store, ignore_errors=True)
+    marker.unlink(missing_ok=True)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary = run_cache(parse_config(data, CacheConfig), progress=log)
+    log(f"built store {store}: {summary['tokens']} tokens, {summary['shards']} shards in {time.perf_counter() - started:.1f} s")
+    marker.write_text(json.dumps({"shards": summary["shards"], "tokens": summary["tokens"], "config": data}))
+    return str(store)
+
+
+# ---------------------------------------------------------------- trainers
+
+
+def make_trainer(mode: str, store: str, out: str, args: argparse.Namespace) -> Trainer:
+    cfg = TrainConfig(
+        store=store,
+        out=out,
+        student={"init": "teacher_layers", "teacher": args.teacher, "num_layers": args.student_layers},
+        batch_size=args.batch_size,
+        grad_accum=1,
+        steps=10_000,
+        warmup_steps=0,
+        seed=args.seed,
+        checkpoint_every=1_000_000,
+        device=args.device,
+        bf16=None if args.bf16 is None else args.bf16 == "on",
+        tensorboard=False,
+        **MODES[mode],
+    )
+    trainer = Trainer(cfg)
+    trainer.student.model.train()
+    return trainer
+
+
+class Recorder:
+    """Wraps a trainer's batch iterator and records the sample ids it hands out."""
+
+    def __init__(self, trainer: Trainer):
+        self.inner = trainer.batches()
+        self.ids: list[list[int]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.ids.append(batch["sample_id"].tolist())
+        return batch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(trainer: Trainer, batches: Recorder) -> tuple[float, float, int]:
+    """(wall s, process CPU s, tokens) of one training step."""
+    sync(trainer.device)
+    start, cpu = time.perf_counter(), time.process_time()
+    stats = trainer.train_step(batches)
+    sync(trainer.device)
+    return time.perf_counter() - start, time.process_time() - cpu, int(stats["tokens"])
+
+
+def unique_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, bytes), tied weights once."""
+    params = list(model.parameters())  # nn.Module dedups shared parameters
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+# ---------------------------------------------------------------- memory (own process)
+
+
+def proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one mode in this (fresh) process.
+
+    CPU: VmHWM from /proc/self/status, not `ru_maxrss`: Linux carries ru_maxrss over fork and
+    exec, so a child started by a big parent would report the parent's size. The peak is read
+    once after the trainer is built (building a teacher_layers student loads and copies the whole
+    teacher for a moment, in both modes), then reset (clear_refs) to get the training peak alone.
+    """
+    import gc
+
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-train-") as tmp:
+        trainer = make_trainer(args.mode, args.store, tmp, args)
+        gc.collect()
+        out: dict[str, Any] = {"mode": args.mode, "device": str(trainer.device)}
+        out["rss_after_build_mb"] = (proc_status_kb("VmRSS") or 0) / 1024
+        out["build_peak_rss_mb"] = (proc_status_kb("VmHWM") or 0) / 1024
+        reset = reset_peak_rss()
+        if trainer.device.type == "cuda":
+            out["cuda_after_build_mb"] = torch.cuda.memory_allocated(trainer.device) / MB
+        batches = Recorder(trainer)
+        for _ in range(args.memory_steps):
+            trainer.train_step(batches)
+        sync(trainer.device)
+        hwm = (proc_status_kb("VmHWM") or 0) / 1024
+        out["train_peak_rss_mb"] = hwm if reset else None  # None: the peak could not be reset
+        out["process_peak_rss_mb"] = max(hwm, out["build_peak_rss_mb"])
+        if trainer.device.type == "cuda":
+            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(trainer.device) / MB
+        if trainer.teacher is not None:
+            out["teacher_params"], out["teacher_bytes"] = unique_params(trainer.teacher.model)
+        out["student_params"], out["student_bytes"] = unique_params(trainer.student.model)
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def memory_in_subprocess(mode: str, store: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--measure-memory", "--store", store,
+           "--batch-size", str(args.batch_size), "--device", args.device, "--memory-steps", str(args.memory_steps),
+           "--teacher", args.teacher, "--student-layers", str(args.student_layers), "--seed", str(args.seed),
+           "--row-length", str(args.row_length), "--threads", str(args.threads)]
+    if args.bf16 is not None:
+        cmd += ["--bf16", args.bf16]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run of mode {mode!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    log(f"memory {mode}: {result} ({time.perf_counter() - started:.0f} s)")
+    return result
+
+
+def peak_mb(m: dict[str, Any]) -> float:
+    """The figure the target compares: CUDA peak allocated, else the whole process's peak RSS."""
+    return m["cuda_peak_mb"] if "cuda_peak_mb" in m else m["process_peak_rss_mb"]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=12288, help="store size (teacher-pass tokens)")
+    parser.add_argument("--row-length", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--teacher", default="default")
+    parser.add_argument("--student-layers", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", choices=["on", "off"], default=None, help="default: on for CUDA, off on CPU")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps each memory process runs")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on CPU")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2+1 steps, batch 2, 4,096-token store")
+    parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.batch_size, args.tokens, args.memory_steps = 2, 1, 2, 4096, 1
+    torch.set_num_threads(args.threads)
+    if args.measure_memory:
+        print(json.dumps(measure_memory(args)))
+        return
+
+    started = time.perf_counter()
+    store = ensure_store(args)
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-train-") as tmp:
+        trainers, recorders, times, cpu_times, tokens = {}, {}, {}, {}, {}
+        for mode in MODES:
+            t0 = time.perf_counter()
+            trainers[mode] = make_trainer(mode, store, f"{tmp}/{mode}", args)
+            recorders[mode] = Recorder(trainers[mode])
+            times[mode], cpu_times[mode], tokens[mode] = [], [], []
+            log(f"built trainer {mode} in {time.perf_counter() - t0:.1f} s")
+        device = trainers["kd"].device
+        modes = list(MODES)
+        for _ in range(args.warmup):
+            for mode in modes:
+                timed_step(trainers[mode], recorders[mode])
+        for r in range(args.steps):
+            order = modes[r % len(modes):] + modes[: r % len(modes)]
+            for mode in order:
+                dt, cpu, n = timed_step(trainers[mode], recorders[mode])
+                times[mode].append(dt)
+                cpu_times[mode].append(cpu)
+                tokens[mode].append(n)
+            log(f"round {r + 1}/{args.steps}: " + " ".join(f"{m}={times[m][-1] * 1e3:.0f}ms" for m in modes))
+        same_batches = all(recorders[m].ids == recorders["kd"].ids for m in modes)
+        student_params, student_bytes = unique_params(trainers["kd"].student.model)
+        teacher_params, teacher_bytes = unique_params(trainers["online"].teacher.model)
+        teacher_dtype = str(next(trainers["online"].teacher.model.parameters()).dtype).removeprefix("torch.")
+        student_origin = trainers["kd"].student.origin
+        first_ids = recorders["kd"].ids[0]
+        del trainers, recorders
+    timing_s = time.perf_counter() - started
+
+    memory = {}
+    if not args.no_memory:
+        for mode in MEMORY_MODES:
+            memory[mode] = memory_in_subprocess(mode, store, args)
+
+    med = {m: statistics.median(times[m]) for m in MODES}
+    best = {m: min(times[m]) for m in MODES}
+    cpu = {m: statistics.median(cpu_times[m]) for m in MODES}
+    tok = {m: statistics.median(tokens[m]) for m in MODES}
+
+    def ratios(num: str, den: str) -> dict[str, float]:
+        """Ratio of medians (the target figure), of bests, median of per-round ratios, of CPU medians."""
+        paired = statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+        return {"median": med[num] / med[den], "best": best[num] / best[den], "paired": paired,
+                "cpu": cpu[num] / cpu[den]}
+
+    kd_ce, kdce_ce, on_off = ratios("kd", "ce"), ratios("kd+ce", "ce"), ratios("online", "kd")
+    limit = (2 * teacher_params + 6 * student_params) / (6 * student_params)
+    dev_name = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        dev_name += f" ({torch.get_num_threads()} threads)"
+    bf16 = args.bf16 == "on" if args.bf16 is not None else device.type == "cuda"
+
+    print(f"## training step: student {student_origin} ({student_params / 1e6:.1f} M parameters), "
+          f"teacher {args.teacher} ({teacher_params / 1e6:.1f} M, {teacher_dtype}), "
+          f"batch {args.batch_size}×{args.row_length}, {dev_name}, bf16 {'on' if bf16 else 'off'}")
+    print()
+    print(f"{args.warmup} warm-up + {args.steps} timed steps per mode, interleaved (one step of each mode per round); "
+          f"same sample ids in every mode: {'yes' if same_batches else 'NO'} (first batch {first_ids})")
+    print()
+    print("| mode | losses | median ms/step | best ms/step | median CPU s/step | tokens/step | tokens/s (median) | vs CE | vs KD-from-cache |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for m in MODES:
+        where = " (teacher resident)" if m == "online" else "" if m == "ce" else " (cache)"
+        losses = "+".join(x["name"] for x in MODES[m]["losses"]) + where
+        print(f"| {m} | {losses} | {med[m] * 1e3:,.0f} | {best[m] * 1e3:,.0f} | {cpu[m]:.2f} | {tok[m]:,.0f} | "
+              f"{tok[m] / med[m]:,.0f} | {med[m] / med['ce']:.3f} | {med[m] / med['kd']:.3f} |")
+    print()
+    print("| ratio | of medians (target figure) | of bests | median of per-round ratios | of CPU time | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, r, target in (("KD-from-cache / CE", kd_ce, "≤ 1.10"), ("KD+CE from cache / CE", kdce_ce, ""),
+                            ("online KD / KD-from-cache", on_off, f"≥ 2.0 (arithmetic limit {limit:.3f})")):
+        print(f"| {name} | {r['median']:.3f} | {r['best']:.3f} | {r['paired']:.3f} | {r['cpu']:.3f} | {target} |")
+    print()
+    print(f"arithmetic limit of online/offline = (2·T + 6·S)/(6·S) = (2·{teacher_params / 1e6:.1f}M + "
+          f"6·{student_params / 1e6:.1f}M)/(6·{student_params / 1e6:.1f}M) = {limit:.3f} "
+          f"(teacher forward 2·T, student forward + backward 6·S FLOPs/token); measured {on_off['median']:.3f}")
+    if memory:
+        cuda = "cuda_peak_mb" in memory["kd"]
+        print()
+        print(f"Peak memory, each mode in its own process, build + {args.memory_steps} steps "
+              f"({'CUDA max_memory_allocated' if cuda else 'peak RSS, VmHWM'}):")
+        print()
+        if cuda:
+            print("| mode | after build MB | peak MB (target figure) | host peak RSS MB |")
+            print("|---|---:|---:|---:|")
+            for m in MEMORY_MODES:
+                print(f"| {m} | {memory[m]['cuda_after_build_mb']:,.0f} | {peak_mb(memory[m]):,.0f} | "
+                      f"{memory[m]['process_peak_rss_mb']:,.0f} |")
+        else:
+            print("| mode | RSS after build MB | peak while building MB | peak while training MB | process peak MB (target figure) |")
+            print("|---|---:|---:|---:|---:|")
+            for m in MEMORY_MODES:
+                mm = memory[m]
+                train_peak = f"{mm['train_peak_rss_mb']:,.0f}" if mm["train_peak_rss_mb"] is not None else "n/a"
+                print(f"| {m} | {mm['rss_after_build_mb']:,.0f} | {mm['build_peak_rss_mb']:,.0f} | {train_peak} | "
+                      f"{peak_mb(mm):,.0f} |")
+        diff = peak_mb(memory["online"]) - peak_mb(memory["kd"])
+        print()
+        print(f"online − offline = {diff:,.0f} MB; teacher weights = {teacher_bytes / MB:,.0f} MB "
+              f"({teacher_params / 1e6:.1f} M × {teacher_bytes // teacher_params} B): "
+              f"{'met' if diff >= teacher_bytes / MB else 'NOT met'}")
+
+    targets: dict[str, Any] = {
+        "kd_vs_ce_step_ratio<=1.10": {"value": round(kd_ce["median"], 4), "limit": 1.10,
+                                      "pass": kd_ce["median"] <= 1.10},
+        "online_vs_offline_step_ratio>=2.0": {"value": round(on_off["median"], 4), "limit": 2.0,
+                                              "arithmetic_limit": round(limit, 4), "pass": on_off["median"] >= 2.0},
+    }
+    result: dict[str, Any] = {
+        "kd_vs_ce_step_ratio": round(kd_ce["median"], 4),
+        "online_vs_offline_step_ratio": round(on_off["median"], 4),
+        "kdce_vs_ce_step_ratio": round(kdce_ce["median"], 4),
+        "ratios": {name: {k: round(v, 4) for k, v in r.items()}
+                   for name, r in (("kd_vs_ce", kd_ce), ("kdce_vs_ce", kdce_ce), ("online_vs_offline", on_off))},
+        "arithmetic_limit": round(limit, 4),
+        "offline_peak_mem_mb": round(peak_mb(memory["kd"]), 1) if memory else None,
+        "online_peak_mem_mb": round(peak_mb(memory["online"]), 1) if memory else None,
+        "teacher_weights_mb": round(teacher_bytes / MB, 1),
+        "device": dev_name,
+        "bf16": bf16,
+        "student_params": student_params,
+        "teacher_params": teacher_params,
+        "batch": [args.batch_size, args.row_length],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "same_batches": same_batches,
+        "ms_per_step": {m: round(med[m] * 1e3, 1) for m in MODES},
+        "ms_per_step_best": {m: round(best[m] * 1e3, 1) for m in MODES},
+        "cpu_s_per_step": {m: round(cpu[m], 3) for m in MODES},
+        "tokens_per_step": {m: tok[m] for m in MODES},
+        "tokens_per_s": {m: round(tok[m] / med[m], 1) for m in MODES},
+        "memory": memory,
+        "timing_wall_s": round(timing_s, 1),
+    }
+    if memory:
+        diff = peak_mb(memory["online"]) - peak_mb(memory["kd"])
+        targets["online_minus_offline_peak_mb>=teacher_weights_mb"] = {
+            "value": round(diff, 1), "limit": round(teacher_bytes / MB, 1), "pass": diff >= teacher_bytes / MB}
+    targets["same_batches"] = {"value": same_batches, "pass": same_batches}
+    targets["all_targets_pass"] = all(t["pass"] for t in targets.values())
+    result["targets"] = targets
+    print()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
