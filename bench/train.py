@@ -1,7 +1,7 @@
 """Student training step: KD from the cache vs CE only vs online KD (teacher resident), same
 student and batches, one run; plus the peak memory of offline and online KD.
 
-    .venv/bin/python bench/train.py [--steps 8] [--warmup 1] [--batch-size 4] [--tokens 12288]
+    .venv/bin/python bench/train.py [--steps N] [--warmup W] [--batch-size 4] [--tokens 12288]
                                     [--device auto] [--quick]
 
 Store: the real default teacher (SmolLM2-135M-Instruct) over the built-in corpus, top-64,
@@ -18,10 +18,8 @@ Prints a table and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_stores import cached_store, log  # noqa: E402
 
-from pipeline.config import CacheConfig, parse_config  # noqa: E402
 from pipeline.trainer import TrainConfig, Trainer  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -48,24 +46,9 @@ MEMORY_MODES = ("kd", "online")
 MB = 1024 * 1024
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- the store
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KDCACHE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "kdcache-bench")
-
-
 def ensure_store(args: argparse.Namespace) -> str:
-    """Build the bench store once; reuse it while it verifies clean and matches the config."""
-    from kdstore.verify import verify_store
-    from pipeline.teacher_pass import run_cache
-
-    data = {
-        "store": "",
+    """The bench store: top-64 over the built-in corpus, built once and reused while it verifies."""
+    return cached_store("train-store", {
         "teacher": {"name": args.teacher},
         "corpus": {"kind": "builtin"},
         "row_length": args.row_length,
@@ -73,28 +56,7 @@ def ensure_store(args: argparse.Namespace) -> str:
         "split": "train",
         "max_tokens": args.tokens,
         "signals": {"topk": {"k": 64}},
-    }
-    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-    store = cache_dir() / f"train-store-{key}"
-    marker = cache_dir() / f"train-store-{key}.done.json"
-    data["store"] = str(store)
-    if marker.exists() and store.exists():
-        try:
-            report = verify_store(str(store))
-            if report.ok and report.shards_checked == json.loads(marker.read_text())["shards"]:
-                log(f"reusing store {store} ({report.shards_checked} shards, verified)")
-                return str(store)
-            log(f"store {store} does not verify ({len(report.problems)} problems): rebuilding")
-        except Exception as exc:  # unreadable: rebuild
-            log(f"store {store} unreadable ({exc}): rebuilding")
-    shutil.rmtree(store, ignore_errors=True)
-    marker.unlink(missing_ok=True)
-    store.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    summary = run_cache(parse_config(data, CacheConfig), progress=log)
-    log(f"built store {store}: {summary['tokens']} tokens, {summary['shards']} shards in {time.perf_counter() - started:.1f} s")
-    marker.write_text(json.dumps({"shards": summary["shards"], "tokens": summary["tokens"], "config": data}))
-    return str(store)
+    })
 
 
 # ---------------------------------------------------------------- trainers
@@ -238,9 +200,9 @@ def peak_mb(m: dict[str, Any]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    parser = argparse.ArgumentParser(description="Training step: KD from the cache vs CE only vs online KD; peak memory.")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 8 on CPU, 30 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per mode first (default 1 on CPU, 5 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=12288, help="store size (teacher-pass tokens)")
     parser.add_argument("--row-length", type=int, default=256)
@@ -257,6 +219,9 @@ def main() -> None:
     parser.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    args.steps = args.steps if args.steps is not None else 30 if cuda else 8
+    args.warmup = args.warmup if args.warmup is not None else 5 if cuda else 1
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.tokens, args.memory_steps = 2, 1, 2, 4096, 1
     torch.set_num_threads(args.threads)

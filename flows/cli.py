@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from kdstore.errors import StoreError
 from pipeline.config import ConfigError
+from pipeline.evaluate import EvalError
 from pipeline.losses import NonFiniteLossError
 from pipeline.student import TokenizerMismatchError
 
@@ -97,6 +98,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.evaluate import EvalConfig
+
+    config = load_config(args.config, EvalConfig, overrides=_overrides(args.set))
+    if args.no_flow:
+        from pipeline.evaluate import evaluate
+        from pipeline.report import metrics_table, write_report
+
+        result = evaluate(config)
+        written = write_report(result, config.out, train_logs=config.train_logs)
+        print(metrics_table(result))
+        print(f"report: {written['markdown']}")
+    else:
+        from flows.evaluate import evaluate_flow
+        from pipeline.report import metrics_table
+
+        done = evaluate_flow(config.model_dump())
+        print(metrics_table(done["result"]))
+        print(f"report: {done['report']['markdown']}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from flows.cache_teacher import serve_cache
     from pipeline.config import load_config
@@ -109,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    return run_demo(out_dir=args.out, tokens=args.tokens, steps=args.steps)
+    return run_demo(out_dir=args.out, tokens=args.tokens, steps=args.steps, eval_tokens=args.eval_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("eval", help="teacher, students and a baseline on held-out rows: table, plots, report")
+    p.add_argument("config", help="YAML eval config (see configs/eval_demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("serve", help="serve the cache flow on a schedule (new corpus files get cached)")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -156,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (store and report)")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens to cache (default 32,768)")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: configs/train_demo.yaml)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens to evaluate on (default: configs/eval_demo.yaml)")
     p.set_defaults(func=_demo)
     return parser
 
@@ -164,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StoreError, ConfigError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError) as exc:
+    except (StoreError, ConfigError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError,
+            EvalError) as exc:
         print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

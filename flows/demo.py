@@ -1,10 +1,11 @@
 """`kdcache demo`: the main job on the embedded defaults, offline, in one command.
 
-Today it runs the parts that exist: the `cache-teacher` flow (embedded SmolLM2-135M-Instruct
-teacher over the built-in pydoc corpus), a full `verify` of the store, the `train-student` flow
-(a student of 6 of the teacher's 30 layers, KD from the cache alone), and a report folder. A
-second run reuses the cache (and the trained student) and says so. Evaluation against a
-cross-entropy baseline joins it with the evaluation issue.
+A Prefect flow `kdcache-demo` runs, as sub-flows: `cache-teacher` (the embedded
+SmolLM2-135M-Instruct teacher over the built-in pydoc corpus, train split), `train-student` twice
+(the same student made of 6 of the teacher's 30 layers, once with KD from the cache alone, once
+with cross-entropy only: the baseline), and `evaluate` (teacher, KD student and baseline on the
+held-out documents), which writes the report folder. A second run reuses the cache and the
+trained students and says so; the evaluation is re-run (it is cheap).
 """
 
 from __future__ import annotations
@@ -12,64 +13,107 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from kdstore.summary import summarize
-from kdstore.verify import verify_store
+from prefect import flow
+
+from kdstore.summary import summarize, topk_bytes_by_k
 from pipeline.config import load_config
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-TRAIN_CONFIG = DEMO_CONFIG.with_name("train_demo.yaml")
-DEFAULT_TOKENS = 32_768
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+TRAIN_CONFIG = CONFIGS / "train_demo.yaml"
+EVAL_CONFIG = CONFIGS / "eval_demo.yaml"
+DEFAULT_TOKENS = 16_384
+BASELINE_LOSSES = [{"name": "ce"}]
 
 
-def run_demo(out_dir: str = "runs/demo", tokens: int | None = None, steps: int | None = None,
-             config_path: Path = DEMO_CONFIG) -> int:
-    from flows.cache_teacher import cache_teacher
+def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None) -> dict[str, Any]:
     from flows.train_student import train_student_flow
     from pipeline.trainer import TrainConfig
+
+    overrides: dict[str, Any] = {"store": str(store), "out": str(out)}
+    if losses is not None:
+        overrides["losses"] = losses
+    if steps is not None:
+        overrides["steps"] = steps
+    cfg = load_config(TRAIN_CONFIG, TrainConfig, overrides=overrides)
+    names = " + ".join(f"{l_['weight']:g}·{l_['name']}" if "weight" in l_ else l_["name"]
+                       for l_ in (cfg.losses if isinstance(cfg.losses, list) else [cfg.losses]))
+    print(f"      {label}: {names}, {cfg.steps} steps of {cfg.batch_size} rows → {out}", flush=True)
+    trained = train_student_flow(cfg.model_dump())
+    if trained["last"]:
+        last = trained["last"]
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in ("step", "lr", "tokens_per_s"))
+        print(f"      {label} step {last['step']}: {parts}; {last['tokens_per_s']:,.0f} tokens/s", flush=True)
+    else:
+        print(f"      {label} reused: its checkpoint is already at step {trained['steps']} ({trained['out']})", flush=True)
+    return trained
+
+
+@flow(name="kdcache-demo")
+def demo_flow(out_dir: str = "runs/demo", tokens: int | None = None, steps: int | None = None,
+              eval_tokens: int | None = None) -> dict[str, Any]:
+    from flows.cache_teacher import cache_teacher
+    from flows.evaluate import evaluate_flow
+    from pipeline.evaluate import EvalConfig
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = out / "store"
-    config = load_config(config_path, overrides={"store": str(store), "max_tokens": tokens or DEFAULT_TOKENS})
+    config = load_config(DEMO_CONFIG, overrides={"store": str(store), "max_tokens": tokens or DEFAULT_TOKENS})
     started = time.perf_counter()
-    print(f"[1/4] teacher pass: {config.teacher.name} teacher over the {config.corpus.kind} corpus → {store}")
+    print(f"[1/4] teacher pass: {config.teacher.name} teacher over the {config.corpus.kind} corpus → {store}", flush=True)
     summary = cache_teacher(config.model_dump())
     if summary["shards_computed"] == 0:
-        print(f"      cache reused: all {summary['shards']} shards were already committed, no teacher work done")
+        print(f"      cache reused: all {summary['shards']} shards were already committed, no teacher work done", flush=True)
     else:
         print(f"      {summary['shards_computed']} shards computed at {summary['teacher_tokens_per_s']} tokens/s, "
-              f"{summary['shards_skipped']} reused")
-    print("[2/4] verifying every file of the store")
-    report = verify_store(str(store))
-    print(f"      {report.shards_checked} shards checked: {'clean' if report.ok else report.problems}")
-    train_overrides = {"store": str(store), "out": str(out / "student_kd")}
-    if steps is not None:
-        train_overrides["steps"] = steps
-    train_cfg = load_config(TRAIN_CONFIG, TrainConfig, overrides=train_overrides)
-    print(f"[3/4] training a student from the cache alone ({train_cfg.student.num_layers} of the teacher's layers, "
-          f"{train_cfg.steps} steps of {train_cfg.batch_size}×{config.row_length} tokens; no teacher in memory)")
-    trained = train_student_flow(train_cfg.model_dump())
-    if trained["last"]:
-        last = trained["last"]
-        print(f"      step {last['step']}: fkl {last.get('fkl', float('nan')):.3f}, ce {last.get('ce', float('nan')):.3f}, "
-              f"{last['tokens_per_s']:,.0f} tokens/s → {trained['out']}")
-    else:
-        print(f"      student reused: its checkpoint is already at step {trained['steps']} ({trained['out']})")
-    print("[4/4] writing the report")
+              f"{summary['shards_skipped']} reused; {summary['bytes_per_token']} B/token", flush=True)
+    print("[2/4] training the same student twice from the cache alone (no teacher in memory); "
+          "each run first re-hashes the store", flush=True)
+    kd = _train("KD student", store, out / "student_kd", None, steps)
+    ce = _train("CE baseline", store, out / "student_ce", BASELINE_LOSSES, steps)
+    print("[3/4] evaluating teacher, KD student and CE baseline on held-out documents", flush=True)
+    eval_overrides: dict[str, Any] = {
+        "store": str(store), "out": str(out),
+        "models": {"kd": str(out / "student_kd" / "model"), "ce": str(out / "student_ce" / "model")},
+        "train_logs": {"kd": str(out / "student_kd" / "train_log.jsonl"),
+                       "ce": str(out / "student_ce" / "train_log.jsonl")},
+        "teacher": config.teacher.name,
+    }
+    if eval_tokens is not None:
+        eval_overrides["max_tokens"] = eval_tokens
+    eval_cfg = load_config(EVAL_CONFIG, EvalConfig, overrides=eval_overrides)
     store_summary = summarize(str(store))
-    report_md = out / "README.md"
-    report_md.write_text(
-        "# kdcache demo\n\n"
-        + store_summary.to_markdown()
-        + "\n\n## Teacher pass\n\n```json\n"
-        + json.dumps(summary, indent=2)
-        + "\n```\n\n## Student trained from the cache\n\n```json\n"
-        + json.dumps(trained, indent=2)
-        + "\n```\n"
-    )
-    (out / "summary.json").write_text(json.dumps({"teacher_pass": summary, "store": store_summary.to_json(), "student": trained}, indent=2))
-    print(f"\n{store_summary.tokens:,} tokens cached at {store_summary.bytes_per_token:.1f} B/token "
-          f"(mean kept mass {store_summary.mean_kept_mass:.3f}); {time.perf_counter() - started:.0f} s in all")
-    print(f"report: {report_md}")
-    return 0 if report.ok else 1
+    by_k = topk_bytes_by_k(str(store), [k for k in (4, 8, 16, 32, 64, 128) if k <= config.signals.topk.k])
+    preamble = (f"Teacher `{config.teacher.name}` cached once over {store_summary.tokens:,} tokens of the "
+                f"`{config.corpus.kind}` corpus ({store_summary.bytes_per_token:.1f} B/token, top-"
+                f"{config.signals.topk.k} + exact tail, mean kept mass {store_summary.mean_kept_mass:.3f}). "
+                f"`kd` and `ce` are the same student ({kd['student']}) trained for {kd['steps']} steps on the same "
+                "batches, with KD from the cache and with cross-entropy only. Command: `kdcache demo`.")
+    evaluated = evaluate_flow(eval_cfg.model_dump(), by_k, "kdcache demo", preamble)
+    result = evaluated["result"]
+    print("[4/4] report", flush=True)
+    (out / "summary.json").write_text(json.dumps(
+        {"teacher_pass": summary, "store": store_summary.to_json(), "students": {"kd": kd, "ce": ce},
+         "eval": {k: {m: v for m, v in r.items() if m != "calibration"} for k, r in result["models"].items()}},
+        indent=2))
+    models = result["models"]
+    for name in models:
+        m = models[name]
+        kl = f", KL to teacher {m['kl_to_teacher']:.3f}, top-1 agreement {m['top1_agreement']:.3f}" if "kl_to_teacher" in m else ""
+        print(f"      {name:8s} perplexity {m['ppl']:8.2f}{kl}, ECE {100 * m['ece']:.2f} pts", flush=True)
+    if "kd" in models and "ce" in models:
+        gain = 100 * (1 - models["kd"]["ppl"] / models["ce"]["ppl"])
+        print(f"      KD from the cache vs CE only: perplexity {gain:+.1f} % lower", flush=True)
+    print(f"\n{store_summary.tokens:,} tokens cached at {store_summary.bytes_per_token:.1f} B/token; "
+          f"{time.perf_counter() - started:.0f} s in all", flush=True)
+    print(f"report: {evaluated['report']['markdown']}", flush=True)
+    return {"out": str(out), "report": evaluated["report"]["markdown"], "ppl": {k: m["ppl"] for k, m in models.items()}}
+
+
+def run_demo(out_dir: str = "runs/demo", tokens: int | None = None, steps: int | None = None,
+             eval_tokens: int | None = None) -> int:
+    demo_flow(out_dir, tokens, steps, eval_tokens)
+    return 0

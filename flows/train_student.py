@@ -1,6 +1,7 @@
 """Prefect flow `train-student`: verify the store, then train (one task), publish the result.
 
-The store is re-hashed first: a student is never trained on a store that fails verification.
+The store (and each of `extra_stores`) is re-hashed first: a student is never trained on a store
+that fails verification.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def train_task(config: dict[str, Any]) -> dict[str, Any]:
 @flow(name="train-student")
 def train_student_flow(config: dict[str, Any]) -> dict[str, Any]:
     cfg = parse_config(config, TrainConfig, "train-student config")
-    verify_task(cfg.store)
+    for store in (cfg.store, *cfg.extra_stores):  # multi-teacher: every joined store
+        verify_task(store)
     result = train_task(cfg.model_dump())
     last = result.get("last", {})
     rows = "\n".join(f"| {k} | {v} |" for k, v in last.items())

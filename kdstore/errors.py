@@ -38,3 +38,8 @@ class MissingFieldError(StoreError, KeyError):
 
 class CorruptShardError(StoreError):
     """A committed shard has a missing, truncated or altered file."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """Stores to be joined (multi-teacher) do not line up: another vocabulary, corpus, packing,
+    row length or set of sample ids, or a joined row whose tokens differ."""

@@ -210,6 +210,10 @@ class StoreReader:
                 parts[name][positions] = value
         return parts
 
+    def sample_ids(self) -> np.ndarray:
+        """Every committed sample id (int64, in shard order); builds the index `read_samples` uses."""
+        return np.fromiter(self._sample_index(), dtype=np.int64)
+
     def _sample_index(self) -> dict[int, tuple[str, int]]:
         if self._index is None:
             index = {}

@@ -6,12 +6,19 @@ store of any size reads a few KB per shard and never decodes data.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kdstore.fields import fields_for_spec
 from kdstore.reader import StoreReader
 from kdstore.records import COMMIT_JSON
-from kdstore.shard_io import DENSE_DIR
+from kdstore.shard_io import DENSE_DIR, write_shard_files
 
 
 @dataclass(frozen=True)
@@ -107,3 +114,38 @@ def summarize(url: str) -> StoreSummary:
         spec=reader.spec.to_dict(),
         provenance=reader.meta.provenance.to_dict(),
     )
+
+
+def topk_bytes_by_k(url: str, ks: Sequence[int], max_shards: int = 2) -> list[dict[str, float]]:
+    """Bytes/token of the top-k files (ids, log-probs, tail) and mean kept mass if the store had
+    kept only k ids, for each k ≤ the store's: its first shards' top-k truncated and re-encoded
+    with the store's own codecs. Ids are in probability order, so the truncation is exact; the
+    new tail is the stored tail plus the dropped ids' (quantised) probabilities."""
+    reader = StoreReader(url)
+    spec = reader.spec
+    if spec.topk is None:
+        raise ValueError(f"store {url!r} holds no top-k signal")
+    bad = [k for k in ks if not 1 <= k <= spec.topk.k]
+    if bad:
+        raise ValueError(f"k {bad}: store {url!r} keeps {spec.topk.k} ids, so only k in 1..{spec.topk.k} can be measured")
+    names = ["sample_id", "input_ids", "doc_ids", "valid", "topk_ids", "topk_logp", "topk_tail"]
+    parts = [reader.read_shard(s, names) for s in reader.shard_ids()[:max_shards]]
+    if not parts:
+        raise ValueError(f"store {url!r} has no committed shard")
+    rows = {n: np.concatenate([p[n] for p in parts]) for n in names}
+    valid = rows["valid"].astype(bool)
+    tokens = valid.size
+    out = []
+    for k in sorted(set(ks)):
+        dropped = np.exp(rows["topk_logp"][..., k:].astype(np.float64)).sum(-1)
+        trimmed = {**rows, "topk_ids": rows["topk_ids"][..., :k], "topk_logp": rows["topk_logp"][..., :k],
+                   "topk_tail": np.clip(rows["topk_tail"] + dropped, 0, 1).astype(np.float32)}
+        k_spec = dataclasses.replace(spec, topk=dataclasses.replace(spec.topk, k=k), sampled=None, hidden=None,
+                                     attention=None, shard_rows=max(spec.shard_rows, len(valid)))
+        fields = [f for f in fields_for_spec(k_spec) if f.name.startswith("topk_") or f.name in names]
+        with tempfile.TemporaryDirectory() as tmp:
+            write_shard_files(Path(tmp), fields, trimmed, spec.zstd_level, spec.record_batch_rows)
+            size = sum(p.stat().st_size for p in Path(tmp).glob("topk_*.arrow"))
+        out.append({"k": k, "bytes_per_token": size / tokens,
+                    "kept_mass": float(1 - trimmed["topk_tail"][valid].mean())})
+    return out

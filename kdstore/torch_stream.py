@@ -6,6 +6,11 @@ seen exactly once per epoch and each worker decodes only the shards its block to
 block rows go through a bounded shuffle buffer. The whole order is a pure function of
 (seed, epoch, worker), computed on row *indices*, so resuming only needs how many rows each
 worker has handed out: `state_dict()` is a few integers.
+
+Multi-teacher: `joined` stores (made over the same corpus, see `kdstore.join`) are read by sample
+id as each primary shard is loaded, in whichever process decodes it (dataloader workers
+included), and their fields ride along under prefixed names (`t1/topk_ids`...). The primary
+store alone decides the order, so its state is the whole state.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdstore.errors import CorruptShardError
+from kdstore.join import StoreJoin
 from kdstore.reader import StoreReader
 
 WORKER_KEY = "_kd_worker"
@@ -31,7 +37,8 @@ class KDStream(IterableDataset):
 
     Yields dicts: `sample_id` [B] plus each requested field with a leading batch axis
     (e.g. topk_ids [B,T,k] int32, topk_logp [B,T,k] float32, topk_tail [B,T] float32,
-    input_ids [B,T] int64, hidden_<L> [B,T,d] float32).
+    input_ids [B,T] int64, hidden_<L> [B,T,d] float32), and with `joined` stores the fields
+    named `t<i>/<field>` read from store i (teacher i) for the same sample ids.
     """
 
     def __init__(
@@ -47,15 +54,22 @@ class KDStream(IterableDataset):
         world_size: int | None = None,
         drop_last: bool = False,
         on_corrupt: str = "raise",
+        joined: Sequence[str | StoreReader] = (),
     ):
         super().__init__()
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.on_corrupt = on_corrupt
         self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
+        self.join: StoreJoin | None = None
+        if joined:  # checks that the stores line up, and every field's store, now
+            others = [r if isinstance(r, StoreReader) else StoreReader(r) for r in joined]
+            self.join = StoreJoin([self.reader, *others], fields)
+            fields = self.join.primary_fields
         names = list(dict.fromkeys(["sample_id", *fields]))
         self.reader.resolve(names)  # MissingFieldError now, not in a worker later
-        self.fields = names
+        self.primary_fields = names
+        self.fields = names + (self.join.joined_names if self.join is not None else [])
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
@@ -139,7 +153,10 @@ class KDStream(IterableDataset):
 
     def _load(self, shard: int) -> dict[str, np.ndarray] | None:
         try:
-            return self.reader.read_shard(self.shards[shard], self.fields)
+            rows = self.reader.read_shard(self.shards[shard], self.primary_fields)
+            if self.join is not None:  # a corrupt shard of a joined store drops this shard too
+                rows.update(self.join.read(rows))
+            return rows
         except CorruptShardError as exc:
             if self.on_corrupt == "raise":
                 raise

@@ -18,14 +18,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdstore.errors import CorruptShardError
+from kdstore.join import check_aligned
 from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
 from pipeline.config import Strict, parse_config
 from pipeline.losses import (
     NonFiniteLossError,
+    StoreInfo,
     StudentDims,
     StudentOutputs,
     build_loss,
@@ -33,6 +35,7 @@ from pipeline.losses import (
     check_finite,
     required_fields,
 )
+from pipeline.losses.output import TEACHER_LOGP
 from pipeline.student import StudentConfig, build_student
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,6 +43,9 @@ CHECKPOINT = "checkpoint.pt"
 
 class TrainConfig(Strict):
     store: str
+    # multi-teacher: stores of teachers 1..n over the same corpus (teacher 0 = `store`), joined by
+    # sample id; their fields reach the losses as t<i>/<field> (see the `multi_teacher` loss)
+    extra_stores: list[str] = []
     out: str
     student: StudentConfig = StudentConfig()
     losses: Any = [{"name": "fkl"}]
@@ -61,7 +67,18 @@ class TrainConfig(Strict):
     compile: bool = False
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
     online_teacher: str | None = None  # online-KD baseline: this teacher resident, same losses
+    # online only: feed distribution losses the teacher's full distribution (dense divergence)
+    # instead of the store's top-k + tail: the full-logit KD reference the cache is measured by
+    online_full_logits: bool = False
     tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _online_full(self) -> TrainConfig:
+        if self.online_full_logits and not self.online_teacher:
+            raise ValueError("online_full_logits needs online_teacher (the resident teacher whose logits it uses)")
+        if self.extra_stores and self.online_teacher:
+            raise ValueError("extra_stores (cached teachers joined by sample id) cannot be used with online_teacher")
+        return self
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -93,18 +110,22 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.manual_seed(cfg.seed)
         self.reader = StoreReader(cfg.store)
+        self.extra_readers = [StoreReader(s) for s in cfg.extra_stores]
+        check_aligned([self.reader, *self.extra_readers])  # multi-teacher: stores line up, before any step
+        store_info = StoreInfo.joined([self.reader, *self.extra_readers])
         # Field check before the student is built (the losses themselves need the student's sizes).
-        check_fields(cfg.losses, self.reader.field_names)
-        needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, self.reader.field_names))
+        check_fields(cfg.losses, store_info.field_names)
+        needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, store_info.field_names))
         self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device))
         model = self.student.model
-        self.loss = build_loss(cfg.losses, self.reader, StudentDims.from_config(model.config)).to(self.device)
+        self.loss = build_loss(cfg.losses, store_info, StudentDims.from_config(model.config)).to(self.device)
         fields = sorted(set(self.loss.fields) | {"input_ids", "valid"})
         if cfg.online_teacher:
             fields = ["input_ids", "valid", "doc_ids"]
         self.stream = KDStream(self.reader, fields, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.buffer_rows,
                                rank=self.rank, world_size=self.world,
-                               on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise")
+                               on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise",
+                               joined=self.extra_readers)
         self.loader = KDLoader(self.stream, num_workers=cfg.num_workers)
         params = [p for p in list(model.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -203,7 +224,12 @@ class Trainer:
                                         output_hidden_states=spec.hidden is not None,
                                         output_attentions=spec.attention is not None)
             arrays = extract_signals(result, spec, None)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+            captured = spec.topk.temperature if spec.topk is not None else 1.0
+            full = torch.log_softmax(result.logits.float() / captured, dim=-1) if self.cfg.online_full_logits else None
+        fields = {k: torch.from_numpy(v) for k, v in arrays.items()}  # outside inference mode: autograd may save them
+        if full is not None:
+            fields[TEACHER_LOGP] = full.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+        return fields
 
     def train_step(self, batches) -> dict[str, Any]:
         cfg = self.cfg

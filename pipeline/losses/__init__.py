@@ -27,7 +27,9 @@ Building::
       - {name: hidden, weight: 0.1, metric: cosine, layer_map: [[2, 4], [4, 8]]}
 
 Registry names: fkl, rkl, js, skl, srkl, tvd, akl (top-k stores), sampled_kd (sampled stores),
-ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix.
+ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix, and
+multi_teacher (several stores joined by sample id: teacher i's fields are `t<i>/<field>`; build
+it with `StoreInfo.joined(readers)`).
 `build_loss` checks the store's fields first: a missing one is a `MissingLossFieldError` naming
 the loss and the field; an unknown name is an `UnknownLossError` listing the known ones.
 

@@ -113,6 +113,24 @@ class DSKDConfig(_Tempered):
         return self
 
 
+class MultiTeacherConfig(_Tempered):
+    """Several teachers from joined stores (teacher 0 = `store`, 1.. = `extra_stores`); see
+    `pipeline.losses.multi`. `weights`: one per teacher, in store order (default: equal weights
+    over every joined store); `mixture` normalises them to sum to 1."""
+
+    name: Literal["multi_teacher"]
+    mode: Literal["per_teacher", "mixture"] = "per_teacher"
+    divergence: DistName = "fkl"
+    divergence_param: float | None = Field(None, gt=0, lt=1)  # alpha / beta / mu of `divergence`
+    weights: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _param(self) -> MultiTeacherConfig:
+        if self.divergence_param is not None and DIVERGENCE_PARAMS[self.divergence] is None:
+            raise ValueError(f"divergence_param does not apply to {self.divergence!r}")
+        return self
+
+
 class MixConfig(_Loss):
     """A weighted sum of losses (each with its own `weight`)."""
 
@@ -121,7 +139,8 @@ class MixConfig(_Loss):
 
 
 LossConfig = Annotated[
-    DistributionConfig | SampledKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig | MixConfig,
+    DistributionConfig | SampledKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
+    | MultiTeacherConfig | MixConfig,
     Field(discriminator="name"),
 ]
 MixConfig.model_rebuild()
@@ -134,6 +153,7 @@ LOSS_CONFIGS: dict[str, type[BaseModel]] = {
     "attention": AttentionConfig,
     "fakd": FAKDConfig,
     "dskd": DSKDConfig,
+    "multi_teacher": MultiTeacherConfig,
     "mix": MixConfig,
 }
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(LossConfig)

@@ -25,6 +25,7 @@ from pipeline.losses.base import (
 )
 from pipeline.losses.coarse import (
     coarse_live,
+    dense_log_probs,
     divergence,
     retemper,
     student_coarse,
@@ -34,6 +35,10 @@ from pipeline.losses.coarse import (
 TOPK_FIELDS = ("topk_ids", "topk_logp", "topk_tail", "valid")
 SAMPLED_FIELDS = ("draw_ids", "draw_counts", "valid")
 CE_FIELDS = ("input_ids", "valid")
+# Online full-logit KD only (never stored): the resident teacher's log-softmax over the whole
+# vocabulary at the store's capture temperature. When a batch carries it, distribution losses
+# compute the dense divergence instead of the coarsened one.
+TEACHER_LOGP = "teacher_logp"
 
 
 def coarse_pair(
@@ -71,8 +76,19 @@ class DistributionLoss(KDLoss):
         self.teacher_power = float(teacher_power)
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if TEACHER_LOGP in batch:
+            return self.result(masked_mean(self.dense(student.logits, batch[TEACHER_LOGP]), kd_mask(batch)))
         lt, ls, live = coarse_pair(student.logits, batch, self.temperature, self.teacher_power, self.label)
         return self.result(masked_mean(self.divergence(lt, ls, live), kd_mask(batch)))
+
+    def dense(self, logits: Tensor, teacher_logp: Tensor) -> Tensor:
+        """Per-position divergence against the teacher's full distribution (online full-logit
+        KD): the k = V case of the coarsened loss; re-tempering is exact here."""
+        dtype = compute_dtype(logits)
+        lt = teacher_logp.to(dtype)
+        if self.teacher_power != 1.0:
+            lt = torch.log_softmax(lt * self.teacher_power, dim=-1)
+        return self.divergence(lt, dense_log_probs(logits, self.temperature, dtype), None)
 
 
 class SampledKDLoss(KDLoss):

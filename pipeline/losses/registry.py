@@ -10,6 +10,7 @@ exist before the optimizer is made).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from kdstore.fields import fields_for_spec
+from kdstore.join import joined_field_names
 from kdstore.spec import StoreSpec
 from pipeline.losses import alignment
 from pipeline.losses.alignment import AttentionLoss, HiddenLoss
@@ -39,11 +41,13 @@ from pipeline.losses.config import (
     FAKDConfig,
     HiddenConfig,
     MixConfig,
+    MultiTeacherConfig,
     SampledKDConfig,
     known_names,
     parse_loss_config,
 )
 from pipeline.losses.dskd import DualSpaceKD
+from pipeline.losses.multi import MultiTeacherLoss, multi_fields, resolve_weights
 from pipeline.losses.output import (
     CE_FIELDS,
     SAMPLED_FIELDS,
@@ -59,12 +63,26 @@ from pipeline.losses.output import (
 @dataclass(frozen=True)
 class StoreInfo:
     """What the losses need to know about a store: its spec, its field names, and (for dual-space
-    KD) the teacher's output head and layer count, loaded only when asked for."""
+    KD) the teacher's output head and layer count, loaded only when asked for. Joined stores
+    (multi-teacher, `StoreInfo.joined`): field names include teacher i's as `t<i>/<field>`, and
+    `teacher_specs` holds the specs of teachers 1.. (their capture temperatures)."""
 
     spec: StoreSpec
     field_names: tuple[str, ...]
     head_loader: Callable[[], Tensor] | None = None
     teacher_num_layers: int | None = None
+    teacher_specs: tuple[StoreSpec, ...] = ()
+
+    @classmethod
+    def joined(cls, readers: Sequence[Any]) -> StoreInfo:
+        """Teacher 0's StoreInfo, seeing the fields of every joined store (readers[0] first)."""
+        info = cls.of(readers[0])
+        return dataclasses.replace(info, field_names=tuple(joined_field_names(readers)),
+                                   teacher_specs=tuple(r.spec for r in readers[1:]))
+
+    def spec_of(self, teacher: int) -> StoreSpec:
+        """Teacher `teacher`'s spec; without `teacher_specs`, teacher 0's stands in."""
+        return self.spec if teacher == 0 or teacher > len(self.teacher_specs) else self.teacher_specs[teacher - 1]
 
     @classmethod
     def of(cls, store: Any) -> StoreInfo:
@@ -208,6 +226,13 @@ def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) 
     )
 
 
+def _build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    weights = resolve_weights(cfg.weights, store.field_names)
+    powers = [_capture_power(cfg, StoreInfo(store.spec_of(i), store.field_names), f"{cfg.name} (teacher {i})")
+              for i in range(len(weights))]
+    return MultiTeacherLoss(cfg.mode, cfg.divergence, cfg.divergence_param, weights, cfg.temperature, powers)
+
+
 def _build_mix(cfg: MixConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
     return WeightedSum([(c.weight, _build_one(c, store, student)) for c in cfg.losses], label=cfg.name)
 
@@ -250,6 +275,7 @@ REGISTRY: dict[str, LossEntry] = {
     "attention": LossEntry(AttentionConfig, _build_attention, lambda c, n: (*alignment.attention_fields(c.layer_map, n), "valid"), "attention KL / MSE"),
     "fakd": LossEntry(FAKDConfig, _build_fakd, lambda c, n: _union(_leaves_of_config(c, n)), "feature-alignment KD: hidden + attention + output"),
     "dskd": LossEntry(DSKDConfig, _build_dskd, _fields_dskd, "dual-space KD from the cache"),
+    "multi_teacher": LossEntry(MultiTeacherConfig, _build_multi, multi_fields, "joined teacher stores: per teacher or mixture"),
     "mix": LossEntry(MixConfig, _build_mix, lambda c, n: _union(_leaves_of_config(c, n)), "weighted sum of losses"),
 }
 assert sorted(REGISTRY) == known_names()

@@ -16,7 +16,7 @@ from kdstore.spec import SampledSpec, StoreSpec, TopKSpec
 from pipeline import extract
 from pipeline.losses import StudentOutputs, build_loss
 from pipeline.losses.coarse import coarse_live, student_coarse, teacher_coarse
-from pipeline.losses.output import CrossEntropyLoss, DistributionLoss, SampledKDLoss
+from pipeline.losses.output import TEACHER_LOGP, CrossEntropyLoss, DistributionLoss, SampledKDLoss
 
 NAMES = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"]
 B, T, V = 2, 5, 64
@@ -111,6 +111,28 @@ def test_k_equals_vocab_matches_dense_float64(name):
     assert got.item() > 0
     torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_online_full_teacher_logp_gives_the_dense_loss(name):
+    """Online full-logit KD: a batch carrying the teacher's full log-probs gets the dense
+    divergence (values and gradients), whatever its top-k fields say (here k = 3)."""
+    teacher, student, batch = make_case(k=3, seed=5)
+    loss = DistributionLoss(name)
+    full = {**batch, TEACHER_LOGP: teacher}
+    got, got_grad = value_and_grad(lambda x: loss(StudentOutputs(x), full).total, student)
+    want, want_grad = value_and_grad(lambda x: reference_loss(name, teacher, x, batch, coarse=False), student)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-9, rtol=0)
+    coarse = loss(StudentOutputs(student), batch).total
+    assert abs(coarse.item() - got.item()) > 1e-6  # the top-3 coarsening differs: the dense path was taken
+
+
+def test_online_full_retemper_is_exact():
+    teacher, student, batch = make_case(k=3)
+    got = DistributionLoss("fkl", temperature=2.0, teacher_power=0.5)(StudentOutputs(student), {**batch, TEACHER_LOGP: teacher}).total
+    want = xlogy_kl(torch.softmax(teacher / 2.0, -1), torch.softmax(student / 2.0, -1))[batch["valid"]].mean()
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -371,6 +371,16 @@ def test_online_teacher_runs_with_alignment_losses(store, tiny_teacher_dir, tmp_
     assert len(log) == 2 and all(math.isfinite(e[k]) for e in log for k in ("hidden_mse", "attn_kl", "fkl"))
 
 
+def test_online_full_logits_trains_and_needs_an_online_teacher(store, tiny_teacher_dir, tmp_path):
+    cfg = _cfg(store, tmp_path / "full", tiny_teacher_dir, steps=2, online_teacher=str(tiny_teacher_dir),
+               online_full_logits=True, losses=[{"name": "fkl"}])
+    train(cfg, progress=False)
+    log = _log(tmp_path / "full")
+    assert len(log) == 2 and all(math.isfinite(e["fkl"]) and e["fkl"] >= 0 for e in log)
+    with pytest.raises(Exception, match="online_full_logits needs online_teacher"):
+        parse_config(_cfg(store, tmp_path / "x", tiny_teacher_dir, online_full_logits=True), TrainConfig)
+
+
 @pytest.mark.slow
 def test_online_kd_first_step_matches_the_cache(tmp_path, make_tiny_teacher, smollm2_tokenizer):
     """Same seed, same batch, fkl: online and cached first-step losses agree.
