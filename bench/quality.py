@@ -1,6 +1,6 @@
 """Quality experiment: does a student trained from the cache learn what the teacher knows?
 
-    .venv/bin/python bench/quality.py [--tokens 32768] [--steps 160] [--batch-size 4]
+    .venv/bin/python bench/quality.py [--tokens 16384] [--steps 64] [--batch-size 1]
                                       [--eval-tokens 4096] [--methods ce,topk64,...] [--quick]
 
 Same student initialisation (6 of the teacher's 30 layers), same batches (same seed), same steps
@@ -86,7 +86,7 @@ def train_method(name: str, store: str, out: Path, args: argparse.Namespace) -> 
     cfg = TrainConfig(
         store=store, out=str(out),
         student={"init": "teacher_layers", "teacher": args.teacher, "layers": STUDENT_LAYERS},
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+        batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 16),
         seed=args.seed, checkpoint_every=10 ** 9, log_every=max(1, args.steps // 4), device=args.device,
         tensorboard=False, **method)
     started = time.perf_counter()
@@ -111,10 +111,10 @@ STORE_FIELDS = {  # which stored files each method reads (for its bytes/token)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Held-out quality of students trained from the cache vs CE and online KD.")
-    parser.add_argument("--tokens", type=int, default=32_768, help="teacher-pass tokens (train split)")
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--tokens", type=int, default=16_384, help="teacher-pass tokens (train split)")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--teacher", default="default")
@@ -185,7 +185,7 @@ def main() -> None:
         "targets": targets, "all_targets_pass": all(t["pass"] for t in targets.values()),
         "same_batches": same_batches, "tokens": args.tokens, "steps": args.steps, "batch": args.batch_size,
         "lr": args.lr, "heldout_tokens": result["heldout_tokens"], "seed": args.seed,
-        "device": str(torch.device("cuda") if args.device == "auto" and torch.cuda.is_available() else args.device),
+        "device": ("cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)") if args.device == "auto" else args.device,
         "wall_s": round(time.perf_counter() - started, 1), "students": str(root),
     }
     print(json.dumps(summary))

@@ -121,6 +121,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _self_distill(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.self_distill import SelfDistillConfig
+
+    config = load_config(args.config, SelfDistillConfig, overrides=_overrides(args.set))
+    if args.no_flow:
+        from pipeline.self_distill import run_self_distill
+
+        written = run_self_distill(config)
+    else:
+        from flows.self_distill import self_distill_flow
+
+        written = self_distill_flow(config.model_dump())
+        print(written["table"])
+    print(f"rounds: {written['json']}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from flows.cache_teacher import serve_cache
     from pipeline.config import load_config
@@ -172,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("self-distill", help="born-again rounds: each student is cached as the next one's teacher")
+    p.add_argument("config", help="YAML self-distill config (see configs/self_distill_example.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
+    p.set_defaults(func=_self_distill)
 
     p = sub.add_parser("serve", help="serve the cache flow on a schedule (new corpus files get cached)")
     p.add_argument("config")

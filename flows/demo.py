@@ -40,7 +40,7 @@ def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None) -
     cfg = load_config(TRAIN_CONFIG, TrainConfig, overrides=overrides)
     names = " + ".join(f"{l_['weight']:g}·{l_['name']}" if "weight" in l_ else l_["name"]
                        for l_ in (cfg.losses if isinstance(cfg.losses, list) else [cfg.losses]))
-    print(f"      {label}: {names}, {cfg.steps} steps of {cfg.batch_size} rows → {out}", flush=True)
+    print(f"      {label}: {names}, {cfg.steps} steps of {cfg.batch_size} row(s) → {out}", flush=True)
     trained = train_student_flow(cfg.model_dump())
     if trained["last"]:
         last = trained["last"]
@@ -105,8 +105,9 @@ def demo_flow(out_dir: str = "runs/demo", tokens: int | None = None, steps: int 
         kl = f", KL to teacher {m['kl_to_teacher']:.3f}, top-1 agreement {m['top1_agreement']:.3f}" if "kl_to_teacher" in m else ""
         print(f"      {name:8s} perplexity {m['ppl']:8.2f}{kl}, ECE {100 * m['ece']:.2f} pts", flush=True)
     if "kd" in models and "ce" in models:
-        gain = 100 * (1 - models["kd"]["ppl"] / models["ce"]["ppl"])
-        print(f"      KD from the cache vs CE only: perplexity {gain:+.1f} % lower", flush=True)
+        kd_ppl, ce_ppl = models["kd"]["ppl"], models["ce"]["ppl"]
+        change = f"{100 * (1 - kd_ppl / ce_ppl):.1f} % lower" if kd_ppl < ce_ppl else f"{100 * (kd_ppl / ce_ppl - 1):.1f} % HIGHER"
+        print(f"      KD from the cache vs CE only: held-out perplexity {kd_ppl:.1f} vs {ce_ppl:.1f}, {change}", flush=True)
     print(f"\n{store_summary.tokens:,} tokens cached at {store_summary.bytes_per_token:.1f} B/token; "
           f"{time.perf_counter() - started:.0f} s in all", flush=True)
     print(f"report: {evaluated['report']['markdown']}", flush=True)

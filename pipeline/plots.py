@@ -93,22 +93,24 @@ def plot_training_curves(logs: dict[str, str | Path], out: str | Path,
     rows = math.ceil(len(components) / cols)
     fig = _figure(SIZE if rows <= 2 else (SIZE[0], SIZE[1] / 2 * rows))
     for ax, key in zip(_grid(fig, len(components), cols), components, strict=True):
-        for label, records in runs.items():
+        for i, (label, records) in enumerate(runs.items()):
             points = [(r["step"], r[key]) for r in records if _is_number(r.get(key))]
-            if points:
+            if points:  # one colour per run in every subplot
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, label=label, linewidth=1.2)
+                ax.plot(steps, values, label=label, linewidth=1.2, color=f"C{i % 10}")
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize="small")
+    handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), fontsize="small", loc="upper right")
     return _save(fig, out)
 
 
 def plot_metrics(table: dict[str, dict[str, float]], out: str | Path,
-                 metrics: Sequence[str], title: str = "") -> Path:
+                 metrics: Sequence[str], title: str = "", log_scale: Sequence[str] = ()) -> Path:
     """One small bar chart per metric, one bar per model (`table[model][metric]`); a missing or
-    NaN value leaves its bar out and is marked "n/a". Returns the path of the PNG."""
+    NaN value leaves its bar out and is marked "n/a"; metrics in `log_scale` get a log y axis
+    (perplexities of a teacher and a weak student differ by orders of magnitude)."""
     if not table or not metrics:
         raise ValueError(f"nothing to plot: {len(table)} models, {len(metrics)} metrics")
     models = list(table)
@@ -126,6 +128,8 @@ def plot_metrics(table: dict[str, dict[str, float]], out: str | Path,
         ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize="small")
         ax.set_xlim(-0.6, len(models) - 0.4)
         ax.set_title(metric)
+        if metric in log_scale:
+            ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)

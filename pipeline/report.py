@@ -89,7 +89,7 @@ def write_report(result: Mapping[str, Any], out: str | Path, *, title: str = "kd
                     "top-1 agreement": m.get("top1_agreement", float("nan")), "ECE (pts)": 100 * m["ece"]}
              for name, m in result["models"].items()}
     written["metrics"] = plots.plot_metrics(table, out / "metrics.png", list(next(iter(table.values()))),
-                                            title=f"{result['heldout_tokens']:,} held-out tokens")
+                                            title=f"{result['heldout_tokens']:,} held-out tokens", log_scale=["ppl"])
     written["reliability"] = plots.plot_reliability(
         {name: m["calibration"] for name, m in result["models"].items()}, out / "reliability.png")
     logs = {name: path for name, path in (train_logs or {}).items() if Path(path).is_file()}
@@ -113,7 +113,7 @@ def write_report(result: Mapping[str, Any], out: str | Path, *, title: str = "kd
             md += [f"## {caption}", "", f"![{caption}]({written[key].name})", ""]
     if bytes_by_k:
         md += ["| k | bytes/token (top-k files) | mean kept mass |", "|---:|---:|---:|"]
-        md += [f"| {p['k']} | {p['bytes_per_token']:.1f} | {p['kept_mass']:.3f} |" for p in bytes_by_k]
+        md += [f"| {int(p['k'])} | {p['bytes_per_token']:.1f} | {p['kept_mass']:.3f} |" for p in bytes_by_k]
         md.append("")
     if result.get("samples"):
         md += ["## Sample continuations", "", _samples_markdown(result["samples"])]

@@ -51,10 +51,12 @@ def get_teacher(name: str, revision: str | None, device: str, dtype: str, attent
     from transformers.utils import logging as hf_logging
 
     from pipeline.teacher import load_teacher, model_facts
+    from pipeline.teacher_source import resolve_teacher, teacher_label
 
     hf_logging.disable_progress_bar()
+    source = resolve_teacher(name)  # a kdcache student's run folder → its model/ (self-distillation)
     loaded = load_teacher(
-        name,
+        source,
         revision=revision,
         device=None if device == "auto" else device,
         dtype=None if dtype == "auto" else dtype,
@@ -62,8 +64,8 @@ def get_teacher(name: str, revision: str | None, device: str, dtype: str, attent
         trust_remote_code=trust_remote_code,
     )
     provenance = {
-        # A local path is machine-specific: keep its last component; the digests identify the teacher.
-        "name": str(loaded.name).rstrip("/").rsplit("/", 1)[-1] if "/" in str(loaded.name) and Path(str(loaded.name)).exists() else loaded.name,
+        # A local path is machine-specific: keep a folder name; the digests identify the teacher.
+        "name": teacher_label(source, loaded.name),
         "revision": loaded.revision,
         "weights_sha256": loaded.digests.weights_sha256,
         "tokenizer_sha256": loaded.digests.tokenizer_sha256,

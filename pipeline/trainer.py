@@ -2,7 +2,8 @@
 
 No teacher in memory (unless `online_teacher` asks for the online-KD baseline, which feeds the
 same losses from live teacher outputs). A checkpoint holds model, optimizer, scheduler, the
-stream's position and every RNG, so a resumed run takes exactly the batches the uninterrupted
+losses' auxiliary state (an adversarial discriminator with its own optimizer), the stream's
+position and every RNG, so a resumed run takes exactly the batches the uninterrupted
 run would have taken. Under `torchrun` each rank streams its own part of the store (DDP).
 """
 
@@ -30,6 +31,8 @@ from pipeline.losses import (
     StoreInfo,
     StudentDims,
     StudentOutputs,
+    auxiliary_losses,
+    auxiliary_steps,
     build_loss,
     check_fields,
     check_finite,
@@ -119,6 +122,9 @@ class Trainer:
         self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device))
         model = self.student.model
         self.loss = build_loss(cfg.losses, store_info, StudentDims.from_config(model.config)).to(self.device)
+        # losses with a part trained by their own optimizer (the adversarial discriminator): stepped
+        # before the loss each micro-batch, checkpointed under "aux"; never in self.optimizer
+        self.aux_losses = auxiliary_losses(self.loss)
         fields = sorted(set(self.loss.fields) | {"input_ids", "valid"})
         if cfg.online_teacher:
             fields = ["input_ids", "valid", "doc_ids"]
@@ -167,6 +173,12 @@ class Trainer:
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        aux = state.get("aux", [])
+        if len(aux) != len(self.aux_losses):
+            raise ValueError(f"checkpoint {path} holds {len(aux)} auxiliary loss state(s) (discriminators), this run's "
+                             f"losses have {len(self.aux_losses)}: resume with the losses it was saved with")
+        for loss, aux_state in zip(self.aux_losses, aux, strict=True):
+            loss.load_aux_state_dict(aux_state)
         self.loader.load_state_dict(stream_state)
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -189,6 +201,7 @@ class Trainer:
             "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "aux": [loss.aux_state_dict() for loss in self.aux_losses],
             "stream": stream_state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -246,23 +259,25 @@ class Trainer:
                 batch.update(self._teacher_fields(batch))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16())
-            with autocast:
-                out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
-                            output_attentions="attentions" in needs, use_cache=False)
-                student = StudentOutputs(out.logits, out.hidden_states, out.attentions,
-                                         self.student.model.get_output_embeddings().weight)
-                result = self.loss(student, batch)
+            sync = self._average_grads if self.world > 1 else None
             try:
+                with autocast:
+                    out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
+                                output_attentions="attentions" in needs, use_cache=False)
+                    student = StudentOutputs(out.logits, out.hidden_states, out.attentions,
+                                             self.student.model.get_output_embeddings().weight)
+                    aux = auxiliary_steps(self.aux_losses, student, batch, sync)
+                    result = self.loss(student, batch)
                 check_finite(result, batch)
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(f"step {self.step + 1}: {exc}") from exc
             (result.total / cfg.grad_accum).backward()
-            for name, value in result.components.items():
+            for name, value in {**result.components, **aux}.items():
                 components[name] = components.get(name, 0.0) + float(value) / cfg.grad_accum
             components["loss"] = components.get("loss", 0.0) + float(result.total.detach()) / cfg.grad_accum
             tokens += int(batch["valid"].sum())
         if self.world > 1:
-            self._sync_loss_grads()
+            self._average_grads(self.loss.parameters())
         if cfg.clip is not None:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip)
         self.optimizer.step()
@@ -271,9 +286,10 @@ class Trainer:
         self.step += 1
         return {**components, "lr": lr, "tokens": tokens, "sample_ids": sample_ids}
 
-    def _sync_loss_grads(self) -> None:
-        """DDP averages the student's gradients; the losses' own projections are averaged here."""
-        for p in self.loss.parameters():
+    def _average_grads(self, params) -> None:
+        """DDP averages the student's gradients; the losses' own projections (and, from their
+        auxiliary steps, the discriminators) are averaged over ranks here."""
+        for p in params:
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -27,9 +27,11 @@ Building::
       - {name: hidden, weight: 0.1, metric: cosine, layer_map: [[2, 4], [4, 8]]}
 
 Registry names: fkl, rkl, js, skl, srkl, tvd, akl (top-k stores), sampled_kd (sampled stores),
-ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix, and
+ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix,
 multi_teacher (several stores joined by sample id: teacher i's fields are `t<i>/<field>`; build
-it with `StoreInfo.joined(readers)`).
+it with `StoreInfo.joined(readers)`), and adversarial (a discriminator with its own optimizer:
+call `auxiliary_steps(auxiliary_losses(loss), student, batch)` before the loss each step, and
+checkpoint their `aux_state_dict()`; see `base.AuxiliaryStep`).
 `build_loss` checks the store's fields first: a missing one is a `MissingLossFieldError` naming
 the loss and the field; an unknown name is an `UnknownLossError` listing the known ones.
 
@@ -45,6 +47,7 @@ Conventions
 """
 
 from pipeline.losses.base import (
+    AuxiliaryStep,
     KDLoss,
     LossConfigError,
     LossResult,
@@ -53,6 +56,8 @@ from pipeline.losses.base import (
     StudentDims,
     StudentOutputs,
     UnknownLossError,
+    auxiliary_losses,
+    auxiliary_steps,
     check_finite,
 )
 from pipeline.losses.config import LossConfig, known_names, parse_loss_config
@@ -67,6 +72,7 @@ from pipeline.losses.registry import (
 
 __all__ = [
     "REGISTRY",
+    "AuxiliaryStep",
     "KDLoss",
     "LossConfig",
     "LossConfigError",
@@ -78,6 +84,8 @@ __all__ = [
     "StudentOutputs",
     "UnknownLossError",
     "WeightedSum",
+    "auxiliary_losses",
+    "auxiliary_steps",
     "build_loss",
     "check_fields",
     "check_finite",

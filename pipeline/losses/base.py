@@ -12,8 +12,9 @@ batch without any such position gives exactly 0 with zero (finite) gradients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +103,47 @@ class KDLoss(nn.Module):
 
     def result(self, value: Tensor) -> LossResult:
         return LossResult(value, {self.label: value.detach()})
+
+
+GradSync = Callable[[Iterable[nn.Parameter]], None]
+
+
+@runtime_checkable
+class AuxiliaryStep(Protocol):
+    """A loss that trains a part of its own with its own optimizer (the adversarial loss's
+    discriminator). That part is not in `loss.parameters()`, so it never reaches the student's
+    optimizer. Each micro-batch the trainer calls `auxiliary_step` before the loss itself (the
+    loss then sees the updated part) and merges the returned components into its log; it saves
+    `aux_state_dict()` (weights, optimizer, schedule) with its checkpoint and hands it back to
+    `load_aux_state_dict` on resume. `sync_grads` (under DDP) averages gradients over ranks and
+    must be called before the optimizer steps."""
+
+    def auxiliary_step(self, student: StudentOutputs, batch: Mapping[str, Tensor],
+                       sync_grads: GradSync | None = None) -> dict[str, Tensor]: ...
+
+    def aux_state_dict(self) -> dict[str, Any]: ...
+
+    def load_aux_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def auxiliary_losses(loss: nn.Module) -> list[AuxiliaryStep]:
+    """The losses inside `loss` (a weighted sum, a mix...) that take auxiliary steps, in order."""
+    return [m for m in loss.modules() if isinstance(m, AuxiliaryStep)]
+
+
+def auxiliary_steps(losses: Sequence[AuxiliaryStep], student: StudentOutputs, batch: Mapping[str, Tensor],
+                    sync_grads: GradSync | None = None) -> dict[str, Tensor]:
+    """Every loss's auxiliary step, in order; components merged like `WeightedSum`'s (a repeated
+    key gets '#2', '#3'..., so two adversarial losses log adv_d and adv_d#2 next to adv_g#2)."""
+    components: dict[str, Tensor] = {}
+    for loss in losses:
+        for key, value in loss.auxiliary_step(student, batch, sync_grads).items():
+            name, n = key, 1
+            while name in components:
+                n += 1
+                name = f"{key}#{n}"
+            components[name] = value
+    return components
 
 
 # ---------------------------------------------------------------- masks and reduction

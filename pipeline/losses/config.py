@@ -131,6 +131,30 @@ class MultiTeacherConfig(_Tempered):
         return self
 
 
+class AdversarialConfig(_Loss):
+    """Adversarial distillation (see `pipeline.losses.adversarial`): a discriminator with its own
+    optimizer tells cached teacher features from the student's; the student gets the generator
+    loss. `layer_map` (feature: hidden only) defaults to "last"; `gradient_penalty` is the R1
+    weight γ (γ/2 · ‖∇D(teacher feature)‖²), off when null."""
+
+    name: Literal["adversarial"]
+    feature: Literal["hidden", "output"] = "hidden"
+    layer_map: LayerMapConfig | None = None
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field([256], min_length=1)
+    disc_lr: float = Field(1e-4, gt=0)
+    disc_weight_decay: float = Field(0.0, ge=0)
+    disc_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
+    disc_warmup_steps: int = Field(0, ge=0)
+    disc_steps_per_step: int = Field(1, ge=1)
+    gradient_penalty: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _layer_map(self) -> AdversarialConfig:
+        if self.feature == "output" and self.layer_map is not None:
+            raise ValueError("layer_map applies to feature: hidden only (feature: output uses the top-k distribution)")
+        return self
+
+
 class MixConfig(_Loss):
     """A weighted sum of losses (each with its own `weight`)."""
 
@@ -140,7 +164,7 @@ class MixConfig(_Loss):
 
 LossConfig = Annotated[
     DistributionConfig | SampledKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
-    | MultiTeacherConfig | MixConfig,
+    | MultiTeacherConfig | AdversarialConfig | MixConfig,
     Field(discriminator="name"),
 ]
 MixConfig.model_rebuild()
@@ -154,6 +178,7 @@ LOSS_CONFIGS: dict[str, type[BaseModel]] = {
     "fakd": FAKDConfig,
     "dskd": DSKDConfig,
     "multi_teacher": MultiTeacherConfig,
+    "adversarial": AdversarialConfig,
     "mix": MixConfig,
 }
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(LossConfig)

@@ -24,6 +24,7 @@ from kdstore.fields import fields_for_spec
 from kdstore.join import joined_field_names
 from kdstore.spec import StoreSpec
 from pipeline.losses import alignment
+from pipeline.losses.adversarial import AdversarialLoss
 from pipeline.losses.alignment import AttentionLoss, HiddenLoss
 from pipeline.losses.base import (
     KDLoss,
@@ -34,6 +35,7 @@ from pipeline.losses.base import (
     StudentOutputs,
 )
 from pipeline.losses.config import (
+    AdversarialConfig,
     AttentionConfig,
     CEConfig,
     DistributionConfig,
@@ -233,6 +235,27 @@ def _build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: StudentDims
     return MultiTeacherLoss(cfg.mode, cfg.divergence, cfg.divergence_param, weights, cfg.temperature, powers)
 
 
+def _build_adversarial(cfg: AdversarialConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    disc = {k: getattr(cfg, k) for k in ("hidden_dims", "disc_lr", "disc_weight_decay", "disc_betas",
+                                         "disc_warmup_steps", "disc_steps_per_step", "gradient_penalty")}
+    if cfg.feature == "output":
+        topk = store.spec.topk
+        if topk is None:  # a sampled store: check_fields names the missing top-k fields first
+            raise LossConfigError("loss 'adversarial' with feature: output needs a top-k store")
+        return AdversarialLoss("output", topk.k + 1, capture_temperature=topk.temperature, **disc)
+    dims = _dims(student, cfg.name)
+    stored = alignment.stored_layers(store.field_names, "hidden")
+    width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
+    pairs = alignment.resolve_layer_map(cfg.layer_map or "last", stored, dims.num_layers, "hidden")
+    return AdversarialLoss("hidden", width, pairs=pairs, student_width=dims.hidden_size, **disc)
+
+
+def _fields_adversarial(cfg: AdversarialConfig, names: Sequence[str]) -> tuple[str, ...]:
+    if cfg.feature == "output":
+        return TOPK_FIELDS
+    return (*alignment.hidden_fields(cfg.layer_map or "last", names), "valid")
+
+
 def _build_mix(cfg: MixConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
     return WeightedSum([(c.weight, _build_one(c, store, student)) for c in cfg.losses], label=cfg.name)
 
@@ -276,6 +299,7 @@ REGISTRY: dict[str, LossEntry] = {
     "fakd": LossEntry(FAKDConfig, _build_fakd, lambda c, n: _union(_leaves_of_config(c, n)), "feature-alignment KD: hidden + attention + output"),
     "dskd": LossEntry(DSKDConfig, _build_dskd, _fields_dskd, "dual-space KD from the cache"),
     "multi_teacher": LossEntry(MultiTeacherConfig, _build_multi, multi_fields, "joined teacher stores: per teacher or mixture"),
+    "adversarial": LossEntry(AdversarialConfig, _build_adversarial, _fields_adversarial, "discriminator on hidden / output features (own optimizer)"),
     "mix": LossEntry(MixConfig, _build_mix, lambda c, n: _union(_leaves_of_config(c, n)), "weighted sum of losses"),
 }
 assert sorted(REGISTRY) == known_names()
