@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_losses_distribution import reference  # the textbook float64 divergences, shared
 
 from kdstore.spec import StoreSpec, TopKSpec
 from pipeline.losses import (
@@ -63,36 +64,6 @@ def coarsen(p, keep):
     """[.., V] probabilities → [.., V+1]: p at kept ids (0 elsewhere), then the mass of the others.
     Zero buckets on both sides add nothing to any divergence below."""
     return torch.cat([torch.where(keep, p, 0.0), torch.where(keep, 0.0, p).sum(-1, keepdim=True)], -1)
-
-
-def xlogy_kl(p, q):
-    safe = p > 0
-    log_ratio = torch.log(torch.where(safe, p, 1.0)) - torch.log(torch.where(safe, q, 1.0))
-    return torch.where(safe, p * log_ratio, 0.0).sum(-1)
-
-
-def reference(name, p, q):
-    if name == "fkl":
-        return xlogy_kl(p, q)
-    if name == "rkl":
-        return xlogy_kl(q, p)
-    if name == "js":
-        m = 0.5 * (p + q)
-        return 0.5 * xlogy_kl(p, m) + 0.5 * xlogy_kl(q, m)
-    if name == "skl":
-        return xlogy_kl(p, 0.1 * p + 0.9 * q)
-    if name == "srkl":
-        return xlogy_kl(q, 0.9 * p + 0.1 * q)
-    if name == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if name == "akl":  # the authors' get_ratio on the given buckets
-        p_sorted, order = p.sort(-1, descending=True)
-        errors = (p_sorted - q.detach().gather(-1, order)).abs()
-        tail = p_sorted.cumsum(-1) > 0.5
-        tail[..., 0] = False
-        g_head, g_tail = errors.masked_fill(tail, 0).sum(-1), errors.masked_fill(~tail, 0).sum(-1)
-        return g_head / (g_head + g_tail) * xlogy_kl(p, q) + g_tail / (g_head + g_tail) * xlogy_kl(q, p)
-    raise AssertionError(name)
 
 
 def masked(per, batch):
