@@ -148,6 +148,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer(args: argparse.Namespace) -> int:
+    from pipeline.student_tokenizer import train_store_tokenizer
+
+    tokenizer = train_store_tokenizer(args.store, args.vocab_size, args.out)
+    print(f"{args.out}: byte-level BPE of {len(tokenizer):,} ids trained on the training documents of {args.store} "
+          "(use it as student.tokenizer with a cross-tokenizer loss: xtok_align, dskd_cma)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -196,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
     p.set_defaults(func=_self_distill)
+
+    p = sub.add_parser("tokenizer", help="train a student tokenizer of its own on a store's corpus (cross-tokenizer KD)")
+    p.add_argument("store", help="a store cached with signals.text: true")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="folder for the tokenizer files")
+    p.set_defaults(func=_tokenizer)
 
     p = sub.add_parser("serve", help="serve the cache flow on a schedule (new corpus files get cached)")
     p.add_argument("config")

@@ -10,6 +10,8 @@ Input arrays handed to the writer, per shard (R rows, T = row_length):
   draw_ids [R,T,n] int + draw_counts [R,T,n] int (count 0 = padding; n ≤ n_draws)
   hidden_<L> [R,T,d] float
   attn_<L> [R,H,T,T] float probabilities, or with attention.topk: attn_<L>_ids / attn_<L>_p [R,H,T,ka]
+  text [R] str (the row's text: its tokens' pieces joined) + char_end [R,T] int (where in it each
+  token ends; a token's piece starts where the previous one ends, special tokens are empty)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from kdstore.spec import StoreSpec, id_dtype_for_vocab
 ARROW = "arrow"  # fixed-size per-token data, one Arrow row per sample
 RAGGED = "ragged"  # variable-length per-token data (sampled draws), Arrow list columns
 ZARR = "zarr"  # dense arrays, Zarr v3 sharded + zstd
+TEXT = "text"  # one UTF-8 string per row, an Arrow string column
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Field:
     stored_dtype: str
     decoded_dtype: str
     chain: tuple[Any, ...]
-    kind: str  # what the writer accepts: "int", "float" or "bool"
+    kind: str  # what the writer accepts: "int", "float", "bool" or "str"
     group: str  # the file it lives in: <group>.arrow, or dense.zarr/<group> for zarr fields
 
     def to_json(self) -> dict[str, Any]:
@@ -123,6 +126,9 @@ def fields_for_spec(spec: StoreSpec) -> tuple[Field, ...]:
                 pos = id_dtype_for_vocab(T)
                 out.append(Field(f"{name}_ids", ZARR, (H, T, a.topk), pos, "int32", (Cast(pos, "int32"),), "int", f"{name}_ids"))
                 out.append(Field(f"{name}_p", ZARR, (H, T, a.topk), a.dtype, "float32", (ProbQuant(a.dtype),), "float", f"{name}_p"))
+    if spec.text:
+        out.append(Field("text", TEXT, (), "utf8", "object", (), "str", "text"))
+        out.append(Field("char_end", ARROW, (T,), "int32", "int32", (Delta(),), "int", "text"))
     return tuple(out)
 
 
@@ -154,6 +160,7 @@ def check_rows(fields: tuple[Field, ...], rows: Mapping[str, np.ndarray], where:
             "int": np.issubdtype(arr.dtype, np.integer),
             "float": np.issubdtype(arr.dtype, np.floating),
             "bool": arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer),
+            "str": arr.dtype.kind in "OU" and all(isinstance(x, str) for x in arr.reshape(-1)),
         }[f.kind]
         if not ok:
             raise ShardDataError(f"{where}: field {f.name!r} has dtype {arr.dtype}, expected {f.kind}")

@@ -20,7 +20,7 @@ import zarr.codecs
 
 from kdstore.codecs import Int8RowScale, decode_chain, encode_chain
 from kdstore.errors import ShardDataError
-from kdstore.fields import ARROW, RAGGED, ZARR, Field
+from kdstore.fields import ARROW, RAGGED, TEXT, ZARR, Field
 
 DENSE_DIR = "dense.zarr"
 
@@ -42,7 +42,7 @@ def write_shard_files(
     """Write every field of `rows` under `directory` (a local staging folder)."""
     n_rows = len(rows["sample_id"])
     options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", zstd_level))
-    for group, group_fields in _groups(fields, (ARROW, RAGGED)).items():
+    for group, group_fields in _groups(fields, (ARROW, RAGGED, TEXT)).items():
         schema = pa.schema([_arrow_field(f) for f in _columns(group_fields)])
         with pa.OSFile(str(directory / arrow_file(group)), "wb") as sink:
             with pa.ipc.new_file(sink, schema, options=options) as writer:
@@ -89,6 +89,8 @@ def _draw_count_field(like: Field) -> Field:
 
 def _arrow_field(f: Field) -> pa.Field:
     meta = {"kdcache_field": json.dumps(f.to_json())}
+    if f.container == TEXT:
+        return pa.field(f.name, pa.string(), nullable=False, metadata=meta)
     value_type = pa.from_numpy_dtype(np.dtype(f.stored_dtype))
     if f.container == RAGGED and f.name != "draw_n":
         return pa.field(f.name, pa.list_(value_type), nullable=False, metadata=meta)
@@ -104,6 +106,9 @@ def _encode_group(
         return _encode_draws(group_fields, rows, start, stop)
     out = []
     for f in group_fields:
+        if f.container == TEXT:
+            out.append(pa.array([str(x) for x in rows[f.name][start:stop]], pa.string()))
+            continue
         stored = _encode(f, np.asarray(rows[f.name][start:stop]))
         stored = np.ascontiguousarray(stored, dtype=f.stored_dtype)
         out.append(_fixed_list(stored, f))
@@ -168,6 +173,11 @@ def decode_arrow_batches(
         return _decode_draws(batches, group_fields, wanted, n_rows)
     out: dict[str, np.ndarray] = {}
     for f in wanted:
+        if f.container == TEXT:
+            texts = np.empty(n_rows, dtype=object)
+            texts[:] = [x for b in batches for x in b.column(f.name).to_pylist()]
+            out[f.name] = texts
+            continue
         dest = np.empty((n_rows, *f.shape), dtype=f.decoded_dtype)
         start = 0
         for batch in batches:

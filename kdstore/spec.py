@@ -112,6 +112,9 @@ class StoreSpec:
     attention: AttentionSpec | None = None
     zstd_level: int = 1  # level 3 saves <0.3 % at k=64 and writes ~35 % slower (bench/store.py)
     record_batch_rows: int = 32
+    # the text of each row and the character end of every token in it: what a student with
+    # another tokenizer needs to re-tokenise the same span (cross-tokenizer distillation)
+    text: bool = False
 
     def __post_init__(self) -> None:
         _numbers(self, "spec", ints=("vocab_size", "row_length", "shard_rows", "zstd_level", "record_batch_rows"))
@@ -122,9 +125,13 @@ class StoreSpec:
         _require(self.record_batch_rows >= 1, "record_batch_rows must be >= 1")
         if self.attention is not None and self.attention.topk is not None:
             _require(self.attention.topk <= self.row_length, "attention.topk must be <= row_length")
+        _require(isinstance(self.text, bool), f"spec.text must be true or false, got {self.text!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.text:  # added after format 1's first stores: absent = False keeps their fingerprints
+            del data["text"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> StoreSpec:

@@ -279,5 +279,5 @@ def _gather(cache: dict[int, dict[str, np.ndarray]], chunk: np.ndarray, fields: 
         for shard in np.unique(shards):
             mask = shards == shard
             dest[mask] = cache[shard][name][chunk[mask, 1]]
-        out[name] = torch.from_numpy(dest)
+        out[name] = dest.tolist() if dest.dtype == object else torch.from_numpy(dest)  # text: a list of str
     return out

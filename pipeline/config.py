@@ -82,6 +82,7 @@ class SignalsConfig(Strict):
     sampled: SampledConfig | None = None
     hidden: HiddenConfig | None = None
     attention: AttentionConfig | None = None
+    text: bool = False  # each row's text + token character ends, for students with other tokenizers
 
     @model_validator(mode="after")
     def _some_signal(self) -> SignalsConfig:

@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.row_text import join_rows, offsets_of, piece_ends
+
 Split = Literal["train", "validation"]
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_PATH = "builtin:pydoc_data.topics"
@@ -109,6 +111,8 @@ class PackedRows:
     long_docs: int = 0  # documents (+ eos) longer than one row, hence split across rows
     held_out_docs: int = 0  # non-empty documents that belong to the other split
     tokens: int = 0  # valid tokens, one eos per document included
+    text: np.ndarray | None = None  # [N] str, with_text only: the row's text (pipeline.row_text)
+    char_end: np.ndarray | None = None  # [N, T] int32, with_text only: each token's end in it
 
     @property
     def num_rows(self) -> int:
@@ -360,11 +364,12 @@ def sample_ids(file_key: str, start_row: int, count: int, split: Split | None = 
 def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: str, *,
                 split: Split | None = None, val_fraction: float = 0.0, seed: int = 0,
                 eos_id: int | None = None, rows_per_chunk: int | None = None,
-                batch_docs: int = 256, name: str | None = None) -> Iterator[PackedRows]:
+                batch_docs: int = 256, name: str | None = None, with_text: bool = False) -> Iterator[PackedRows]:
     """Pack a file's documents into rows, yielding chunks of ``rows_per_chunk`` rows (all rows
     in one chunk when None). The last chunk holds the padded tail and may have zero rows; the
     counts of all chunks add up to the file's. ``split`` packs only that side of the
-    train/validation split; ``name`` (the file's path) names the file in errors."""
+    train/validation split; ``name`` (the file's path) names the file in errors. ``with_text``
+    adds each row's text and its tokens' character ends (a fast tokenizer's offsets)."""
     if row_length < 1 or split not in (None, "train", "validation"):
         raise ValueError(f"row_length={row_length} must be >= 1 and split={split!r} one of "
                          f"'train', 'validation', None")
@@ -376,13 +381,21 @@ def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: 
     where, T, chunk = name or f"file {file_key[:12]}", row_length, rows_per_chunk or 0
     toks: list[np.ndarray] = []
     dids: list[np.ndarray] = []
+    spans: list[np.ndarray] = []  # with_text: [n, 2] piece start and end of each token in its document
+    texts: dict[int, str] = {}
     counts = dict.fromkeys(("docs", "empty_docs", "long_docs", "held_out_docs", "tokens"), 0)
     state = {"buffered": 0, "next_row": 0, "non_empty": 0}
 
     def tokenize(batch: list[tuple[int, str]]) -> None:
-        enc = tokenizer([t for _, t in batch], add_special_tokens=False, split_special_tokens=True,
-                        truncation=False, verbose=False, return_attention_mask=False)["input_ids"]
-        for (idx, _), ids in zip(batch, enc, strict=True):
+        encoding = tokenizer([t for _, t in batch], add_special_tokens=False, split_special_tokens=True,
+                             truncation=False, verbose=False, return_attention_mask=False,
+                             return_offsets_mapping=with_text)
+        for i, ((idx, text), ids) in enumerate(zip(batch, encoding["input_ids"], strict=True)):
+            if with_text:
+                ends = piece_ends(offsets_of(tokenizer, encoding, i, where), len(text))
+                starts = np.concatenate([[0], ends[:-1]])
+                spans.append(np.stack([np.append(starts, len(text)), np.append(ends, len(text))], axis=1))
+                texts[idx] = text
             toks.append(np.array([*ids, eos], np.int32))
             dids.append(np.full(len(ids) + 1, idx, np.int32))
             counts["docs"] += 1
@@ -398,12 +411,24 @@ def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: 
         valid = np.arange(n_rows * T) < take
         ids[:take], doc[:take] = flat[:take], flat_d[:take]
         toks[:], dids[:] = [flat[take:]], [flat_d[take:]]
+        extra = {}
+        if with_text:
+            flat_s = np.concatenate([np.empty((0, 2), np.int64), *spans])
+            span = np.zeros((n_rows * T, 2), np.int64)
+            span[:take] = flat_s[:take]
+            spans[:] = [flat_s[take:]]
+            shape2 = (n_rows, T)
+            extra["text"], extra["char_end"] = join_rows(texts, doc.reshape(shape2), span[:, 0].reshape(shape2),
+                                                         span[:, 1].reshape(shape2))
+            first_left = int(flat_d[take]) if take < len(flat_d) else None
+            for key in [k for k in texts if first_left is None or k < first_left]:
+                del texts[key]  # documents wholly packed
         state["buffered"] -= take
         sids = sample_ids(file_key, state["next_row"], n_rows, split)
         state["next_row"] += n_rows
         shape = (n_rows, T)
         rows = PackedRows(ids.reshape(shape), doc.reshape(shape), valid.reshape(shape), sids,
-                          file_key, split, **counts)
+                          file_key, split, **counts, **extra)
         counts.update(dict.fromkeys(counts, 0))
         return rows
 
@@ -436,11 +461,11 @@ def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: 
 def pack_file(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: str, *,
               split: Split | None = None, val_fraction: float = 0.0, seed: int = 0,
               eos_id: int | None = None, batch_docs: int = 256,
-              name: str | None = None) -> PackedRows:
+              name: str | None = None, with_text: bool = False) -> PackedRows:
     """All rows of one file at once (see :func:`iter_packed`)."""
     (rows,) = iter_packed(docs, tokenizer, row_length, file_key, split=split,
                           val_fraction=val_fraction, seed=seed, eos_id=eos_id,
-                          batch_docs=batch_docs, name=name)
+                          batch_docs=batch_docs, name=name, with_text=with_text)
     return rows
 
 

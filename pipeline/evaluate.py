@@ -10,7 +10,13 @@ once per batch, so per-token metrics are paired:
 * KL(teacher ‖ model) over the full vocabulary and top-1 agreement with the teacher's argmax;
 * expected calibration error of the top-1 prediction against the real next token;
 * greedy continuations of held-out prompts scored against the teacher's continuations and the
-  real text (BLEU, chrF, TER, ROUGE-L, CER; `pipeline.metrics`).
+  real text (BLEU, chrF, TER, ROUGE-L, CER; `pipeline.metrics`);
+* bits per UTF-8 byte of the predicted text, the one figure comparable across tokenizers.
+
+A student with its own tokenizer (cross-tokenizer distillation) is evaluated on the same held-out
+documents packed with its tokenizer: perplexity (per its own tokens: compare it with a baseline
+of the same tokenizer), bits per byte, accuracy and ECE; KL and agreement to the teacher and the
+generation scores need the teacher's vocabulary and are left out for it.
 """
 
 from __future__ import annotations
@@ -105,11 +111,14 @@ class TokenStats:
     confidence: list[np.ndarray] | None = None
     correct: list[np.ndarray] | None = None
 
+    bytes: int = 0
+
     def add(self, logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-            teacher_logp: torch.Tensor | None) -> None:
+            teacher_logp: torch.Tensor | None, label_bytes: torch.Tensor) -> None:
         lp = logp[mask]
         y = labels[mask]
         self.nll += float(-lp.gather(-1, y[:, None]).sum())
+        self.bytes += int(label_bytes[y].sum())
         conf, pred = lp.max(-1)
         if teacher_logp is not None:
             lt = teacher_logp[mask]
@@ -126,6 +135,8 @@ class TokenStats:
             "tokens": self.count,
             "nll": self.nll / self.count,
             "ppl": float(np.exp(self.nll / self.count)),
+            "bits_per_byte": self.nll / np.log(2) / max(1, self.bytes),
+            "bytes": self.bytes,
             "accuracy": float(correct.mean()),
             "ece": expected_calibration_error(conf, correct, bins),
             "calibration": _json_safe(calibration_bins(conf, correct, bins)),
@@ -155,19 +166,22 @@ def load_model(path: str, name: str, device: torch.device) -> Any:
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_models(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> tuple[dict[str, Any], Any]:
-    """The teacher first (when asked for: checked against the store's digests), then the students,
-    each checked for the store's tokenizer."""
+def load_models(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The teacher first (when asked for: checked against the store's digests), then the students;
+    returns the models and each one's tokenizer (the store's, one shared object, also under the
+    key "", or a student's own)."""
     from transformers import AutoTokenizer
 
-    from pipeline.student import check_tokenizer, store_tokenizer
+    from pipeline.student import is_foreign, store_tokenizer
     from pipeline.teacher import load_teacher
 
     if cfg.baseline is not None and cfg.baseline not in cfg.models:
         raise EvalError(f"baseline {cfg.baseline!r} is not one of models {sorted(cfg.models)}")
     if TEACHER in cfg.models:
         raise EvalError(f"{TEACHER!r} is reserved for the teacher; rename that model")
+    tokenizer = store_tokenizer(reader)
     models: dict[str, Any] = {}
+    tokenizers: dict[str, Any] = {"": tokenizer}
     if cfg.teacher is not None:
         loaded = load_teacher(cfg.teacher, device=str(device), dtype="float32")
         want = reader.meta.provenance.teacher.get("weights_sha256")
@@ -175,17 +189,36 @@ def load_models(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> t
             raise EvalError(f"teacher {cfg.teacher!r} has weights digest {loaded.digests.weights_sha256[:16]}…, "
                             f"store {reader.location.url!r} was made by {want[:16]}…: KL to teacher would be to "
                             "another model; name the store's teacher")
-        models[TEACHER] = loaded.model
-    tokenizer = store_tokenizer(reader)
+        models[TEACHER], tokenizers[TEACHER] = loaded.model, tokenizer
     for name, path in cfg.models.items():
         models[name] = load_model(path, name, device)
-        check_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), reader, f"{name} ({path})")
-    return models, tokenizer
+        own = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        vocab = models[name].get_output_embeddings().weight.shape[0]
+        if len(own) > vocab:
+            raise EvalError(f"model {name!r} ({path}): its tokenizer has {len(own):,} ids, its vocabulary {vocab:,}")
+        tokenizers[name] = own if is_foreign(own, reader) else tokenizer
+    return models, tokenizers
+
+
+def token_bytes(tokenizer: Any) -> torch.Tensor:
+    """[V] UTF-8 bytes of each id's text (special tokens 0). Byte-level BPE tokens are spelled one
+    character per byte; other tokenizers are measured on their decoded text."""
+    from pipeline.cross_tokenizer import token_texts
+
+    special = set(tokenizer.all_special_ids)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel":
+        sizes = [len(t or "") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    else:
+        sizes = [len(t.encode("utf-8")) for t in token_texts(tokenizer)]
+    return torch.tensor([0 if i in special else n for i, n in enumerate(sizes)], dtype=torch.long)
 
 
 @torch.inference_mode()
 def token_metrics(models: dict[str, Any], rows: HeldOut, batch_size: int, bins: int,
-                  device: torch.device) -> dict[str, dict[str, Any]]:
+                  device: torch.device, label_bytes: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Metrics of models sharing one tokenizer (and `rows`, packed with it); KL and agreement
+    when the teacher is among them."""
     stats = {name: TokenStats() for name in models}
     with_teacher = TEACHER in models
     for start in range(0, len(rows.input_ids), batch_size):
@@ -199,7 +232,7 @@ def token_metrics(models: dict[str, Any], rows: HeldOut, batch_size: int, bins: 
             logp = torch.log_softmax(logits, dim=-1)
             if name == TEACHER:
                 teacher_logp = logp
-            stats[name].add(logp, labels, mask, teacher_logp)
+            stats[name].add(logp, labels, mask, teacher_logp, label_bytes)
     if not any(s.count for s in stats.values()):
         raise EvalError("the held-out rows have no predictable positions")
     return {name: s.metrics(bins, with_teacher) for name, s in stats.items()}
@@ -256,19 +289,33 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     """Metrics of every model as one JSON-able dict (the report is written by `pipeline.report`)."""
     device = _device(cfg.device)
     reader = StoreReader(cfg.store)
-    models, tokenizer = load_models(cfg, reader, device)
-    rows = heldout_rows(reader, tokenizer, cfg.max_tokens)
-    if progress:
-        progress(f"evaluating {', '.join(models)} on {rows.tokens:,} held-out tokens ({len(rows.input_ids)} rows)")
-    results = token_metrics(models, rows, cfg.batch_size, cfg.ece_bins, device)
+    models, tokenizers = load_models(cfg, reader, device)
+    store_tokenizer = tokenizers.pop("")
+    groups: dict[int, list[str]] = {}  # models by tokenizer, the store's first: each group is packed with its own
+    for name in sorted(models, key=lambda n: tokenizers[n] is not store_tokenizer):
+        groups.setdefault(id(tokenizers[name]), []).append(name)
+    results: dict[str, Any] = {}
+    heldout: list[HeldOut] = []
+    for names in groups.values():
+        tokenizer = tokenizers[names[0]]
+        heldout.append(heldout_rows(reader, tokenizer, cfg.max_tokens))
+        if progress:
+            progress(f"evaluating {', '.join(names)} on {heldout[-1].tokens:,} held-out tokens "
+                     f"({len(heldout[-1].input_ids)} rows)")
+        results.update(token_metrics({n: models[n] for n in names}, heldout[-1], cfg.batch_size, cfg.ece_bins,
+                                     device, token_bytes(tokenizer)))
+    store_names = [n for n in models if tokenizers[n] is store_tokenizer]
+    rows = heldout[0]
     samples: list[dict[str, str]] = []
-    if cfg.generation is not None:
+    if cfg.generation is not None and store_names:
         if progress:
             progress(f"greedy continuations of {cfg.generation.prompts} held-out prompts "
                      f"({cfg.generation.prompt_tokens} + {cfg.generation.new_tokens} tokens)")
-        scores, samples = generation_metrics(models, tokenizer, rows, cfg.generation, device)
+        scores, samples = generation_metrics({n: models[n] for n in store_names}, store_tokenizer, rows,
+                                             cfg.generation, device)
         for name, s in scores.items():
             results[name]["generation"] = s
     return {"store": cfg.store, "heldout_tokens": rows.tokens, "heldout_rows": len(rows.input_ids),
             "baseline": cfg.baseline, "models": results, "samples": samples,
+            "own_tokenizer": sorted(n for n in models if n not in store_names),
             "paths": {TEACHER: cfg.teacher, **cfg.models}}

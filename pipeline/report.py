@@ -17,6 +17,7 @@ from pipeline import plots
 
 TOKEN_COLUMNS = (  # (header, key, format)
     ("ppl", "ppl", "{:.2f}"),
+    ("bits/byte", "bits_per_byte", "{:.3f}"),
     ("KL to teacher", "kl_to_teacher", "{:.4f}"),
     ("top-1 agree", "top1_agreement", "{:.3f}"),
     ("ECE (pts)", "ece", "ece"),
@@ -105,7 +106,12 @@ def write_report(result: Mapping[str, Any], out: str | Path, *, title: str = "kd
     md += [f"Held-out: {result['heldout_tokens']:,} tokens ({result['heldout_rows']} rows of the store's validation "
            "documents). Perplexity is per token inside documents; KL(teacher ‖ model) over the full vocabulary; "
            "ECE of the top-1 prediction in percentage points; generation: greedy continuations, "
-           "BLEU/chrF/TER (sacrebleu), ROUGE-L (rouge-score), CER (jiwer).", "", metrics_table(result), ""]
+           "BLEU/chrF/TER (sacrebleu), ROUGE-L (rouge-score), CER (jiwer).", ""]
+    if result.get("own_tokenizer"):
+        md += [f"Models with their own tokenizer ({', '.join(result['own_tokenizer'])}) are scored on the same documents "
+               "packed with it: their perplexity is per their own tokens (compare bits/byte across tokenizers), and "
+               "KL, agreement and generation need the teacher's vocabulary.", ""]
+    md += [metrics_table(result), ""]
     images = [("metrics", "Metrics side by side"), ("reliability", "Calibration (reliability diagram)"),
               ("curves", "Training curves per loss component"), ("bytes_vs_k", "Store size vs k")]
     for key, caption in images:

@@ -28,7 +28,8 @@ from pipeline.corpus import (
 # Compressed/raw size of each stored field, measured on the offline teacher by bench/store.py
 # (top-k 64, pydoc text); used only for the estimate that `kdcache plan` prints.
 COMPRESSION_ESTIMATE = {"topk_ids": 0.9, "topk_logp": 0.25, "topk_tail": 0.95, "tokens": 0.4, "draws": 0.6,
-                        "hidden": 0.93, "attn": 0.4}
+                        "hidden": 0.93, "attn": 0.4, "text": 0.35}
+CHARS_PER_TOKEN = 4.0  # English prose, the teacher's BPE: the stored text's raw size
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +68,8 @@ def plan_shards(config: CacheConfig, tokenizer: Any) -> list[ShardPlan]:
         if config.corpus.max_documents is not None:
             docs = itertools.islice(docs, config.corpus.max_documents)
         chunks = iter_packed(docs, tokenizer, config.row_length, file.sha256, split=split,
-                             val_fraction=config.corpus.val_fraction, rows_per_chunk=config.shard_rows, name=file.path)
+                             val_fraction=config.corpus.val_fraction, rows_per_chunk=config.shard_rows, name=file.path,
+                             with_text=config.signals.text)
         for index, rows in enumerate(c for c in chunks if c.num_rows > 0):
             plans.append(ShardPlan(f"{file.sha256[:16]}-{config.split}-{index:05d}", file, index, rows))
             if config.max_tokens is not None and sum(p.rows.num_rows for p in plans) * config.row_length >= config.max_tokens:
@@ -116,7 +118,8 @@ def field_bytes_per_token(spec: StoreSpec) -> tuple[dict[str, float], dict[str, 
     raw: dict[str, float] = {}
     for f in fields_for_spec(spec):
         per_row = float(np.prod(f.shape)) if f.shape else 1.0
-        size = per_row * np.dtype(f.stored_dtype).itemsize / spec.row_length
+        itemsize = CHARS_PER_TOKEN * spec.row_length if f.stored_dtype == "utf8" else np.dtype(f.stored_dtype).itemsize
+        size = per_row * itemsize / spec.row_length
         if f.name == "draw_ids" or f.name == "draw_counts":
             size = size * 0.5 + (1.0 if f.name == "draw_ids" else 0.0)  # ~half the draws are unique
         if spec.hidden is not None and spec.hidden.dtype == "int8" and f.name.startswith("hidden_"):

@@ -1,7 +1,11 @@
 """Students: from a config (random init), a pretrained folder, or a subset of the teacher's layers.
 
-Whatever the origin, the student's tokenizer must be the store's (digest check against the
-store's provenance): a student that tokenises differently would learn from misaligned targets.
+The student's tokenizer must be the store's (digest check against the store's provenance): a
+student that tokenises differently would learn from misaligned targets. The one exception is a
+student with its own tokenizer (`tokenizer:` a folder, or a pretrained student's own) trained by
+the cross-tokenizer losses, which re-tokenise the store's rows and align them
+(`pipeline.cross_tokenizer`); a teacher-layer student then gets new embedding rows for its
+vocabulary, initialised from the teacher's embeddings of the same text.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class StudentConfig(Strict):
     num_layers: int = Field(6, ge=1)  # when `layers` is not given: this many, evenly spaced
     overrides: dict[str, Any] = {}  # init=config: model config values (hidden_size, num_hidden_layers, ...)
     attn_implementation: str | None = None  # "eager" is forced when a loss needs attentions
+    # a tokenizer folder of the student's own (init=config / teacher_layers): cross-tokenizer losses only
+    tokenizer: str | None = None
 
 
 class TokenizerMismatchError(ValueError):
@@ -39,6 +45,7 @@ class Student:
     model: Any
     tokenizer: Any
     origin: str
+    foreign: bool = False  # its tokenizer is not the store's (cross-tokenizer distillation)
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:
@@ -66,27 +73,41 @@ def store_tokenizer(reader: StoreReader) -> Any:
         return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
-def check_tokenizer(tokenizer: Any, reader: StoreReader, origin: str) -> None:
+def is_foreign(tokenizer: Any, reader: StoreReader) -> bool:
+    """Whether `tokenizer` differs from the one the store was made with (by digest)."""
     from pipeline.teacher import tokenizer_digest
 
     expected = reader.meta.provenance.teacher.get("tokenizer_sha256")
-    actual = tokenizer_digest(tokenizer)
-    if expected is not None and actual != expected:
+    return expected is not None and tokenizer_digest(tokenizer) != expected
+
+
+def check_tokenizer(tokenizer: Any, reader: StoreReader, origin: str) -> None:
+    from pipeline.teacher import tokenizer_digest
+
+    if is_foreign(tokenizer, reader):
         raise TokenizerMismatchError(
-            f"student {origin!r} has tokenizer digest {actual}, store {reader.location.url!r} was made with "
-            f"{expected}: a student must share the store's tokenizer (cross-vocabulary distillation is a separate method)"
+            f"student {origin!r} has tokenizer digest {tokenizer_digest(tokenizer)}, store {reader.location.url!r} was "
+            f"made with {reader.meta.provenance.teacher.get('tokenizer_sha256')}: a student must share the store's "
+            "tokenizer, or be trained with a cross-tokenizer loss (xtok_align, dskd_cma) from a store with text"
         )
 
 
-def build_student(cfg: StudentConfig, reader: StoreReader, needs_attentions: bool = False, device: str = "cpu") -> Student:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_student(cfg: StudentConfig, reader: StoreReader, needs_attentions: bool = False, device: str = "cpu",
+                  cross_tokenizer: bool = False) -> Student:
+    """The student; `cross_tokenizer` (the losses align vocabularies) lets its tokenizer differ."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if cfg.tokenizer is not None and cfg.init == "pretrained":
+        raise ValueError("student.tokenizer applies to init config / teacher_layers; a pretrained student uses its own")
+    own = None
+    if cfg.tokenizer is not None:
+        if not Path(cfg.tokenizer).is_dir():
+            raise FileNotFoundError(f"student.tokenizer {cfg.tokenizer!r} is not a tokenizer folder")
+        own = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
     attn = "eager" if needs_attentions else cfg.attn_implementation
     if cfg.init == "pretrained":
         if not cfg.path or not Path(cfg.path).exists():
             raise FileNotFoundError(f"student.path {cfg.path!r} does not exist")
-        from transformers import AutoTokenizer
-
         kwargs = {"attn_implementation": attn} if attn else {}
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
@@ -94,12 +115,21 @@ def build_student(cfg: StudentConfig, reader: StoreReader, needs_attentions: boo
     elif cfg.init == "teacher_layers":
         model, tokenizer = _from_teacher_layers(cfg, attn)
         origin = f"{cfg.teacher} layers {model.config.kdcache_teacher_layers}"
+        if own is not None:
+            from pipeline.cross_tokenizer import init_foreign_embeddings
+
+            init_foreign_embeddings(model, tokenizer, own)
+            tokenizer = own
     else:
-        tokenizer = store_tokenizer(reader)
+        tokenizer = own if own is not None else store_tokenizer(reader)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "config.json").write_bytes(reader.location.read_bytes(TEACHER_DIR, "config.json"))
             config = AutoConfig.from_pretrained(tmp)
-        for key, value in cfg.overrides.items():
+        overrides = dict(cfg.overrides)
+        if own is not None:
+            overrides.setdefault("vocab_size", len(own))
+            overrides.update({k: getattr(own, k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
+        for key, value in overrides.items():
             if not hasattr(config, key):
                 raise ValueError(f"student.overrides: the model config has no key {key!r}")
             setattr(config, key, value)
@@ -109,8 +139,10 @@ def build_student(cfg: StudentConfig, reader: StoreReader, needs_attentions: boo
         # random init drawn from torch's global RNG: the trainer seeds it with its `seed`
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         origin = f"random {config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)"
-    check_tokenizer(tokenizer, reader, origin)
-    return Student(model.to(device), tokenizer, origin)
+    foreign = is_foreign(tokenizer, reader)
+    if foreign and not cross_tokenizer:
+        check_tokenizer(tokenizer, reader, origin)
+    return Student(model.to(device), tokenizer, origin, foreign)
 
 
 def _from_teacher_layers(cfg: StudentConfig, attn: str | None) -> tuple[Any, Any]:

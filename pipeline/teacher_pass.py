@@ -91,6 +91,7 @@ def build_spec(config: CacheConfig, facts: dict[str, Any]) -> StoreSpec:
         hidden=s.hidden.to_spec(int(facts["hidden_size"])) if s.hidden else None,
         attention=s.attention.to_spec() if s.attention else None,
         zstd_level=config.zstd_level,
+        text=s.text,
     )
 
 
@@ -179,6 +180,8 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
         doc_ids=rows.doc_ids,
         valid=rows.valid,
     )
+    if spec.text:
+        arrays.update(text=rows.text, char_end=rows.char_end)
     return arrays
 
 

@@ -26,6 +26,7 @@ from kdstore.join import check_aligned
 from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
 from pipeline.config import Strict, parse_config
+from pipeline.cross_tokenizer import STORE_FIELDS, check_cross_tokenizer, retokenizer
 from pipeline.losses import (
     NonFiniteLossError,
     StoreInfo,
@@ -74,11 +75,16 @@ class TrainConfig(Strict):
     # instead of the store's top-k + tail: the full-logit KD reference the cache is measured by
     online_full_logits: bool = False
     tensorboard: bool = True
+    # cross-tokenizer: the longest student row (student tokens of one store row); default 2 × row_length
+    student_row_length: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _online_full(self) -> TrainConfig:
         if self.online_full_logits and not self.online_teacher:
             raise ValueError("online_full_logits needs online_teacher (the resident teacher whose logits it uses)")
+        if (self.extra_stores or self.online_teacher) and self.student.tokenizer is not None:
+            raise ValueError("student.tokenizer (cross-tokenizer distillation) works from one cached store: "
+                             "no extra_stores, no online_teacher")
         if self.extra_stores and self.online_teacher:
             raise ValueError("extra_stores (cached teachers joined by sample id) cannot be used with online_teacher")
         return self
@@ -119,13 +125,17 @@ class Trainer:
         # Field check before the student is built (the losses themselves need the student's sizes).
         check_fields(cfg.losses, store_info.field_names)
         needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, store_info.field_names))
-        self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device))
+        cross = check_cross_tokenizer(cfg.losses, cfg.student.tokenizer is not None)
+        self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device), cross)
         model = self.student.model
-        self.loss = build_loss(cfg.losses, store_info, StudentDims.from_config(model.config)).to(self.device)
+        dims = StudentDims.from_config(model.config, self.student.tokenizer)
+        self.loss = build_loss(cfg.losses, store_info, dims).to(self.device)
+        # a student with its own tokenizer: the store's rows are re-tokenised and aligned per batch
+        self.retokenize = retokenizer(self.student.tokenizer, self.reader, cfg.student_row_length) if cross else None
         # losses with a part trained by their own optimizer (the adversarial discriminator): stepped
         # before the loss each micro-batch, checkpointed under "aux"; never in self.optimizer
         self.aux_losses = auxiliary_losses(self.loss)
-        fields = sorted(set(self.loss.fields) | {"input_ids", "valid"})
+        fields = sorted(set(self.loss.fields) | {"input_ids", "valid"} | (set(STORE_FIELDS) if cross else set()))
         if cfg.online_teacher:
             fields = ["input_ids", "valid", "doc_ids"]
         self.stream = KDStream(self.reader, fields, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.buffer_rows,
@@ -257,6 +267,9 @@ class Trainer:
             sample_ids += batch["sample_id"].tolist()
             if self.teacher is not None:
                 batch.update(self._teacher_fields(batch))
+            if self.retokenize is not None:
+                batch = self.retokenize(batch)
+                components["truncated_tokens"] = components.get("truncated_tokens", 0.0) + float(batch.pop("truncated_tokens"))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16())
             sync = self._average_grads if self.world > 1 else None

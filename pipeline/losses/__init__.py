@@ -31,7 +31,9 @@ ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD),
 multi_teacher (several stores joined by sample id: teacher i's fields are `t<i>/<field>`; build
 it with `StoreInfo.joined(readers)`), and adversarial (a discriminator with its own optimizer:
 call `auxiliary_steps(auxiliary_losses(loss), student, batch)` before the loss each step, and
-checkpoint their `aux_state_dict()`; see `base.AuxiliaryStep`).
+checkpoint their `aux_state_dict()`; see `base.AuxiliaryStep`), and the cross-tokenizer losses
+xtok_align and dskd_cma (a student with its own tokenizer: batches re-tokenised by
+`pipeline.cross_tokenizer.Retokenizer`, build with `StudentDims(..., tokenizer=...)`).
 `build_loss` checks the store's fields first: a missing one is a `MissingLossFieldError` naming
 the loss and the field; an unknown name is an `UnknownLossError` listing the known ones.
 

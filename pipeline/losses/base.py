@@ -76,14 +76,18 @@ class StudentDims:
     num_layers: int
     hidden_size: int
     num_heads: int | None = None
+    vocab_size: int | None = None
+    tokenizer: Any = None  # cross-tokenizer losses map the teacher's vocabulary onto this one
 
     @classmethod
-    def from_config(cls, config: object) -> StudentDims:
+    def from_config(cls, config: object, tokenizer: Any = None) -> StudentDims:
         """From a transformers `PretrainedConfig` (num_hidden_layers, hidden_size, num_attention_heads)."""
         return cls(
             num_layers=int(config.num_hidden_layers),  # type: ignore[attr-defined]
             hidden_size=int(config.hidden_size),  # type: ignore[attr-defined]
             num_heads=getattr(config, "num_attention_heads", None),
+            vocab_size=getattr(config, "vocab_size", None),
+            tokenizer=tokenizer,
         )
 
 
@@ -144,6 +148,22 @@ def auxiliary_steps(losses: Sequence[AuxiliaryStep], student: StudentOutputs, ba
                 name = f"{key}#{n}"
             components[name] = value
     return components
+
+
+# ---------------------------------------------------------------- projections
+
+
+def projection(in_width: int, out_width: int) -> nn.Linear:
+    """A learned projection between hidden spaces; the identity when the widths are equal. A
+    student cut from the teacher's layers (or of the teacher's width) already writes its hidden
+    states in the teacher's space, so dual-space losses start from a meaningful map, not from
+    noise that their first steps would push into the student."""
+    linear = nn.Linear(in_width, out_width)
+    if in_width == out_width:
+        with torch.no_grad():
+            linear.weight.copy_(torch.eye(in_width))
+            linear.bias.zero_()
+    return linear
 
 
 # ---------------------------------------------------------------- masks and reduction

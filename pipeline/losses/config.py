@@ -94,41 +94,57 @@ class FAKDConfig(_Loss):
     attention: AttentionConfig | None = AttentionConfig()
 
 
-class DSKDConfig(_Tempered):
-    """Dual-space KD (arXiv 2406.17328); see `pipeline.losses.dskd`."""
+class _Divergence(_Tempered):
+    """A loss built on one named divergence (with its alpha / beta / mu as `divergence_param`)."""
 
-    name: Literal["dskd"]
     divergence: DistName = "fkl"
     divergence_param: float | None = Field(None, gt=0, lt=1)  # alpha / beta / mu of `divergence`
+
+    @model_validator(mode="after")
+    def _param(self) -> _Divergence:
+        if self.divergence_param is not None and DIVERGENCE_PARAMS[self.divergence] is None:
+            raise ValueError(f"divergence_param does not apply to {self.divergence!r}")
+        return self
+
+
+class _DualSpace(_Divergence):
     s2t_weight: float = Field(1.0, ge=0)
     t2s_weight: float = Field(1.0, ge=0)
     t2s_ce_weight: float = Field(1.0, ge=0)
     t2s_correct_only: bool = True
     teacher_layer: int | None = Field(None, ge=1)  # default: the deepest stored hidden layer
 
-    @model_validator(mode="after")
-    def _param(self) -> DSKDConfig:
-        if self.divergence_param is not None and DIVERGENCE_PARAMS[self.divergence] is None:
-            raise ValueError(f"divergence_param does not apply to {self.divergence!r}")
-        return self
+
+class DSKDConfig(_DualSpace):
+    """Dual-space KD (arXiv 2406.17328), same vocabulary; see `pipeline.losses.dskd`."""
+
+    name: Literal["dskd"]
 
 
-class MultiTeacherConfig(_Tempered):
+class CMAConfig(_DualSpace):
+    """Dual-space KD with cross-model attention for a student with its own tokenizer (DSKD-CMA);
+    see `pipeline.losses.cross_tokenizer`."""
+
+    name: Literal["dskd_cma"]
+
+
+class XTokAlignConfig(_Divergence):
+    """Token-alignment baseline for a student with its own tokenizer; see
+    `pipeline.losses.cross_tokenizer`."""
+
+    name: Literal["xtok_align"]
+    vocab_map: Literal["first_token", "min_edit"] = "first_token"
+
+
+class MultiTeacherConfig(_Divergence):
     """Several teachers from joined stores (teacher 0 = `store`, 1.. = `extra_stores`); see
     `pipeline.losses.multi`. `weights`: one per teacher, in store order (default: equal weights
     over every joined store); `mixture` normalises them to sum to 1."""
 
     name: Literal["multi_teacher"]
     mode: Literal["per_teacher", "mixture"] = "per_teacher"
-    divergence: DistName = "fkl"
-    divergence_param: float | None = Field(None, gt=0, lt=1)  # alpha / beta / mu of `divergence`
     weights: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
 
-    @model_validator(mode="after")
-    def _param(self) -> MultiTeacherConfig:
-        if self.divergence_param is not None and DIVERGENCE_PARAMS[self.divergence] is None:
-            raise ValueError(f"divergence_param does not apply to {self.divergence!r}")
-        return self
 
 
 class AdversarialConfig(_Loss):
@@ -164,7 +180,7 @@ class MixConfig(_Loss):
 
 LossConfig = Annotated[
     DistributionConfig | SampledKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
-    | MultiTeacherConfig | AdversarialConfig | MixConfig,
+    | MultiTeacherConfig | AdversarialConfig | CMAConfig | XTokAlignConfig | MixConfig,
     Field(discriminator="name"),
 ]
 MixConfig.model_rebuild()
@@ -177,6 +193,8 @@ LOSS_CONFIGS: dict[str, type[BaseModel]] = {
     "attention": AttentionConfig,
     "fakd": FAKDConfig,
     "dskd": DSKDConfig,
+    "dskd_cma": CMAConfig,
+    "xtok_align": XTokAlignConfig,
     "multi_teacher": MultiTeacherConfig,
     "adversarial": AdversarialConfig,
     "mix": MixConfig,

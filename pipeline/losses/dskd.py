@@ -14,7 +14,8 @@ The paper unifies the two models' output spaces with two learned projections:
   the full vocabulary. As in the authors' code, by default only positions where the projected
   teacher predicts the label count for that KD term (`t2s_correct_only`); the others add 0.
 
-total = s2t_weight · s2t + t2s_weight · t2s + t2s_ce_weight · t2s_ce. The student's own CE is a
+total = s2t_weight · s2t + t2s_weight · t2s + t2s_ce_weight · t2s_ce. Projections between equal
+widths start at the identity (`base.projection`). The student's own CE is a
 separate `ce` loss in the mix. The same divergence and temperature τ serve both spaces; in the
 teacher space τ follows the rules of the other top-k losses (store capture temperature, or
 `retemper`). Reductions: s2t over valid positions; t2s and t2s_ce over positions with a label
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.losses.base import (
     KDLoss,
@@ -37,6 +38,7 @@ from pipeline.losses.base import (
     kd_mask,
     label_mask,
     masked_mean,
+    projection,
     require,
 )
 from pipeline.losses.coarse import dense_log_probs, divergence
@@ -63,8 +65,8 @@ class DualSpaceKD(KDLoss):
     ):
         super().__init__()
         teacher_width = int(teacher_head.shape[1])
-        self.s2t = nn.Linear(student_width, teacher_width)
-        self.t2s = nn.Linear(teacher_width, student_width)
+        self.s2t = projection(student_width, teacher_width)
+        self.t2s = projection(teacher_width, student_width)
         # Frozen and not part of the state dict: it lives in the store.
         self.register_buffer("teacher_head", teacher_head.detach().float(), persistent=False)
         self.teacher_layer = int(teacher_layer)

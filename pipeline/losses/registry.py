@@ -10,19 +10,14 @@ exist before the optimizer is made).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from kdstore.fields import fields_for_spec
-from kdstore.join import joined_field_names
-from kdstore.spec import StoreSpec
+from pipeline.cross_tokenizer import vocab_map
 from pipeline.losses import alignment
 from pipeline.losses.adversarial import AdversarialLoss
 from pipeline.losses.alignment import AttentionLoss, HiddenLoss
@@ -38,6 +33,7 @@ from pipeline.losses.config import (
     AdversarialConfig,
     AttentionConfig,
     CEConfig,
+    CMAConfig,
     DistributionConfig,
     DSKDConfig,
     FAKDConfig,
@@ -45,9 +41,11 @@ from pipeline.losses.config import (
     MixConfig,
     MultiTeacherConfig,
     SampledKDConfig,
+    XTokAlignConfig,
     known_names,
     parse_loss_config,
 )
+from pipeline.losses.cross_tokenizer import XTOK_FIELDS, CrossModelAttentionKD, TokenAlignKD
 from pipeline.losses.dskd import DualSpaceKD
 from pipeline.losses.multi import MultiTeacherLoss, multi_fields, resolve_weights
 from pipeline.losses.output import (
@@ -58,64 +56,7 @@ from pipeline.losses.output import (
     DistributionLoss,
     SampledKDLoss,
 )
-
-# ---------------------------------------------------------------- what the store offers
-
-
-@dataclass(frozen=True)
-class StoreInfo:
-    """What the losses need to know about a store: its spec, its field names, and (for dual-space
-    KD) the teacher's output head and layer count, loaded only when asked for. Joined stores
-    (multi-teacher, `StoreInfo.joined`): field names include teacher i's as `t<i>/<field>`, and
-    `teacher_specs` holds the specs of teachers 1.. (their capture temperatures)."""
-
-    spec: StoreSpec
-    field_names: tuple[str, ...]
-    head_loader: Callable[[], Tensor] | None = None
-    teacher_num_layers: int | None = None
-    teacher_specs: tuple[StoreSpec, ...] = ()
-
-    @classmethod
-    def joined(cls, readers: Sequence[Any]) -> StoreInfo:
-        """Teacher 0's StoreInfo, seeing the fields of every joined store (readers[0] first)."""
-        info = cls.of(readers[0])
-        return dataclasses.replace(info, field_names=tuple(joined_field_names(readers)),
-                                   teacher_specs=tuple(r.spec for r in readers[1:]))
-
-    def spec_of(self, teacher: int) -> StoreSpec:
-        """Teacher `teacher`'s spec; without `teacher_specs`, teacher 0's stands in."""
-        return self.spec if teacher == 0 or teacher > len(self.teacher_specs) else self.teacher_specs[teacher - 1]
-
-    @classmethod
-    def of(cls, store: Any) -> StoreInfo:
-        if isinstance(store, StoreInfo):
-            return store
-        if isinstance(store, StoreSpec):
-            return cls(store, tuple(f.name for f in fields_for_spec(store)))
-        if hasattr(store, "read_teacher_tensors"):  # a StoreReader
-            return cls(store.spec, tuple(store.field_names), lambda: _head(store), _teacher_layers(store))
-        if hasattr(store, "spec") and hasattr(store, "fields"):  # a StoreMeta
-            return cls(store.spec, tuple(f.name for f in store.fields))
-        raise TypeError(f"expected a StoreInfo, StoreReader, StoreMeta or StoreSpec, got {type(store).__name__}")
-
-    def teacher_head(self, label: str) -> Tensor:
-        if self.head_loader is None:
-            raise LossConfigError(f"loss {label!r} needs the teacher's output head (teacher/output_head.safetensors); build it from a StoreReader or a StoreInfo with head_loader")
-        return self.head_loader()
-
-
-def _head(reader: Any) -> Tensor:
-    return torch.from_numpy(reader.read_teacher_tensors("output_head")["weight"]).float()
-
-
-def _teacher_layers(reader: Any) -> int | None:
-    try:
-        info = json.loads(reader.location.read_bytes("teacher", "teacher.json"))
-    except (FileNotFoundError, OSError, ValueError, AttributeError):
-        return None
-    layers = info.get("num_layers")
-    return int(layers) if layers is not None else None
-
+from pipeline.losses.store_info import StoreInfo
 
 # ---------------------------------------------------------------- weighted sums
 
@@ -210,22 +151,50 @@ def _build_fakd(cfg: FAKDConfig, store: StoreInfo, student: StudentDims | None) 
     return WeightedSum([(p.weight, _build_one(p, store, student)) for p in parts], label=cfg.name)
 
 
-def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = _dims(student, cfg.name)
+def _last_layer_and_head(cfg: DSKDConfig | CMAConfig, store: StoreInfo) -> tuple[int, Tensor]:
+    """The stored hidden layer the teacher's head reads (its last), and that head."""
     stored = alignment.stored_layers(store.field_names, "hidden")
     layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else 0)
     if store.teacher_num_layers is not None and layer != store.teacher_num_layers:
         raise LossConfigError(
-            f"loss 'dskd' needs the teacher's last hidden states (layer {store.teacher_num_layers}, what its head "
+            f"loss {cfg.name!r} needs the teacher's last hidden states (layer {store.teacher_num_layers}, what its head "
             f"reads); it would use hidden_{layer} (stored hidden layers: {stored})"
         )
     head = store.teacher_head(cfg.name)
     if store.spec.hidden is not None and head.shape[1] != store.spec.hidden.width:
-        raise LossConfigError(f"loss 'dskd': teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
+        raise LossConfigError(f"loss {cfg.name!r}: teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
+    return layer, head
+
+
+def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = _dims(student, cfg.name)
+    layer, head = _last_layer_and_head(cfg, store)
     return DualSpaceKD(
         head, dims.hidden_size, layer, cfg.divergence, cfg.divergence_param, cfg.temperature,
         _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight, cfg.t2s_correct_only,
     )
+
+
+def _build_cma(cfg: CMAConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = _dims(student, cfg.name)
+    layer, head = _last_layer_and_head(cfg, store)
+    return CrossModelAttentionKD(
+        head, store.teacher_embeddings(cfg.name), dims.hidden_size, layer, cfg.divergence, cfg.divergence_param,
+        cfg.temperature, _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight,
+        cfg.t2s_correct_only,
+    )
+
+
+def _build_xtok(cfg: XTokAlignConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = _dims(student, cfg.name)
+    if dims.tokenizer is None:
+        raise LossConfigError(f"loss {cfg.name!r} needs the student's tokenizer: StudentDims(..., tokenizer=...)")
+    id_map = vocab_map(store.teacher_tokenizer(cfg.name), dims.tokenizer, cfg.vocab_map)
+    if int(id_map.max()) >= (dims.vocab_size or len(dims.tokenizer)):
+        raise LossConfigError(f"loss {cfg.name!r}: the student tokenizer has ids beyond the model's vocabulary "
+                              f"({dims.vocab_size})")
+    return TokenAlignKD(id_map, cfg.divergence, cfg.divergence_param, cfg.temperature,
+                        _capture_power(cfg, store, cfg.name))
 
 
 def _build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
@@ -260,11 +229,14 @@ def _build_mix(cfg: MixConfig, store: StoreInfo, student: StudentDims | None) ->
     return WeightedSum([(c.weight, _build_one(c, store, student)) for c in cfg.losses], label=cfg.name)
 
 
-def _fields_dskd(cfg: DSKDConfig, names: Sequence[str]) -> tuple[str, ...]:
+def _last_hidden_field(cfg: DSKDConfig | CMAConfig, names: Sequence[str]) -> str:
     stored = alignment.stored_layers(names, "hidden")
     layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else None)
-    hidden = f"hidden_{layer}" if layer is not None else "hidden_<last layer>"
-    return (*TOPK_FIELDS[:-1], hidden, *CE_FIELDS)
+    return f"hidden_{layer}" if layer is not None else "hidden_<last layer>"
+
+
+def _fields_dskd(cfg: DSKDConfig, names: Sequence[str]) -> tuple[str, ...]:
+    return (*TOPK_FIELDS[:-1], _last_hidden_field(cfg, names), *CE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -298,6 +270,10 @@ REGISTRY: dict[str, LossEntry] = {
     "attention": LossEntry(AttentionConfig, _build_attention, lambda c, n: (*alignment.attention_fields(c.layer_map, n), "valid"), "attention KL / MSE"),
     "fakd": LossEntry(FAKDConfig, _build_fakd, lambda c, n: _union(_leaves_of_config(c, n)), "feature-alignment KD: hidden + attention + output"),
     "dskd": LossEntry(DSKDConfig, _build_dskd, _fields_dskd, "dual-space KD from the cache"),
+    "dskd_cma": LossEntry(CMAConfig, _build_cma, lambda c, n: (*XTOK_FIELDS, _last_hidden_field(c, n)),
+                          "dual-space KD with cross-model attention: a student with its own tokenizer"),
+    "xtok_align": LossEntry(XTokAlignConfig, _build_xtok, lambda c, n: XTOK_FIELDS,
+                            "token-alignment KD (position pairing + id map): a student with its own tokenizer"),
     "multi_teacher": LossEntry(MultiTeacherConfig, _build_multi, multi_fields, "joined teacher stores: per teacher or mixture"),
     "adversarial": LossEntry(AdversarialConfig, _build_adversarial, _fields_adversarial, "discriminator on hidden / output features (own optimizer)"),
     "mix": LossEntry(MixConfig, _build_mix, lambda c, n: _union(_leaves_of_config(c, n)), "weighted sum of losses"),
@@ -358,6 +334,18 @@ def _leaves(item: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, .
             yield from _leaves(child, names)
     else:
         yield from _leaves_of_config(parse_loss_config(item), names)
+
+
+def loss_names(losses: Any) -> set[str]:
+    """The registry names of every leaf loss config (inside lists, mixes and fakd composites)."""
+    cfg = parse_loss_config(losses)
+    if isinstance(cfg, list):
+        return set().union(*(loss_names(c) for c in cfg))
+    if isinstance(cfg, MixConfig):
+        return loss_names(cfg.losses)
+    if isinstance(cfg, FAKDConfig):
+        return loss_names([p for p in (cfg.hidden, cfg.attention, cfg.output) if p is not None])
+    return {cfg.name}
 
 
 def required_fields(losses: Any, store_field_names: Sequence[str]) -> tuple[str, ...]:

@@ -56,6 +56,7 @@ def full_spec(**overrides) -> StoreSpec:
         hidden=HiddenSpec(layers=(0, 2), width=16),
         attention=AttentionSpec(layers=(1,), heads=(0, 3)),
         record_batch_rows=3,
+        text=True,
     )
     base.update(overrides)
     return StoreSpec(**base)
@@ -81,6 +82,11 @@ def make_rows(spec: StoreSpec, n_rows: int, first_id: int = 0, seed: int = 0) ->
             rows.update(_topk(spec.topk, logp))
         if spec.sampled is not None:
             rows.update(_draws(spec.sampled.n_draws, logp, rng))
+    if spec.text:  # pieces of 0-3 characters (some outside the BMP), ends relative to the row's text
+        alphabet = list("ab c\né日\U0001F600")
+        pieces = rng.integers(0, 4, size=(R, T))
+        rows["char_end"] = np.cumsum(pieces, axis=1).astype(np.int32)
+        rows["text"] = np.array(["".join(rng.choice(alphabet, size=int(n))) for n in pieces.sum(axis=1)], dtype=object)
     if spec.hidden is not None:
         for layer in spec.hidden.layers:
             x = rng.standard_normal((R, T, spec.hidden.width)) * (1.0 + layer)

@@ -183,6 +183,8 @@ def _set(field, index, value):
 
 BAD_ROWS = [
     _bad("missing", lambda r: r.pop("topk_tail"), "topk_tail"),
+    _bad("text-not-str", lambda r: r.update(text=np.array([1, 2, 3], dtype=object)), "text", "dtype"),
+    _bad("text-shape", lambda r: r.update(text=r["text"][:2]), "text", "(2,)"),
     _bad("missing-dense", lambda r: r.pop("hidden_2"), "hidden_2"),
     _bad("extra", lambda r: r.update(logits=np.zeros((3, 8))), "logits"),
     _bad("shape", lambda r: r.update(input_ids=r["input_ids"][:, :-1]), "input_ids", "(3, 7)"),
@@ -484,7 +486,7 @@ def test_spec_dict_round_trip_keeps_the_fingerprint(spec_with, provenance):
     same = StoreSpec(
         vocab_size=np.int64(256), row_length=8, shard_rows=4, topk=TopKSpec(k=np.int32(5), temperature=1),
         sampled=spec.sampled, hidden=HiddenSpec(layers=[0, np.int64(2)], width=16), attention=spec.attention,
-        record_batch_rows=3,
+        record_batch_rows=3, text=True,
     )  # fmt: skip
     assert fingerprint(same, provenance) == fingerprint(spec, provenance)
 

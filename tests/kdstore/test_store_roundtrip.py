@@ -19,7 +19,8 @@ from kdstore.spec import AttentionSpec, HiddenSpec, SampledSpec, StoreSpec, TopK
 from kdstore.verify import verify_store
 from kdstore.writer import StoreWriter
 
-LOSSLESS = ("sample_id", "input_ids", "doc_ids", "valid", "topk_ids", "topk_tail", "draw_ids", "draw_counts")
+LOSSLESS = ("sample_id", "input_ids", "doc_ids", "valid", "topk_ids", "topk_tail", "draw_ids", "draw_counts", "text",
+            "char_end")
 
 
 def concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -8,18 +8,18 @@ so about 12 documents are held out), rows of 32 tokens, top-8.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from short_docs import cache_short_docs, write_short_docs
 
 from flows.cli import main
 from kdstore.reader import StoreReader
 from kdstore.summary import summarize, topk_bytes_by_k
-from pipeline.config import CacheConfig, parse_config
+from pipeline.config import parse_config
 from pipeline.evaluate import (
     TEACHER,
     EvalConfig,
@@ -31,29 +31,13 @@ from pipeline.evaluate import (
 )
 from pipeline.report import metrics_table, write_report
 from pipeline.student import store_tokenizer
-from pipeline.teacher_pass import run_cache
 
-WORDS = ("the cat sat on a mat while python code ran fast and students learned from "
-         "teachers quietly near old stone bridges under grey skies").split()
-
-
-def _cache(store: Path, teacher: Path, corpus: Path, split: str = "train") -> Path:
-    cfg = parse_config({
-        "store": str(store), "teacher": {"name": str(teacher), "batch_size": 4},
-        "corpus": {"kind": "files", "paths": [str(corpus)], "text_split": "blank_line", "val_fraction": 0.3},
-        "row_length": 32, "shard_rows": 4, "split": split, "signals": {"topk": {"k": 8}},
-    }, CacheConfig)
-    run_cache(cfg, progress=None)
-    return store
+_cache = cache_short_docs
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 60))) + "." for _ in range(40)]
-    path = tmp_path_factory.mktemp("eval_corpus") / "docs.txt"
-    path.write_text("\n\n".join(docs))
-    return path
+    return write_short_docs(tmp_path_factory.mktemp("eval_corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +173,7 @@ def test_bad_input_is_named(store, tiny_teacher_dir, other_student, tmp_path, co
     tok = json.loads((bad_tok / "tokenizer.json").read_text())
     tok["added_tokens"].append({**tok["added_tokens"][0], "id": 49152, "content": "<extra>"})
     (bad_tok / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(Exception, match="tokenizer digest"):
+    with pytest.raises(EvalError, match="model 'a' .*its tokenizer has 49,153 ids, its vocabulary 49,152"):
         evaluate(_cfg(store, tmp_path, tiny_teacher_dir, {"a": str(bad_tok)}), progress=None)
 
 

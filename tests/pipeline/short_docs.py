@@ -1,0 +1,32 @@
+"""A corpus of 40 short documents (split train, val_fraction 0.3: about 12 held out) and the tiny
+store cached from it, shared by the evaluation and cross-tokenizer tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from pipeline.config import CacheConfig, parse_config
+from pipeline.teacher_pass import run_cache
+
+WORDS = ("the cat sat on a mat while python code ran fast and students learned from "
+         "teachers quietly near old stone bridges under grey skies").split()
+
+
+def write_short_docs(folder: Path, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 60))) + "." for _ in range(40)]
+    path = folder / "docs.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def cache_short_docs(store: Path, teacher: Path, corpus: Path, split: str = "train", signals: dict | None = None) -> Path:
+    """Rows of 32 tokens in shards of 4, blank-line documents; top-8 unless `signals` says otherwise."""
+    cfg = parse_config({
+        "store": str(store), "teacher": {"name": str(teacher), "batch_size": 4},
+        "corpus": {"kind": "files", "paths": [str(corpus)], "text_split": "blank_line", "val_fraction": 0.3},
+        "row_length": 32, "shard_rows": 4, "split": split, "signals": signals or {"topk": {"k": 8}},
+    }, CacheConfig)
+    run_cache(cfg, progress=None)
+    return store
