@@ -16,14 +16,8 @@ import numpy as np
 from kdstore.fields import fields_for_spec
 from kdstore.spec import StoreSpec
 from pipeline.config import CacheConfig
-from pipeline.corpus import (
-    CorpusFile,
-    CorpusSource,
-    PackedRows,
-    iter_packed,
-    list_corpus_files,
-    read_documents,
-)
+from pipeline.corpus import CorpusFile, CorpusSource, list_corpus_files, read_documents
+from pipeline.packing import PackedRows, iter_packed
 
 # Compressed/raw size of each stored field, measured on the offline teacher by bench/store.py
 # (top-k 64, pydoc text); used only for the estimate that `kdcache plan` prints.

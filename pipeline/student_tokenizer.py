@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from kdstore.reader import StoreReader
-from pipeline.corpus import is_validation, list_corpus_files, read_documents
+from pipeline.corpus import list_corpus_files, read_documents
+from pipeline.packing import is_validation
 from pipeline.shard_plan import corpus_source
 
 EOS = "<|endoftext|>"

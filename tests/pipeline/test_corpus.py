@@ -13,14 +13,16 @@ from pipeline.corpus import (
     BUILTIN_PATH,
     CorpusError,
     CorpusSource,
-    PackedRows,
     corpus_digest,
+    list_corpus_files,
+    read_documents,
+)
+from pipeline.packing import (
+    PackedRows,
     is_validation,
     iter_packed,
-    list_corpus_files,
     pack_corpus_file,
     pack_file,
-    read_documents,
     sample_ids,
 )
 

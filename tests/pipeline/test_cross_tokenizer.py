@@ -26,7 +26,6 @@ from kdstore.reader import StoreReader
 from kdstore.spec import StoreSpec, TopKSpec, fingerprint
 from kdstore.torch_stream import KDStream
 from pipeline.config import parse_config
-from pipeline.corpus import pack_file
 from pipeline.cross_tokenizer import (
     CrossTokenizerError,
     Retokenizer,
@@ -39,6 +38,7 @@ from pipeline.evaluate import EvalConfig, evaluate, heldout_rows, predicted_mask
 from pipeline.losses import LossConfigError, MissingLossFieldError, StudentOutputs, build_loss
 from pipeline.losses.cross_tokenizer import CrossModelAttentionKD, TokenAlignKD, _softmax
 from pipeline.losses.output import DistributionLoss
+from pipeline.packing import pack_file
 from pipeline.student import store_tokenizer
 from pipeline.student_tokenizer import train_store_tokenizer, training_documents
 from pipeline.trainer import Trainer, train
