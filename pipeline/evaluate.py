@@ -166,14 +166,15 @@ def load_model(path: str, name: str, device: torch.device) -> Any:
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_models(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The teacher first (when asked for: checked against the store's digests), then the students;
-    returns the models and each one's tokenizer (the store's, one shared object, also under the
-    key "", or a student's own)."""
+def load_models(cfg: EvalConfig, reader: StoreReader,
+                device: torch.device) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The teacher first (when asked for: checked against the store's digests), then the students.
+    Returns the models, each one's tokenizer (one shared object per distinct tokenizer, so models
+    that tokenise alike are evaluated on the same rows) and the store's tokenizer."""
     from transformers import AutoTokenizer
 
-    from pipeline.student import is_foreign, store_tokenizer
-    from pipeline.teacher import load_teacher
+    from pipeline.student import store_tokenizer
+    from pipeline.teacher import load_teacher, tokenizer_digest
 
     if cfg.baseline is not None and cfg.baseline not in cfg.models:
         raise EvalError(f"baseline {cfg.baseline!r} is not one of models {sorted(cfg.models)}")
@@ -181,7 +182,8 @@ def load_models(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> t
         raise EvalError(f"{TEACHER!r} is reserved for the teacher; rename that model")
     tokenizer = store_tokenizer(reader)
     models: dict[str, Any] = {}
-    tokenizers: dict[str, Any] = {"": tokenizer}
+    tokenizers: dict[str, Any] = {}
+    by_digest = {tokenizer_digest(tokenizer): tokenizer}
     if cfg.teacher is not None:
         loaded = load_teacher(cfg.teacher, device=str(device), dtype="float32")
         want = reader.meta.provenance.teacher.get("weights_sha256")
@@ -196,8 +198,8 @@ def load_models(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> t
         vocab = models[name].get_output_embeddings().weight.shape[0]
         if len(own) > vocab:
             raise EvalError(f"model {name!r} ({path}): its tokenizer has {len(own):,} ids, its vocabulary {vocab:,}")
-        tokenizers[name] = own if is_foreign(own, reader) else tokenizer
-    return models, tokenizers
+        tokenizers[name] = by_digest.setdefault(tokenizer_digest(own), own)
+    return models, tokenizers, tokenizer
 
 
 def token_bytes(tokenizer: Any) -> torch.Tensor:
@@ -289,8 +291,7 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     """Metrics of every model as one JSON-able dict (the report is written by `pipeline.report`)."""
     device = _device(cfg.device)
     reader = StoreReader(cfg.store)
-    models, tokenizers = load_models(cfg, reader, device)
-    store_tokenizer = tokenizers.pop("")
+    models, tokenizers, store_tokenizer = load_models(cfg, reader, device)
     groups: dict[int, list[str]] = {}  # models by tokenizer, the store's first: each group is packed with its own
     for name in sorted(models, key=lambda n: tokenizers[n] is not store_tokenizer):
         groups.setdefault(id(tokenizers[name]), []).append(name)

@@ -41,11 +41,15 @@ def score_texts(hypotheses: list[str], references: list[str]) -> dict[str, float
     """
     from jiwer import cer
     from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import DefaultTokenizer
     from sacrebleu.metrics import BLEU, CHRF, TER
 
     _check_texts(hypotheses, references)
     refs = [list(references)]
-    scorer = RougeScorer(["rougeL"])
+    # The tokenizer is passed explicitly: without one, rouge-score logs "Using default tokenizer"
+    # through absl, which calls logging.basicConfig() and leaves a root handler on the stderr of
+    # the moment in the caller's process (a closed stream, later, under a test's capture).
+    scorer = RougeScorer(["rougeL"], tokenizer=DefaultTokenizer(use_stemmer=False))
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references,
                                                                         strict=True)]
     kept = [(h, r) for h, r in zip(hypotheses, references, strict=True) if r.strip()]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kdstore.fields import fields_for_spec
+from kdstore.fields import TEXT, fields_for_spec
 from kdstore.spec import StoreSpec
 from pipeline.config import CacheConfig
 from pipeline.corpus import CorpusFile, CorpusSource, list_corpus_files, read_documents
@@ -112,8 +112,10 @@ def field_bytes_per_token(spec: StoreSpec) -> tuple[dict[str, float], dict[str, 
     raw: dict[str, float] = {}
     for f in fields_for_spec(spec):
         per_row = float(np.prod(f.shape)) if f.shape else 1.0
-        itemsize = CHARS_PER_TOKEN * spec.row_length if f.stored_dtype == "utf8" else np.dtype(f.stored_dtype).itemsize
-        size = per_row * itemsize / spec.row_length
+        if f.container == TEXT:
+            size = CHARS_PER_TOKEN  # one string per row, about this many UTF-8 bytes per token
+        else:
+            size = per_row * np.dtype(f.stored_dtype).itemsize / spec.row_length
         if f.name == "draw_ids" or f.name == "draw_counts":
             size = size * 0.5 + (1.0 if f.name == "draw_ids" else 0.0)  # ~half the draws are unique
         if spec.hidden is not None and spec.hidden.dtype == "int8" and f.name.startswith("hidden_"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdstore.reader import StoreReader
 from kdstore.records import TEACHER_DIR
@@ -34,6 +34,13 @@ class StudentConfig(Strict):
     attn_implementation: str | None = None  # "eager" is forced when a loss needs attentions
     # a tokenizer folder of the student's own (init=config / teacher_layers): cross-tokenizer losses only
     tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _own_tokenizer(self) -> StudentConfig:
+        if self.tokenizer is not None and self.init == "pretrained":
+            raise ValueError("student.tokenizer applies to init config / teacher_layers; a pretrained student "
+                             "uses the tokenizer saved with it")
+        return self
 
 
 class TokenizerMismatchError(ValueError):
@@ -97,8 +104,6 @@ def build_student(cfg: StudentConfig, reader: StoreReader, needs_attentions: boo
     """The student; `cross_tokenizer` (the losses align vocabularies) lets its tokenizer differ."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.tokenizer is not None and cfg.init == "pretrained":
-        raise ValueError("student.tokenizer applies to init config / teacher_layers; a pretrained student uses its own")
     own = None
     if cfg.tokenizer is not None:
         if not Path(cfg.tokenizer).is_dir():

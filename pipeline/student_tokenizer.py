@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdstore.reader import StoreReader
+from pipeline.config import ConfigError
 from pipeline.corpus import list_corpus_files, read_documents
 from pipeline.packing import is_validation
 from pipeline.shard_plan import corpus_source
@@ -45,7 +46,10 @@ def train_tokenizer(documents: Iterator[str], vocab_size: int, out: str | Path) 
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:
-        raise ValueError(f"vocab_size {vocab_size} is below the {len(alphabet) + 1} ids a byte-level BPE needs")
+        raise ConfigError(f"vocab_size {vocab_size} is below the {len(alphabet) + 1} ids a byte-level BPE needs")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise ConfigError(f"{out} exists and is not empty: a trained tokenizer is never overwritten; choose another "
+                          "folder or remove it")
     model = Tokenizer(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.cross_tokenizer import STORE_FIELDS, TEACHER_PREFIX
 from pipeline.losses.base import (
@@ -195,9 +194,3 @@ def _softmax(scores: Tensor, allowed: Tensor) -> Tensor:
     masked = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(masked.masked_fill(~allowed.any(-1, keepdim=True), 0.0), dim=-1)
     return torch.where(allowed, weights, 0.0)
-
-
-def cross_tokenizer_losses(losses: Any) -> bool:
-    """Whether any loss in a built loss module reads a student-tokenizer batch."""
-    modules = losses.modules() if isinstance(losses, nn.Module) else []
-    return any(isinstance(m, TokenAlignKD | CrossModelAttentionKD) for m in modules)

@@ -311,16 +311,22 @@ def _union(leaves: Iterator[tuple[str, tuple[str, ...]]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(f for _, fields in leaves for f in fields))
 
 
-def _leaves_of_config(cfg: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    if isinstance(cfg, MixConfig):
-        for child in cfg.losses:
-            yield from _leaves_of_config(child, names)
+def _leaf_configs(cfg: Any) -> Iterator[Any]:
+    """The leaf loss configs of a config (a list, a mix, a fakd composite, or a leaf), in order."""
+    if isinstance(cfg, list):
+        for child in cfg:
+            yield from _leaf_configs(child)
+    elif isinstance(cfg, MixConfig):
+        yield from _leaf_configs(cfg.losses)
     elif isinstance(cfg, FAKDConfig):
-        for part in (cfg.hidden, cfg.attention, cfg.output):
-            if part is not None:
-                yield from _leaves_of_config(part, names)
+        yield from _leaf_configs([p for p in (cfg.hidden, cfg.attention, cfg.output) if p is not None])
     else:
-        yield cfg.name, REGISTRY[cfg.name].fields(cfg, names)
+        yield cfg
+
+
+def _leaves_of_config(cfg: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    for leaf in _leaf_configs(cfg):
+        yield leaf.name, REGISTRY[leaf.name].fields(leaf, names)
 
 
 def _leaves(item: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -338,14 +344,7 @@ def _leaves(item: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, .
 
 def loss_names(losses: Any) -> set[str]:
     """The registry names of every leaf loss config (inside lists, mixes and fakd composites)."""
-    cfg = parse_loss_config(losses)
-    if isinstance(cfg, list):
-        return set().union(*(loss_names(c) for c in cfg))
-    if isinstance(cfg, MixConfig):
-        return loss_names(cfg.losses)
-    if isinstance(cfg, FAKDConfig):
-        return loss_names([p for p in (cfg.hidden, cfg.attention, cfg.output) if p is not None])
-    return {cfg.name}
+    return {leaf.name for leaf in _leaf_configs(parse_loss_config(losses))}
 
 
 def required_fields(losses: Any, store_field_names: Sequence[str]) -> tuple[str, ...]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import yaml
+from short_docs import cache_section, write_short_docs
 
 from flows.cli import main
 from kdstore.reader import StoreReader
@@ -18,16 +18,10 @@ from pipeline.teacher import weights_digest
 
 @pytest.mark.slow
 def test_self_distill_flow_runs_the_rounds(tmp_path, tiny_teacher_dir, capsys):
-    rng = random.Random(1)
-    words = "the cat sat on a mat while python code ran fast near old stone bridges".split()
-    corpus = tmp_path / "docs.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(30)))
     out = tmp_path / "run"
     config = {
         "out": str(out), "rounds": 2, "eval_tokens": 128,
-        "cache": {"teacher": {"name": str(tiny_teacher_dir), "batch_size": 4},
-                  "corpus": {"kind": "files", "paths": [str(corpus)], "text_split": "blank_line", "val_fraction": 0.3},
-                  "row_length": 32, "shard_rows": 8, "split": "train", "signals": {"topk": {"k": 8}}},
+        "cache": cache_section(tiny_teacher_dir, write_short_docs(tmp_path)),
         "train": {"student": {"init": "teacher_layers", "teacher": str(tiny_teacher_dir), "num_layers": 1},
                   "batch_size": 2, "steps": 1, "warmup_steps": 0, "device": "cpu", "tensorboard": False},
     }

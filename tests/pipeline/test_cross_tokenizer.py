@@ -23,9 +23,9 @@ from short_docs import cache_short_docs as _cache
 from short_docs import write_short_docs
 
 from kdstore.reader import StoreReader
-from kdstore.spec import StoreSpec, TopKSpec, fingerprint
+from kdstore.spec import Provenance, StoreSpec, TopKSpec, fingerprint
 from kdstore.torch_stream import KDStream
-from pipeline.config import parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.cross_tokenizer import (
     CrossTokenizerError,
     Retokenizer,
@@ -41,7 +41,7 @@ from pipeline.losses.output import DistributionLoss
 from pipeline.packing import pack_file
 from pipeline.student import store_tokenizer
 from pipeline.student_tokenizer import train_store_tokenizer, training_documents
-from pipeline.trainer import Trainer, train
+from pipeline.trainer import TrainConfig, Trainer, train
 
 DOCS_WITH_UNICODE = ["Hello  world, émigré café naïve 日本語 text.\n\nSecond para  ", "  leading and trailing   ",
                      "x" * 120 + " end"]
@@ -105,6 +105,11 @@ def test_text_fields_round_trip_and_plain_pyarrow_reads_them(store):
     tokenizer = store_tokenizer(reader)
     for text, ids, valid in zip(rows["text"], rows["input_ids"], rows["valid"], strict=True):
         assert tokenizer.decode(ids[valid], skip_special_tokens=True) == text
+    from kdstore.summary import summarize
+    from pipeline.shard_plan import field_bytes_per_token
+
+    assert summarize(str(store)).field_bytes_per_token()["text"] > 0  # `kdcache inspect` counts text.arrow
+    assert field_bytes_per_token(reader.spec)[1]["text"] > 0  # and `kdcache plan` estimates it
     table = pa.ipc.open_file(str(store / "shards" / shard / "text.arrow")).read_all()
     assert table.schema.field("text").type == pa.string()
     assert table.column("text").to_pylist() == list(rows["text"])
@@ -118,13 +123,7 @@ def test_text_flag_keeps_older_fingerprints():
     assert "text" not in plain.to_dict()
     with_text = StoreSpec(vocab_size=100, row_length=8, shard_rows=2, topk=TopKSpec(k=4), text=True)
     assert StoreSpec.from_dict(with_text.to_dict()) == with_text
-    assert fingerprint(plain, _prov()) != fingerprint(with_text, _prov())
-
-
-def _prov():
-    from kdstore.spec import Provenance
-
-    return Provenance()
+    assert fingerprint(plain, Provenance()) != fingerprint(with_text, Provenance())
 
 
 # ---------------------------------------------------------------- tokenizer, re-tokenisation, alignment
@@ -342,13 +341,18 @@ def test_foreign_student_trains_and_is_evaluated_on_its_own_tokens(store, tiny_t
     assert model.get_input_embeddings().weight.shape[0] == len(student_tokenizer)
     same = tmp_path / "same"
     train(_train_cfg(store, same, tiny_teacher_dir, None, [{"name": "fkl"}], steps=1), progress=False)
+    said: list[str] = []
+    models = {"foreign": str(out / "model"), "foreign_again": str(out / "model"), "same": str(same / "model")}
     result = evaluate(parse_config({"store": str(store), "out": str(tmp_path / "eval"), "teacher": str(tiny_teacher_dir),
-                                    "models": {"foreign": str(out / "model"), "same": str(same / "model")},
-                                    "max_tokens": 128, "device": "cpu", "generation": {"prompts": 2, "prompt_tokens": 4,
-                                                                                          "new_tokens": 4}}, EvalConfig),
-                      progress=None)
+                                    "models": models, "max_tokens": 128, "device": "cpu",
+                                    "generation": {"prompts": 2, "prompt_tokens": 4, "new_tokens": 4}}, EvalConfig),
+                      progress=said.append)
     foreign, same_m = result["models"]["foreign"], result["models"]["same"]
-    assert result["own_tokenizer"] == ["foreign"]
+    assert result["own_tokenizer"] == ["foreign", "foreign_again"]
+    # one packing per tokenizer: the store's (teacher + same), then the students' own (both foreign models)
+    assert [line.split(" on ")[0] for line in said if line.startswith("evaluating")] == [
+        "evaluating teacher, same", "evaluating foreign, foreign_again"]
+    assert result["models"]["foreign_again"]["ppl"] == foreign["ppl"]
     assert "kl_to_teacher" not in foreign and "generation" not in foreign
     assert "kl_to_teacher" in same_m and "generation" in same_m
     assert math.isfinite(foreign["ppl"]) and 0 < foreign["bits_per_byte"] < 20
@@ -364,7 +368,7 @@ def test_foreign_student_trains_and_is_evaluated_on_its_own_tokens(store, tiny_t
 def test_embedding_init_follows_the_teacher_embeddings(store, tiny_teacher_dir, student_tokenizer_dir, student_tokenizer,
                                                      tmp_path):
     trainer = Trainer(parse_config(_train_cfg(store, tmp_path / "r", tiny_teacher_dir, student_tokenizer_dir,
-                                              [{"name": "xtok_align"}]), _config_model()))
+                                              [{"name": "xtok_align"}]), TrainConfig))
     teacher_tok = store_tokenizer(StoreReader(str(store)))
     from transformers import AutoModelForCausalLM
 
@@ -377,12 +381,6 @@ def test_embedding_init_follows_the_teacher_embeddings(store, tiny_teacher_dir, 
     assert trainer.student.foreign and trainer.student.model.config.eos_token_id == student_tokenizer.eos_token_id
 
 
-def _config_model():
-    from pipeline.trainer import TrainConfig
-
-    return TrainConfig
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -391,10 +389,10 @@ def test_cross_tokenizer_loss_on_a_store_without_text_names_the_field(tmp_path_f
     plain = _cache(tmp_path_factory.mktemp("plain") / "store", tiny_teacher_dir, corpus)
     with pytest.raises(MissingLossFieldError, match="'xtok_align' needs store field.*'text'"):
         Trainer(parse_config(_train_cfg(plain, tmp_path / "r", tiny_teacher_dir, student_tokenizer_dir,
-                                        [{"name": "xtok_align"}]), _config_model()))
+                                        [{"name": "xtok_align"}]), TrainConfig))
     with pytest.raises(CrossTokenizerError, match=r"store .* has no field\(s\) \['text', 'char_end'\]"):
         Trainer(parse_config(_train_cfg(plain, tmp_path / "r", tiny_teacher_dir, student_tokenizer_dir,
-                                        [{"name": "ce"}]), _config_model()))
+                                        [{"name": "ce"}]), TrainConfig))
 
 
 def test_mixes_that_cannot_work_are_refused(store, tiny_teacher_dir, student_tokenizer_dir, tmp_path):
@@ -402,20 +400,38 @@ def test_mixes_that_cannot_work_are_refused(store, tiny_teacher_dir, student_tok
         check_cross_tokenizer([{"name": "fkl"}, {"name": "xtok_align"}], True)
     with pytest.raises(LossConfigError, match=r"\['fkl'\] read .* for a student with its own tokenizer"):
         Trainer(parse_config(_train_cfg(store, tmp_path / "r", tiny_teacher_dir, student_tokenizer_dir,
-                                        [{"name": "fkl"}]), _config_model()))
+                                        [{"name": "fkl"}]), TrainConfig))
     assert check_cross_tokenizer([{"name": "ce"}], True)  # the CE-only baseline of such a student
     assert not check_cross_tokenizer([{"name": "fkl"}, {"name": "ce"}], False)
     assert not check_cross_tokenizer([{"name": "multi_teacher", "weights": [0.5, 0.5]}], False)  # no store needed
     with pytest.raises(ValueError, match="no extra_stores, no online_teacher"):
         parse_config(_train_cfg(store, tmp_path / "r", tiny_teacher_dir, student_tokenizer_dir, [{"name": "xtok_align"}],
-                                online_teacher=str(tiny_teacher_dir)), _config_model())
+                                online_teacher=str(tiny_teacher_dir)), TrainConfig)
     assert check_cross_tokenizer([{"name": "mix", "losses": [{"name": "dskd_cma"}, {"name": "ce"}]}], True)
+
+
+def test_student_tokenizer_setups_that_cannot_work(store, tiny_teacher_dir, student_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    no_eos = AutoTokenizer.from_pretrained(student_tokenizer_dir, local_files_only=True)
+    no_eos.eos_token = None
+    with pytest.raises(CrossTokenizerError, match="has no eos token"):
+        Retokenizer(no_eos, 0, 16)
+    with pytest.raises(ConfigError, match="student.tokenizer applies to init config / teacher_layers"):
+        parse_config(_train_cfg(store, tmp_path / "r", tiny_teacher_dir, student_tokenizer_dir, [{"name": "ce"}],
+                                student={"init": "pretrained", "path": str(tiny_teacher_dir),
+                                         "tokenizer": str(student_tokenizer_dir)}), TrainConfig)
+    with pytest.raises(ConfigError, match="not empty: a trained tokenizer is never overwritten"):
+        train_store_tokenizer(str(store), 300, student_tokenizer_dir)
+    with pytest.raises(ConfigError, match="vocab_size 100 is below"):
+        train_store_tokenizer(str(store), 100, tmp_path / "small")
+    assert (student_tokenizer_dir / "tokenizer.json").is_file()  # untouched
 
 
 def test_missing_student_tokenizer_folder_is_named(store, tiny_teacher_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="student.tokenizer .*nowhere.* is not a tokenizer folder"):
         Trainer(parse_config(_train_cfg(store, tmp_path / "r", tiny_teacher_dir, tmp_path / "nowhere",
-                                        [{"name": "xtok_align"}]), _config_model()))
+                                        [{"name": "xtok_align"}]), TrainConfig))
 
 
 def test_build_loss_without_student_tokenizer_is_refused(store):

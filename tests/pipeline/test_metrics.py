@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +117,15 @@ def test_bad_calibration_inputs() -> None:
         calibration_bins(np.array([np.nan]), np.ones(1))
     with pytest.raises(ValueError, match="bins"):
         calibration_bins(np.ones(2), np.ones(2), bins=0)
+
+
+def test_scoring_leaves_the_callers_logging_alone():
+    """In a fresh process (pytest's own handlers would hide it): scoring installs no root handler."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from pipeline.metrics import score_texts; "
+            "score_texts(['a cat sat'], ['the cat sat']); print(len(logging.root.handlers))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "0", done.stderr

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from short_docs import cache_section, write_short_docs
 
 from flows.cli import main
 from kdstore.reader import StoreReader
@@ -24,25 +24,16 @@ from pipeline.teacher import weights_digest
 from pipeline.teacher_pass import run_cache
 from pipeline.teacher_source import NotAModelError, resolve_teacher, teacher_label
 
-WORDS = ("the cat sat on a mat while python code ran fast and students learned from "
-         "teachers quietly near old stone bridges under grey skies").split()
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 60))) + "." for _ in range(40)]
-    path = tmp_path_factory.mktemp("sd_corpus") / "docs.txt"
-    path.write_text("\n\n".join(docs))
-    return path
+    return write_short_docs(tmp_path_factory.mktemp("sd_corpus"))
 
 
 def _config(out: Path, teacher: Path | str, corpus: Path, **over) -> dict:
     data = {
         "out": str(out), "rounds": 2, "eval_tokens": 256,
-        "cache": {"teacher": {"name": str(teacher), "batch_size": 4},
-                  "corpus": {"kind": "files", "paths": [str(corpus)], "text_split": "blank_line", "val_fraction": 0.3},
-                  "row_length": 32, "shard_rows": 4, "split": "train", "signals": {"topk": {"k": 8}}},
+        "cache": cache_section(teacher, corpus),
         "train": {"student": {"init": "teacher_layers", "teacher": str(teacher), "num_layers": 1},
                   "losses": [{"name": "fkl"}, {"name": "ce", "weight": 0.5}], "batch_size": 2, "steps": 2,
                   "lr": 1e-3, "warmup_steps": 1, "device": "cpu", "tensorboard": False},

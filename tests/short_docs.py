@@ -1,10 +1,11 @@
 """A corpus of 40 short documents (split train, val_fraction 0.3: about 12 held out) and the tiny
-store cached from it, shared by the evaluation and cross-tokenizer tests."""
+stores cached from it, shared by the evaluation, cross-tokenizer and self-distillation tests."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import CacheConfig, parse_config
 from pipeline.teacher_pass import run_cache
@@ -21,12 +22,15 @@ def write_short_docs(folder: Path, seed: int = 1) -> Path:
     return path
 
 
+def cache_section(teacher: Path | str, corpus: Path, split: str = "train", signals: dict | None = None) -> dict[str, Any]:
+    """A cache config without its store: rows of 32 tokens in shards of 4, blank-line documents,
+    top-8 unless `signals` says otherwise."""
+    return {"teacher": {"name": str(teacher), "batch_size": 4},
+            "corpus": {"kind": "files", "paths": [str(corpus)], "text_split": "blank_line", "val_fraction": 0.3},
+            "row_length": 32, "shard_rows": 4, "split": split, "signals": signals or {"topk": {"k": 8}}}
+
+
 def cache_short_docs(store: Path, teacher: Path, corpus: Path, split: str = "train", signals: dict | None = None) -> Path:
-    """Rows of 32 tokens in shards of 4, blank-line documents; top-8 unless `signals` says otherwise."""
-    cfg = parse_config({
-        "store": str(store), "teacher": {"name": str(teacher), "batch_size": 4},
-        "corpus": {"kind": "files", "paths": [str(corpus)], "text_split": "blank_line", "val_fraction": 0.3},
-        "row_length": 32, "shard_rows": 4, "split": split, "signals": signals or {"topk": {"k": 8}},
-    }, CacheConfig)
-    run_cache(cfg, progress=None)
+    run_cache(parse_config({"store": str(store), **cache_section(teacher, corpus, split, signals)}, CacheConfig),
+              progress=None)
     return store
