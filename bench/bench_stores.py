@@ -26,8 +26,8 @@ def cache_dir() -> Path:
 def cached_store(prefix: str, data: dict[str, Any]) -> str:
     """The store for cache config `data` (its `store` key is filled in), built if needed."""
     from kdstore.verify import verify_store
+    from pipeline.capture.teacher_pass import run_cache
     from pipeline.config import CacheConfig, parse_config
-    from pipeline.teacher_pass import run_cache
 
     data = {**data, "store": ""}
     key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

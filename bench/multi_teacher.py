@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from bench_stores import cached_store, log  # noqa: E402
 
-from pipeline.trainer import TrainConfig, Trainer  # noqa: E402
+from pipeline.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 TARGET = 1.15
 

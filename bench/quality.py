@@ -30,7 +30,7 @@ Beyond one teacher and one vocabulary (each compared with its CE-only counterpar
 Stores (real offline teacher, built-in corpus, train split, built once and reused, see
 `bench_stores`): `full` = top-64 + 12 draws + hidden 13, 30 + attention of layers 12, 29 (all 9
 heads, top-16 keys per query); `top8` = top-8. Held-out: the validation documents of the same
-corpus (`pipeline.evaluate`): perplexity, KL(teacher ‖ student), ECE, top-1 agreement.
+corpus (`pipeline.evaluation.evaluate`): perplexity, KL(teacher ‖ student), ECE, top-1 agreement.
 Prints a table and, as its last line, one JSON object.
 """
 
@@ -54,8 +54,8 @@ import torch  # noqa: E402
 from bench_stores import cached_store, log  # noqa: E402
 
 from kdstore.summary import summarize  # noqa: E402
-from pipeline.evaluate import EvalConfig, evaluate  # noqa: E402
-from pipeline.trainer import TrainConfig, train  # noqa: E402
+from pipeline.evaluation.evaluate import EvalConfig, evaluate  # noqa: E402
+from pipeline.train.trainer import TrainConfig, train  # noqa: E402
 
 STUDENT_LAYERS = [0, 6, 12, 17, 23, 29]  # evenly_spaced(30, 6)
 HIDDEN_LAYERS = [13, 30]  # after teacher layers 12 and 29 = after student layers 2 and 5
@@ -187,7 +187,7 @@ def main() -> None:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kdcache-quality-"))
     tokenizer = None
     if any(METHODS[m].get("own_tokenizer") for m in methods):
-        from pipeline.student_tokenizer import train_store_tokenizer
+        from pipeline.train.student_tokenizer import train_store_tokenizer
 
         tokenizer = root / "student_tokenizer"
         own = train_store_tokenizer(stores["xtok"], STUDENT_VOCAB, tokenizer)

@@ -137,14 +137,14 @@ def _text_tokens(tokenizer, n: int) -> tuple[np.ndarray, str]:
 
 
 def _load_teacher():
-    """(model, tokenizer, how): pipeline.teacher when it has the loader, else the GGUF."""
+    """(model, tokenizer, how): pipeline.capture.teacher when it has the loader, else the GGUF."""
     try:
-        from pipeline import teacher as pt
+        from pipeline.capture import teacher as pt
     except ImportError:
         pt = None
     if pt is not None and hasattr(pt, "load_teacher") and hasattr(pt, "default_teacher_dir"):
         loaded = pt.load_teacher("default", device="cpu", dtype="float32")
-        return loaded.model, loaded.tokenizer, "pipeline.teacher.load_teacher('default')"
+        return loaded.model, loaded.tokenizer, "pipeline.capture.teacher.load_teacher('default')"
     import importlib.util
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

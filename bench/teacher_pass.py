@@ -23,9 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from pipeline.capture.pass_setup import open_writer, teacher_for  # noqa: E402
+from pipeline.capture.shard_plan import plan_shards  # noqa: E402
+from pipeline.capture.teacher_pass import cache_pipelined  # noqa: E402
 from pipeline.config import CacheConfig, parse_config  # noqa: E402
-from pipeline.shard_plan import plan_shards  # noqa: E402
-from pipeline.teacher_pass import cache_pipelined, open_writer, teacher_for  # noqa: E402
 
 
 def config_for(store: str, args: argparse.Namespace, signals: dict) -> CacheConfig:

@@ -24,13 +24,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import CacheConfig, parse_config
-from pipeline.shard_plan import ShardPlan
-from pipeline.teacher_pass import (
+from pipeline.capture.shard_plan import ShardPlan
+from pipeline.capture.teacher_pass import (
     cache_shard,
     pass_summary,
     prepare_pass,
 )
+from pipeline.config import CacheConfig, parse_config
 
 
 @task(name="cache-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from kdstore.errors import StoreError
 from pipeline.config import ConfigError
-from pipeline.evaluate import EvalError
-from pipeline.losses import NonFiniteLossError
-from pipeline.student import TokenizerMismatchError
+from pipeline.evaluation.evaluate import EvalError
+from pipeline.train.losses import NonFiniteLossError
+from pipeline.train.student import TokenizerMismatchError
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -57,8 +57,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from pipeline.capture.shard_plan import plan_cache
     from pipeline.config import load_config
-    from pipeline.shard_plan import plan_cache
 
     config = load_config(args.config, overrides=_overrides(args.set))
     print(plan_cache(config).to_markdown())
@@ -70,7 +70,7 @@ def _cache(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides=_overrides(args.set))
     if args.no_flow:
-        from pipeline.teacher_pass import run_cache
+        from pipeline.capture.teacher_pass import run_cache
 
         summary = run_cache(config)
     else:
@@ -83,11 +83,11 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.trainer import TrainConfig
+    from pipeline.train.trainer import TrainConfig
 
     config = load_config(args.config, TrainConfig, overrides=_overrides(args.set))
     if args.no_flow:
-        from pipeline.trainer import train
+        from pipeline.train.trainer import train
 
         result = train(config)
     else:
@@ -100,12 +100,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.evaluate import EvalConfig
 
     config = load_config(args.config, EvalConfig, overrides=_overrides(args.set))
     if args.no_flow:
-        from pipeline.evaluate import evaluate
-        from pipeline.report import metrics_table, write_report
+        from pipeline.evaluation.evaluate import evaluate
+        from pipeline.evaluation.report import metrics_table, write_report
 
         result = evaluate(config)
         written = write_report(result, config.out, train_logs=config.train_logs)
@@ -113,7 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"report: {written['markdown']}")
     else:
         from flows.evaluate import evaluate_flow
-        from pipeline.report import metrics_table
+        from pipeline.evaluation.report import metrics_table
 
         done = evaluate_flow(config.model_dump())
         print(metrics_table(done["result"]))
@@ -123,11 +123,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _self_distill(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.self_distill import SelfDistillConfig
+    from pipeline.train.self_distill import SelfDistillConfig
 
     config = load_config(args.config, SelfDistillConfig, overrides=_overrides(args.set))
     if args.no_flow:
-        from pipeline.self_distill import run_self_distill
+        from pipeline.evaluation.self_distill_rounds import run_self_distill
 
         written = run_self_distill(config)
     else:
@@ -149,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from pipeline.student_tokenizer import train_store_tokenizer
+    from pipeline.train.student_tokenizer import train_store_tokenizer
 
     tokenizer = train_store_tokenizer(args.store, args.vocab_size, args.out)
     print(f"{args.out}: byte-level BPE of {len(tokenizer):,} ids trained on the training documents of {args.store} "

@@ -30,7 +30,7 @@ BASELINE_LOSSES = [{"name": "ce"}]
 
 def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None) -> dict[str, Any]:
     from flows.train_student import train_student_flow
-    from pipeline.trainer import TrainConfig
+    from pipeline.train.trainer import TrainConfig
 
     overrides: dict[str, Any] = {"store": str(store), "out": str(out)}
     if losses is not None:
@@ -56,7 +56,7 @@ def demo_flow(out_dir: str = "runs/demo", tokens: int | None = None, steps: int 
               eval_tokens: int | None = None) -> dict[str, Any]:
     from flows.cache_teacher import cache_teacher
     from flows.evaluate import evaluate_flow
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.evaluate import EvalConfig
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

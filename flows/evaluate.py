@@ -13,8 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from pipeline.config import parse_config
-from pipeline.evaluate import EvalConfig, evaluate
-from pipeline.report import metrics_table, write_report
+from pipeline.evaluation.evaluate import EvalConfig, evaluate
+from pipeline.evaluation.report import metrics_table, write_report
 
 
 @task(name="evaluate-models", cache_policy=NONE)

@@ -1,4 +1,4 @@
-"""Prefect flow `self-distill`: born-again rounds as sub-flows, the work in `pipeline.self_distill`.
+"""Prefect flow `self-distill`: born-again rounds as sub-flows, the work in `pipeline.train.self_distill`.
 
 Per round: the `cache-teacher` sub-flow (round 0: the configured teacher; round r ≥ 1: the
 student of round r-1), the `train-student` sub-flow (re-hashes the store, then trains or, when
@@ -15,9 +15,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from pipeline.config import parse_config
-from pipeline.self_distill import (
+from pipeline.evaluation.self_distill_rounds import evaluate_round
+from pipeline.train.self_distill import (
     SelfDistillConfig,
-    evaluate_round,
     plan_round,
     release_teachers,
     round_line,

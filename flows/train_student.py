@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 from kdstore.errors import CorruptShardError
 from kdstore.verify import verify_store
 from pipeline.config import parse_config
-from pipeline.trainer import TrainConfig, train
+from pipeline.train.trainer import TrainConfig, train
 
 
 @task(name="verify-store", cache_policy=NONE)

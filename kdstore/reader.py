@@ -18,9 +18,15 @@ from safetensors.numpy import load as safetensors_load
 from kdstore.errors import CorruptShardError, FingerprintMismatchError, MissingFieldError
 from kdstore.fields import ZARR, Field
 from kdstore.location import Location
-from kdstore.records import SHARDS_DIR, TEACHER_DIR, CommitRecord, read_store_meta
+from kdstore.records import (
+    SHARDS_DIR,
+    TEACHER_DIR,
+    CommitRecord,
+    committed_shard_ids,
+    read_commit,
+    read_store_meta,
+)
 from kdstore.shard_io import DENSE_DIR, arrow_file, decode_arrow_batches, decode_dense
-from kdstore.verify import committed_shard_ids, read_commit
 
 
 class StoreReader:

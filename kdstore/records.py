@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdstore.errors import FormatVersionError, NotAStoreError, SpecError
+from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, SpecError
 from kdstore.fields import Field, field_layout_from_json, field_layout_to_json, fields_for_spec
 from kdstore.location import Location
 from kdstore.spec import FORMAT_VERSION, Provenance, StoreSpec, fingerprint
@@ -150,3 +150,23 @@ def sha256_of(fs_open, path: str, block: int = 1 << 20) -> str:
         while chunk := fh.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_commit(location: Location, shard_id: str) -> CommitRecord:
+    """The commit record of one shard; CorruptShardError naming the file when unreadable."""
+    path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
+    try:
+        return CommitRecord.from_json(json.loads(location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)))
+    except FileNotFoundError:
+        raise CorruptShardError(f"shard {shard_id}: {path} is missing (shard not committed)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptShardError(f"shard {shard_id}: {path} is not a valid commit record ({exc!r})") from exc
+
+
+def committed_shard_ids(location: Location) -> list[str]:
+    """Shard ids with a commit record, sorted. Staging and quarantined dirs start with '.'."""
+    return [
+        name
+        for name in location.list_dirs(SHARDS_DIR)
+        if not name.startswith(".") and location.exists(SHARDS_DIR, name, COMMIT_JSON)
+    ]

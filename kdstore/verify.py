@@ -7,13 +7,20 @@ skip committed work, the reader and trainer to refuse a corrupt shard, and `veri
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass, field
 
 from kdstore.errors import CorruptShardError
 from kdstore.location import Location
-from kdstore.records import COMMIT_JSON, SHARDS_DIR, CommitRecord, read_store_meta, sha256_of
+from kdstore.reader import StoreReader
+from kdstore.records import (
+    COMMIT_JSON,
+    SHARDS_DIR,
+    CommitRecord,
+    read_commit,
+    read_store_meta,
+    sha256_of,
+)
 
 CHECKS = ("hash", "size")
 
@@ -43,17 +50,6 @@ class VerifyReport:
     @property
     def bad_shards(self) -> list[str]:
         return sorted({p.shard for p in self.problems})
-
-
-def read_commit(location: Location, shard_id: str) -> CommitRecord:
-    """The commit record of one shard; CorruptShardError naming the file when unreadable."""
-    path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
-    try:
-        return CommitRecord.from_json(json.loads(location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)))
-    except FileNotFoundError:
-        raise CorruptShardError(f"shard {shard_id}: {path} is missing (shard not committed)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptShardError(f"shard {shard_id}: {path} is not a valid commit record ({exc!r})") from exc
 
 
 def check_shard(
@@ -94,15 +90,6 @@ def check_shard(
     return problems, record
 
 
-def committed_shard_ids(location: Location) -> list[str]:
-    """Shard ids with a commit record, sorted. Staging and quarantined dirs start with '.'."""
-    return [
-        name
-        for name in location.list_dirs(SHARDS_DIR)
-        if not name.startswith(".") and location.exists(SHARDS_DIR, name, COMMIT_JSON)
-    ]
-
-
 def verify_store(url: str, check: str = "hash") -> VerifyReport:
     """Re-check every shard of a store (plus uncommitted shard dirs and duplicate sample ids)."""
     location = Location.of(url)
@@ -127,7 +114,6 @@ def verify_store(url: str, check: str = "hash") -> VerifyReport:
 
 def _overlapping_sample_ids(url: str, ranges: list[tuple[int, int, str]]) -> list[Problem]:
     """Shards whose sample-id ranges overlap are read to find real duplicates."""
-    from kdstore.reader import StoreReader  # reader imports this module
 
     ranges.sort()
     suspects = set()

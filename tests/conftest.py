@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 def default_teacher_dir() -> Path:
     """The default teacher converted into the real user cache ($KDCACHE_CACHE or
     ~/.cache/kdcache): ~30 s once per machine, instant after. Mark its users slow."""
-    from pipeline.teacher import default_teacher_dir as convert
+    from pipeline.capture.teacher import default_teacher_dir as convert
 
     return convert()
 
@@ -34,7 +34,7 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     teacher when this machine has it, else read from the GGUF (~7 s) without the weights."""
     from transformers import AutoTokenizer
 
-    from pipeline.teacher import DEFAULT_TEACHER, MARKER, cache_root, default_gguf_path
+    from pipeline.capture.teacher import DEFAULT_TEACHER, MARKER, cache_root, default_gguf_path
 
     converted = cache_root() / "teachers" / DEFAULT_TEACHER
     if (converted / MARKER).is_file():

@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from pipeline.capture.teacher_pass import run_cache
 from pipeline.config import CacheConfig, parse_config
-from pipeline.teacher_pass import run_cache
 
 WORDS = ("the cat sat on a mat while python code ran fast and students learned from "
          "teachers quietly near old stone bridges under grey skies").split()

@@ -13,7 +13,7 @@ from short_docs import cache_section, write_short_docs
 
 from flows.cli import main
 from kdstore.reader import StoreReader
-from pipeline.teacher import weights_digest
+from pipeline.capture.teacher import weights_digest
 
 
 @pytest.mark.slow

@@ -1,0 +1,200 @@
+"""Documents → fixed-length token rows with stable ids.
+
+A file's documents are tokenised with the teacher's tokenizer, joined as ``doc + [eos]`` and cut
+into rows of ``row_length`` tokens; a row's ``sample_id`` depends only on its file's key
+(`pipeline.capture.corpus`), its split and its row index, so the same corpus, tokenizer and packing give
+the same rows, in the same order, on any machine.
+
+Choices:
+- Empty/whitespace-only documents (and null text) are skipped and counted (``empty_docs``); a
+  file with no non-empty document is an error.
+- The last row is padded with ``eos`` marked ``valid=False`` (no text is lost); padding has
+  ``doc_ids == -1``. ``doc_ids`` number every document read from the file (empty and
+  other-split ones included), so they point back into the file.
+- Special-token text inside a document (a literal ``<|im_end|>``) is tokenised as text:
+  ``eos`` appears only between documents.
+- The train/validation split is by document, from a hash of its text and a seed
+  (:func:`is_validation`): stable under reordering, and duplicates land on the same side.
+- ``with_text`` also keeps each row's text and every token's character end
+  (`pipeline.capture.row_text`), for students with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.capture.corpus import CorpusError, CorpusFile, CorpusSource, key39, read_documents
+from pipeline.capture.row_text import join_rows, offsets_of, piece_ends
+
+Split = Literal["train", "validation"]
+# sample_id = key39 << 24 | is_validation << 23 | row: 39 bits of the file digest, one split bit
+# and 23 bits of row index (at most 8,388,608 rows per file and split), 63 bits in all so the
+# id also fits a signed int64. Files of one corpus are checked to differ in their 39 bits.
+ROW_BITS = 23
+MAX_ROWS_PER_FILE = 1 << ROW_BITS
+
+
+@dataclass(frozen=True, eq=False)
+class PackedRows:
+    """Rows of one file (or one chunk of it). Counts cover the documents read for these rows."""
+
+    input_ids: np.ndarray  # [N, T] int32, padding = eos
+    doc_ids: np.ndarray  # [N, T] int32, index of the document in its file; -1 = padding
+    valid: np.ndarray  # [N, T] bool, False on padding
+    sample_ids: np.ndarray  # [N] uint64, see sample_ids()
+    file_key: str
+    split: Split | None
+    docs: int = 0  # documents packed
+    empty_docs: int = 0  # empty / whitespace-only documents skipped
+    long_docs: int = 0  # documents (+ eos) longer than one row, hence split across rows
+    held_out_docs: int = 0  # non-empty documents that belong to the other split
+    tokens: int = 0  # valid tokens, one eos per document included
+    text: np.ndarray | None = None  # [N] str, with_text only: the row's text (pipeline.capture.row_text)
+    char_end: np.ndarray | None = None  # [N, T] int32, with_text only: each token's end in it
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
+    """Whether a document belongs to the validation split: the first 64 bits of
+    sha256("kdcache-split/<seed>/" + text) < val_fraction · 2^64. Depends on content only."""
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1]")
+    if val_fraction == 0.0:
+        return False
+    h = hashlib.sha256(f"kdcache-split/{seed}/".encode() + text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest()[:8], "big") < val_fraction * 2.0**64
+
+
+def sample_ids(file_key: str, start_row: int, count: int, split: Split | None = None) -> np.ndarray:
+    """Stable ids of rows ``start_row .. start_row+count-1`` of a file (see ``ROW_BITS``)."""
+    if start_row + count > MAX_ROWS_PER_FILE:
+        raise CorpusError(f"file {file_key[:12]}: more than {MAX_ROWS_PER_FILE} rows in one split; "
+                          f"split the file into smaller ones")
+    base = (key39(file_key) << (ROW_BITS + 1)) | (int(split == "validation") << ROW_BITS)
+    return np.arange(base + start_row, base + start_row + count, dtype=np.uint64)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: str, *,
+                split: Split | None = None, val_fraction: float = 0.0, seed: int = 0,
+                eos_id: int | None = None, rows_per_chunk: int | None = None,
+                batch_docs: int = 256, name: str | None = None, with_text: bool = False) -> Iterator[PackedRows]:
+    """Pack a file's documents into rows, yielding chunks of ``rows_per_chunk`` rows (all rows
+    in one chunk when None). The last chunk holds the padded tail and may have zero rows; the
+    counts of all chunks add up to the file's. ``split`` packs only that side of the
+    train/validation split; ``name`` (the file's path) names the file in errors. ``with_text``
+    adds each row's text and its tokens' character ends (a fast tokenizer's offsets)."""
+    if row_length < 1 or split not in (None, "train", "validation"):
+        raise ValueError(f"row_length={row_length} must be >= 1 and split={split!r} one of "
+                         f"'train', 'validation', None")
+    if len(file_key) < 10 or any(c not in "0123456789abcdef" for c in file_key):
+        raise ValueError(f"file_key={file_key!r} must be a lowercase hex sha256 digest")
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token: pass eos_id")
+    where, T, chunk = name or f"file {file_key[:12]}", row_length, rows_per_chunk or 0
+    toks: list[np.ndarray] = []
+    dids: list[np.ndarray] = []
+    spans: list[np.ndarray] = []  # with_text: [n, 2] piece start and end of each token in its document
+    texts: dict[int, str] = {}
+    counts = dict.fromkeys(("docs", "empty_docs", "long_docs", "held_out_docs", "tokens"), 0)
+    state = {"buffered": 0, "next_row": 0, "non_empty": 0}
+
+    def tokenize(batch: list[tuple[int, str]]) -> None:
+        encoding = tokenizer([t for _, t in batch], add_special_tokens=False, split_special_tokens=True,
+                             truncation=False, verbose=False, return_attention_mask=False,
+                             return_offsets_mapping=with_text)
+        for i, ((idx, text), ids) in enumerate(zip(batch, encoding["input_ids"], strict=True)):
+            if with_text:
+                ends = piece_ends(offsets_of(tokenizer, encoding, i, where), len(text))
+                starts = np.concatenate([[0], ends[:-1]])
+                spans.append(np.stack([np.append(starts, len(text)), np.append(ends, len(text))], axis=1))
+                texts[idx] = text
+            toks.append(np.array([*ids, eos], np.int32))
+            dids.append(np.full(len(ids) + 1, idx, np.int32))
+            counts["docs"] += 1
+            counts["tokens"] += len(ids) + 1
+            counts["long_docs"] += len(ids) + 1 > T
+            state["buffered"] += len(ids) + 1
+
+    def emit(n_rows: int) -> PackedRows:
+        flat = np.concatenate([np.empty(0, np.int32), *toks])
+        flat_d = np.concatenate([np.empty(0, np.int32), *dids])
+        take = min(n_rows * T, len(flat))
+        ids, doc = np.full(n_rows * T, eos, np.int32), np.full(n_rows * T, -1, np.int32)
+        valid = np.arange(n_rows * T) < take
+        ids[:take], doc[:take] = flat[:take], flat_d[:take]
+        toks[:], dids[:] = [flat[take:]], [flat_d[take:]]
+        extra = {}
+        if with_text:
+            flat_s = np.concatenate([np.empty((0, 2), np.int64), *spans])
+            span = np.zeros((n_rows * T, 2), np.int64)
+            span[:take] = flat_s[:take]
+            spans[:] = [flat_s[take:]]
+            shape2 = (n_rows, T)
+            extra["text"], extra["char_end"] = join_rows(texts, doc.reshape(shape2), span[:, 0].reshape(shape2),
+                                                         span[:, 1].reshape(shape2))
+            first_left = int(flat_d[take]) if take < len(flat_d) else None
+            for key in [k for k in texts if first_left is None or k < first_left]:
+                del texts[key]  # documents wholly packed
+        state["buffered"] -= take
+        sids = sample_ids(file_key, state["next_row"], n_rows, split)
+        state["next_row"] += n_rows
+        shape = (n_rows, T)
+        rows = PackedRows(ids.reshape(shape), doc.reshape(shape), valid.reshape(shape), sids,
+                          file_key, split, **counts, **extra)
+        counts.update(dict.fromkeys(counts, 0))
+        return rows
+
+    batch: list[tuple[int, str]] = []
+    for idx, text in enumerate(docs):
+        if not isinstance(text, str):
+            raise CorpusError(f"{where}: document {idx} is {type(text).__name__}, not str")
+        if not text.strip():
+            counts["empty_docs"] += 1
+            continue
+        state["non_empty"] += 1
+        if split is not None and is_validation(text, val_fraction, seed) != (split == "validation"):
+            counts["held_out_docs"] += 1
+            continue
+        batch.append((idx, text))
+        if len(batch) >= batch_docs:
+            tokenize(batch)
+            batch = []
+            while chunk and state["buffered"] >= chunk * T:
+                yield emit(chunk)
+    if batch:
+        tokenize(batch)
+    if state["non_empty"] == 0:
+        raise CorpusError(f"{where}: no documents ({counts['empty_docs']} empty ones skipped)")
+    while chunk and state["buffered"] >= chunk * T:
+        yield emit(chunk)
+    yield emit(-(-state["buffered"] // T))
+
+
+def pack_file(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: str, *,
+              split: Split | None = None, val_fraction: float = 0.0, seed: int = 0,
+              eos_id: int | None = None, batch_docs: int = 256,
+              name: str | None = None, with_text: bool = False) -> PackedRows:
+    """All rows of one file at once (see :func:`iter_packed`)."""
+    (rows,) = iter_packed(docs, tokenizer, row_length, file_key, split=split,
+                          val_fraction=val_fraction, seed=seed, eos_id=eos_id,
+                          batch_docs=batch_docs, name=name, with_text=with_text)
+    return rows
+
+
+def pack_corpus_file(file: CorpusFile, source: CorpusSource, tokenizer: Any, row_length: int,
+                     **kwargs: Any) -> PackedRows:
+    """Read and pack one listed corpus file (``kwargs`` as for :func:`pack_file`)."""
+    return pack_file(read_documents(file, source), tokenizer, row_length, file.sha256,
+                     name=file.path, **kwargs)

@@ -1,0 +1,214 @@
+"""The teacher pass: corpus rows in, committed shards out. Runs the teacher once.
+
+Plan: each corpus file is packed into rows and cut into shards named by the file's content
+digest, so adding a file adds only its shards and changing a file redoes only its own.
+Per shard: batched no-grad forward passes, signal extraction on the device, then the write,
+which runs outside the device lock so the next shard's forward pass overlaps it (the Prefect
+flow runs two shards at a time; `run_cache` uses a writer thread behind a bounded queue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdstore.records import SHARDS_DIR
+from kdstore.spec import StoreSpec
+from kdstore.summary import summarize
+from kdstore.writer import StoreWriter
+from pipeline.capture import extract
+from pipeline.capture.pass_setup import Teacher, open_writer, teacher_for
+from pipeline.capture.shard_plan import ShardPlan, plan_shards
+from pipeline.capture.teacher_files import write_teacher_files
+from pipeline.config import CacheConfig
+
+DEVICE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Run the teacher over one shard's rows; returns the arrays the store writer takes."""
+    rows = plan.rows
+    n = len(rows.sample_ids)
+    out: dict[str, list[np.ndarray]] = {}
+    generator = None
+    if spec.sampled is not None:
+        digest = hashlib.sha256(f"{spec.sampled.seed}:{plan.shard_id}".encode()).digest()
+        generator = torch.Generator(device=teacher.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    want_hidden = spec.hidden is not None
+    want_attn = spec.attention is not None
+    for start in range(0, n, batch_size):
+        ids = torch.from_numpy(rows.input_ids[start : start + batch_size].astype(np.int64)).to(teacher.device)
+        with torch.inference_mode():
+            result = teacher.model(
+                input_ids=ids, output_hidden_states=want_hidden, output_attentions=want_attn, use_cache=False
+            )
+            for name, value in extract_signals(result, spec, generator).items():
+                out.setdefault(name, []).append(value)
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    arrays.update(
+        sample_id=rows.sample_ids.astype(np.int64),
+        input_ids=rows.input_ids,
+        doc_ids=rows.doc_ids,
+        valid=rows.valid,
+    )
+    if spec.text:
+        arrays.update(text=rows.text, char_end=rows.char_end)
+    return arrays
+
+
+def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None) -> dict[str, np.ndarray]:
+    logits = result.logits
+    out: dict[str, np.ndarray] = {}
+    if spec.topk is not None:
+        t = spec.topk
+        ids, logp, tail = extract.topk_logprobs(logits, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
+        out.update(topk_ids=extract.to_numpy(ids), topk_logp=extract.to_numpy(logp), topk_tail=extract.to_numpy(tail))
+    if spec.sampled is not None:
+        ids, counts = extract.sampled_draws(logits, spec.sampled.n_draws, spec.sampled.temperature, generator)
+        out.update(draw_ids=extract.to_numpy(ids), draw_counts=extract.to_numpy(counts))
+    if spec.hidden is not None:
+        for layer in spec.hidden.layers:
+            out[f"hidden_{layer}"] = extract.to_numpy(result.hidden_states[layer].float())
+    if spec.attention is not None:
+        a = spec.attention
+        for layer in a.layers:
+            for suffix, value in extract.attention_rows(result.attentions[layer], a.heads, a.topk).items():
+                out[f"attn_{layer}{suffix}"] = extract.to_numpy(value)
+    return out
+
+
+def cache_shard(config: CacheConfig, plan: ShardPlan) -> dict[str, Any]:
+    """One unit of work (a flow task): skip when committed and valid, else compute and commit."""
+    teacher = teacher_for(config)
+    writer = open_writer(config, teacher)
+    if (done := writer.committed(plan.shard_id)) is not None:
+        return {"shard_id": plan.shard_id, "skipped": True, "tokens": done.tokens, "bytes": done.bytes}
+    with DEVICE_LOCK:  # the device runs one shard at a time; writing happens outside the lock
+        arrays = compute_shard(teacher, writer.meta.spec, plan, config.teacher.batch_size)
+    result = writer.write_shard(plan.shard_id, arrays, meta=plan.meta())
+    print(f"  shard {plan.shard_id}: {result.record.tokens} tokens, {result.record.bytes / result.record.tokens:.1f} B/token", flush=True)
+    return {"shard_id": plan.shard_id, "skipped": result.skipped, "tokens": result.record.tokens, "bytes": result.record.bytes}
+
+
+# ---------------------------------------------------------------- whole pass without Prefect
+
+
+@dataclass(frozen=True, eq=False)
+class PassPlan:
+    teacher: Teacher
+    writer: StoreWriter
+    plans: list[ShardPlan]
+    todo: list[ShardPlan]  # planned shards not yet committed and valid
+    retired: list[str]
+
+
+def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = print) -> PassPlan:
+    """Open the store, clean crash leftovers, write teacher/ once, plan, retire stale shards."""
+    teacher = teacher_for(config)
+    writer = open_writer(config, teacher)
+    writer.cleanup_stale()
+    write_teacher_files(writer, teacher)
+    plans = plan_shards(config, teacher.tokenizer)
+    retired = retire_stale_shards(writer, plans)
+    todo = [p for p in plans if writer.committed(p.shard_id) is None]
+    if progress:
+        progress(f"{len(plans)} shards planned, {len(plans) - len(todo)} already committed, {len(todo)} to compute")
+    return PassPlan(teacher, writer, plans, todo, retired)
+
+
+def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """The teacher pass as a plain function: a forward loop and a writer thread (queue of 2)."""
+    started = time.perf_counter()
+    p = prepare_pass(config, progress)
+    results = cache_pipelined(p.teacher, p.writer, p.todo, config, progress, started)
+    return pass_summary(config.store, p.plans, results, p.retired, time.perf_counter() - started)
+
+
+def cache_pipelined(
+    teacher: Teacher, writer: StoreWriter, todo: list[ShardPlan], config: CacheConfig,
+    progress: Callable[[str], None] | None = None, started: float | None = None,
+) -> list[dict[str, Any]]:
+    """Forward passes in this thread, writes in a writer thread behind a queue of 2 shards."""
+    started = time.perf_counter() if started is None else started
+    results: list[dict[str, Any]] = []
+    pending: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def write_loop() -> None:
+        while (item := pending.get()) is not None:
+            plan, arrays = item
+            try:
+                r = writer.write_shard(plan.shard_id, arrays, meta=plan.meta())
+                results.append({"shard_id": plan.shard_id, "tokens": r.record.tokens, "bytes": r.record.bytes})
+            except BaseException as exc:  # surfaced in the calling thread below
+                failure.append(exc)
+
+    thread = threading.Thread(target=write_loop, name="kdcache-writer", daemon=True)
+    thread.start()
+    try:
+        for arrays, plan in _timed(todo, teacher, writer, config, progress, started):
+            if failure:
+                break
+            pending.put((plan, arrays))
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    return results
+
+
+def _timed(todo, teacher, writer, config, progress, started) -> Iterator[tuple[dict[str, np.ndarray], ShardPlan]]:
+    total_tokens = sum(len(p.rows.sample_ids) for p in todo) * config.row_length
+    done = 0
+    for i, plan in enumerate(todo):
+        arrays = compute_shard(teacher, writer.meta.spec, plan, config.teacher.batch_size)
+        done += len(plan.rows.sample_ids) * config.row_length
+        if progress:
+            elapsed = time.perf_counter() - started
+            rate = done / max(elapsed, 1e-9)
+            eta = (total_tokens - done) / max(rate, 1e-9)
+            progress(f"[{i + 1}/{len(todo)}] shard {plan.shard_id}: {done}/{total_tokens} tokens, {rate:,.0f} tok/s, ETA {eta:,.0f} s")
+        yield arrays, plan
+
+
+def retire_stale_shards(writer: StoreWriter, plans: list[ShardPlan]) -> list[str]:
+    """Shards of files no longer in the corpus (changed or removed) are moved aside, not deleted."""
+    wanted = {p.shard_id for p in plans}
+    retired = []
+    for name in writer.location.list_dirs(SHARDS_DIR):
+        if not name.startswith(".") and name not in wanted:
+            writer.retire_shard(name)
+            retired.append(name)
+    return retired
+
+
+def pass_summary(store: str, plans: list[ShardPlan], results: list[dict[str, Any]], retired: list[str], wall_s: float) -> dict[str, Any]:
+    summary = summarize(store)
+    computed_tokens = sum(r["tokens"] for r in results)
+    return {
+        "store": store,
+        "fingerprint": summary.fingerprint,
+        "shards": summary.shards,
+        "shards_computed": len(results),
+        "shards_skipped": len(plans) - len(results),
+        "shards_retired": len(retired),
+        "tokens": summary.tokens,
+        "tokens_computed": computed_tokens,
+        "bytes": summary.bytes_total,
+        "bytes_per_token": round(summary.bytes_per_token, 2),
+        "mean_kept_mass": summary.mean_kept_mass,
+        "wall_s": round(wall_s, 2),
+        "teacher_tokens_per_s": round(computed_tokens / wall_s, 1) if results else None,
+    }

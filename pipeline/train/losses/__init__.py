@@ -1,0 +1,99 @@
+"""Losses that train a student from the cached teacher signals (no teacher on the device).
+
+Interface
+---------
+Every loss is an `nn.Module` (a `KDLoss`)::
+
+    result = loss(StudentOutputs(logits, hidden_states, attentions, output_head), batch)
+    result.total.backward()            # scalar, weights applied
+    log(result.components)             # {"fkl": ..., "hidden_mse": ...}: detached, unweighted
+    check_finite(result, batch)        # NonFiniteLossError naming the component and sample ids
+
+`batch` is a `KDStream` batch (dict of tensors). `loss.fields` lists the store fields it reads
+(hand them to `KDStream`), `loss.needs` what it reads from the student ("logits",
+"hidden_states", "attentions", "output_head"), and `loss.parameters()` the projections some
+losses own (hand them to the optimizer with the student's).
+
+Building::
+
+    loss = build_loss(config, StoreReader(url), StudentDims.from_config(model.config))
+
+`config` is a mapping, a list of mappings (a weighted sum), or the pydantic models of
+`pipeline.train.losses.config`; e.g. in YAML::
+
+    losses:
+      - {name: fkl, weight: 0.5, temperature: 1.0}
+      - {name: ce, weight: 0.5}
+      - {name: hidden, weight: 0.1, metric: cosine, layer_map: [[2, 4], [4, 8]]}
+
+Registry names: fkl, rkl, js, skl, srkl, tvd, akl (top-k stores), sampled_kd (sampled stores),
+ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix,
+multi_teacher (several stores joined by sample id: teacher i's fields are `t<i>/<field>`; build
+it with `StoreInfo.joined(readers)`), and adversarial (a discriminator with its own optimizer:
+call `auxiliary_steps(auxiliary_losses(loss), student, batch)` before the loss each step, and
+checkpoint their `aux_state_dict()`; see `base.AuxiliaryStep`), and the cross-tokenizer losses
+xtok_align and dskd_cma (a student with its own tokenizer: batches re-tokenised by
+`pipeline.train.cross_tokenizer.Retokenizer`, build with `StudentDims(..., tokenizer=...)`).
+`build_loss` checks the store's fields first: a missing one is a `MissingLossFieldError` naming
+the loss and the field; an unknown name is an `UnknownLossError` listing the known ones.
+
+Conventions
+-----------
+* Alignment: store signals at t predict token t+1, like HF logits: student logits at t are
+  compared with teacher signals at t (where valid[t]); CE labels position t with input_ids[t+1]
+  (where valid[t] and valid[t+1]).
+* Reduction: mean over the positions that count (token level); none → exactly 0, zero grads.
+* Output distributions: over the kept ids + one tail bucket, exact for that coarsened
+  distribution (see `coarse`). `temperature` divides the student logits and must equal the
+  store's capture temperature unless `retemper: true` (top-k only; approximate for the tail).
+"""
+
+from pipeline.train.losses.base import (
+    AuxiliaryStep,
+    KDLoss,
+    LossConfigError,
+    LossResult,
+    MissingLossFieldError,
+    NonFiniteLossError,
+    StudentDims,
+    StudentOutputs,
+    UnknownLossError,
+    auxiliary_losses,
+    auxiliary_steps,
+    check_finite,
+)
+from pipeline.train.losses.config import LossConfig, known_names, parse_loss_config
+from pipeline.train.losses.registry import (
+    REGISTRY,
+    StoreInfo,
+    WeightedSum,
+    build_loss,
+    check_cross_tokenizer,
+    check_fields,
+    required_fields,
+)
+
+__all__ = [
+    "REGISTRY",
+    "AuxiliaryStep",
+    "KDLoss",
+    "LossConfig",
+    "LossConfigError",
+    "LossResult",
+    "MissingLossFieldError",
+    "NonFiniteLossError",
+    "StoreInfo",
+    "StudentDims",
+    "StudentOutputs",
+    "UnknownLossError",
+    "WeightedSum",
+    "auxiliary_losses",
+    "auxiliary_steps",
+    "build_loss",
+    "check_cross_tokenizer",
+    "check_fields",
+    "check_finite",
+    "known_names",
+    "parse_loss_config",
+    "required_fields",
+]

@@ -1,0 +1,196 @@
+"""Distillation across vocabularies, from the cache: the student has its own tokenizer.
+
+The batch is the student's (`pipeline.train.cross_tokenizer.Retokenizer`): `input_ids`/`valid` [B, L]
+are the student's, `align_pos` pairs student positions with teacher positions, the teacher's own
+ids and mask are `teacher_input_ids`/`teacher_valid` [B, T], and the cached signals stay in
+teacher positions.
+
+* `xtok_align` — the token-alignment baseline: at paired positions the cached teacher
+  distribution is carried into the student's vocabulary through a fixed id map (each teacher id
+  → one student id: `first_token` of its text, or `min_edit`, FuseLLM's MinED), the mass of
+  teacher ids that land on one student id summed, and the student is distilled over the student
+  ids that received mass + one tail bucket holding the stored tail (exact for that coarsened
+  target, as `output.DistributionLoss` is for a same-vocabulary store).
+* `dskd_cma` — dual-space KD with cross-model attention (arXiv 2406.17328, DSKD-CMA): no
+  position pairing and no id map. Student queries [e_s(x); e_s(y)] (embeddings of each student
+  token and of its next token, through a learned projection) attend to teacher keys
+  [e_t(x); e_t(y)] (the stored teacher embeddings of the teacher tokens and their next tokens;
+  both sides normalised), within the same document. Teacher → student: the stored teacher last hidden
+  states, projected to the student width and mixed by that attention, go through the student's
+  head (detached); the projections learn from CE on the student's next tokens (`cma_t2s_ce`)
+  and the student is distilled towards the result (`cma_t2s`, correct-only by default as in the
+  authors' code). Student → teacher: the student's last hidden states, projected to the teacher
+  width and mixed by the transposed attention, go through the stored teacher head and are
+  distilled towards the cached teacher distribution over kept ids + tail (`cma_s2t`). The
+  embeddings that form queries and keys are detached: only the projections learn the alignment.
+  Projections between equal widths start at the identity (`base.projection`): with a student
+  whose embeddings start from the teacher's (same text), the first steps already attend from a
+  student token to the teacher tokens of the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.train.cross_tokenizer import STORE_FIELDS, TEACHER_PREFIX
+from pipeline.train.losses.base import (
+    KDLoss,
+    LossResult,
+    StudentOutputs,
+    batch_field,
+    compute_dtype,
+    label_mask,
+    masked_mean,
+    projection,
+    require,
+)
+from pipeline.train.losses.coarse import (
+    coarse_live,
+    dense_log_probs,
+    divergence,
+    retemper,
+    student_coarse,
+    teacher_coarse,
+)
+from pipeline.train.losses.output import TOPK_FIELDS, coarse_pair
+
+XTOK_FIELDS = (*TOPK_FIELDS[:-1], *STORE_FIELDS)
+ALIGN = "align_pos"
+
+
+def gather_aligned(values: Tensor, pos: Tensor) -> Tensor:
+    """values [B, T, ...] at teacher positions pos [B, L] (-1 gives position 0: mask it)."""
+    index = pos.clamp_min(0)
+    index = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index)
+
+
+class TokenAlignKD(KDLoss):
+    label = "xtok_align"
+    fields = XTOK_FIELDS
+
+    def __init__(self, id_map: Tensor, divergence_name: str = "fkl", param: float | None = None,
+                 temperature: float = 1.0, teacher_power: float = 1.0):
+        super().__init__()
+        self.register_buffer("id_map", id_map.long(), persistent=False)
+        self.divergence = divergence(divergence_name, param)
+        self.temperature = float(temperature)
+        self.teacher_power = float(teacher_power)
+
+    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        logits = student.logits
+        dtype = compute_dtype(logits)
+        pos = batch_field(batch, ALIGN, self.label)
+        mask = (pos >= 0) & batch["valid"].bool()
+        ids = gather_aligned(batch_field(batch, "topk_ids", self.label).long(), pos)
+        logp = gather_aligned(batch_field(batch, "topk_logp", self.label), pos).to(dtype)
+        tail = gather_aligned(batch_field(batch, "topk_tail", self.label), pos)
+        kept_p = torch.where(torch.isfinite(logp), logp.exp(), 0.0)
+        vocab = logits.shape[-1]
+        target = torch.zeros(*ids.shape[:-1], vocab, dtype=dtype, device=logits.device)
+        target.scatter_add_(-1, self.id_map[ids], kept_p)
+        target_logp = torch.where(target > 0, target.log(), float("-inf"))
+        live = coarse_live(target_logp, mask, vocab)
+        lt = retemper(teacher_coarse(target_logp, tail, live, dtype), live, self.teacher_power)
+        every_id = torch.arange(vocab, device=logits.device).expand_as(target)
+        ls = student_coarse(logits, every_id, live, self.temperature, dtype)
+        value = masked_mean(self.divergence(lt, ls, live), mask)
+        return LossResult(value, {self.label: value.detach(), "aligned_fraction": _fraction(mask, batch)})
+
+
+def _fraction(mask: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    return (mask.sum() / batch["valid"].sum().clamp_min(1)).detach().float()
+
+
+class CrossModelAttentionKD(KDLoss):
+    label = "dskd_cma"
+    needs = frozenset({"logits", "hidden_states", "output_head"})
+
+    def __init__(self, teacher_head: Tensor, teacher_embeddings: Tensor, student_width: int, teacher_layer: int,
+                 divergence_name: str = "fkl", param: float | None = None, temperature: float = 1.0,
+                 teacher_power: float = 1.0, s2t_weight: float = 1.0, t2s_weight: float = 1.0,
+                 t2s_ce_weight: float = 1.0, t2s_correct_only: bool = True):
+        super().__init__()
+        d_t = int(teacher_head.shape[1])
+        self.query = projection(2 * student_width, 2 * d_t)
+        self.t2s = projection(d_t, student_width)
+        self.s2t = projection(student_width, d_t)
+        self.register_buffer("teacher_head", teacher_head.detach().float(), persistent=False)
+        self.register_buffer("teacher_embeddings", teacher_embeddings.detach().float(), persistent=False)
+        self.teacher_layer = int(teacher_layer)
+        self.fields = (*XTOK_FIELDS, f"hidden_{self.teacher_layer}")
+        self.divergence = divergence(divergence_name, param)
+        self.temperature = float(temperature)
+        self.teacher_power = float(teacher_power)
+        self.weights = (float(s2t_weight), float(t2s_weight), float(t2s_ce_weight))
+        self.t2s_correct_only = t2s_correct_only
+
+    def attention_scores(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Scores [B, L, T] of student queries against teacher keys, and where a pair may attend."""
+        assert student.output_head is not None
+        s_ids = batch["input_ids"].long()
+        t_ids = batch_field(batch, TEACHER_PREFIX + "input_ids", self.label).long()
+        s_emb = student.output_head.detach().float()
+        query = self.query(_normalised(torch.cat([s_emb[s_ids], _next(s_emb[s_ids])], dim=-1)))
+        keys = _normalised(torch.cat([self.teacher_embeddings[t_ids], _next(self.teacher_embeddings[t_ids])], dim=-1))
+        scores = query @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        t_valid = batch[TEACHER_PREFIX + "valid"].bool()
+        same_doc = batch["doc_ids"][:, :, None] == batch[TEACHER_PREFIX + "doc_ids"][:, None, :]
+        allowed = same_doc & batch["valid"].bool()[:, :, None] & t_valid[:, None, :]
+        return scores, allowed
+
+    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        for what in ("hidden_states", "output_head"):
+            require(student, what, self.label)
+        assert student.hidden_states is not None and student.output_head is not None
+        scores, allowed = self.attention_scores(student, batch)
+        s_head = student.output_head.detach().float()
+
+        # teacher → student: stored teacher hidden states mixed onto student positions
+        h_t = batch_field(batch, f"hidden_{self.teacher_layer}", self.label).float()
+        a_t2s = _softmax(scores, allowed)
+        t2s_logits = F.linear(a_t2s @ self.t2s(h_t), s_head)[:, :-1]
+        labels, mask = label_mask(batch)
+        ce = F.cross_entropy(t2s_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        t2s_ce = masked_mean(ce, mask)
+        scale = 1.0 / self.temperature
+        target = dense_log_probs(t2s_logits.detach() * scale, 1.0, torch.float32)
+        mine = dense_log_probs(student.logits[:, :-1] * scale, 1.0, torch.float32)
+        per = self.divergence(target, mine, None)
+        if self.t2s_correct_only:
+            per = torch.where(t2s_logits.detach().argmax(-1) == labels, per, 0.0)
+        t2s = masked_mean(per, mask)
+
+        # student → teacher: student hidden states mixed onto teacher positions, teacher head
+        a_s2t = _softmax(scores.transpose(1, 2), allowed.transpose(1, 2))
+        s2t_logits = F.linear(a_s2t @ self.s2t(student.hidden_states[-1].float()), self.teacher_head)
+        t_mask = batch[TEACHER_PREFIX + "valid"].bool() & allowed.any(1)
+        teacher_view = {**batch, "valid": t_mask}
+        lt, ls, live = coarse_pair(s2t_logits, teacher_view, self.temperature, self.teacher_power, self.label)
+        s2t = masked_mean(self.divergence(lt, ls, live), t_mask)
+
+        w_s2t, w_t2s, w_ce = self.weights
+        total = w_s2t * s2t + w_t2s * t2s + w_ce * t2s_ce
+        parts = {"cma_s2t": s2t, "cma_t2s": t2s, "cma_t2s_ce": t2s_ce}
+        return LossResult(total, {k: v.detach() for k, v in parts.items()})
+
+
+def _normalised(x: Tensor) -> Tensor:
+    return x / x.std(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _next(embedded: Tensor) -> Tensor:
+    """The embedding of each position's next token (zeros after the last)."""
+    return torch.cat([embedded[:, 1:], torch.zeros_like(embedded[:, :1])], dim=1)
+
+
+def _softmax(scores: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax over the last axis among allowed entries; rows with none give zeros (no NaN)."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(masked.masked_fill(~allowed.any(-1, keepdim=True), 0.0), dim=-1)
+    return torch.where(allowed, weights, 0.0)

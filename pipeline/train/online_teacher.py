@@ -1,0 +1,30 @@
+"""The online-KD baseline: the teacher resident beside the student, its live outputs turned into
+the same fields the store would hold, so the same losses train from them.
+
+With `online_full_logits` the distribution losses get the teacher's whole distribution instead
+(`TEACHER_LOGP`): the full-logit KD reference that the cache is measured against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kdstore.spec import StoreSpec
+from pipeline.capture.teacher_pass import extract_signals
+from pipeline.train.losses.output import TEACHER_LOGP
+
+
+def online_teacher_fields(teacher: Any, spec: StoreSpec, input_ids: torch.Tensor, full_logits: bool) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        result = teacher.model(input_ids=input_ids.to(teacher.device), use_cache=False,
+                               output_hidden_states=spec.hidden is not None,
+                               output_attentions=spec.attention is not None)
+        arrays = extract_signals(result, spec, None)
+        captured = spec.topk.temperature if spec.topk is not None else 1.0
+        full = torch.log_softmax(result.logits.float() / captured, dim=-1) if full_logits else None
+    fields = {k: torch.from_numpy(v) for k, v in arrays.items()}  # outside inference mode: autograd may save them
+    if full is not None:
+        fields[TEACHER_LOGP] = full.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+    return fields
