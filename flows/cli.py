@@ -25,7 +25,10 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"BAD  {problem}")
     for leftover in report.leftovers:
         print(f"note {leftover}: leftover of an interrupted write (not visible to readers)")
-    verdict = "clean" if report.ok else f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}"
+    bad = [f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}"] if report.bad_shards else []
+    if report.bad_store_files:
+        bad.append(f"{len(report.bad_store_files)} bad file(s): {', '.join(report.bad_store_files)}")
+    verdict = "clean" if report.ok else "; ".join(bad)
     print(f"{args.store}: {report.shards_checked} shard(s) checked, {verdict}")
     return 0 if report.ok else 1
 

@@ -7,6 +7,7 @@ missing, truncated or unreadable is reported as a CorruptShardError naming shard
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -19,12 +20,14 @@ from kdstore.errors import CorruptShardError, FingerprintMismatchError, MissingF
 from kdstore.fields import ZARR, Field
 from kdstore.location import Location
 from kdstore.records import (
+    COMMIT_JSON,
     SHARDS_DIR,
     TEACHER_DIR,
     CommitRecord,
     committed_shard_ids,
     read_commit,
     read_store_meta,
+    read_teacher_record,
 )
 from kdstore.shard_io import DENSE_DIR, arrow_file, decode_arrow_batches, decode_dense
 
@@ -232,13 +235,23 @@ class StoreReader:
     # ------------------------------------------------------------ teacher tensors
 
     def read_teacher_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """Tensors under teacher/, checked against teacher/COMMIT.json where the store has one."""
+        rel = f"{name}.safetensors"
+        path = self.location.path(TEACHER_DIR, rel)
         try:
-            return safetensors_load(self.location.read_bytes(TEACHER_DIR, f"{name}.safetensors"))
+            data = self.location.read_bytes(TEACHER_DIR, rel)
         except FileNotFoundError:
-            raise MissingFieldError(
-                f"store {self.location.url!r} has no teacher tensors {name!r} "
-                f"({self.location.path(TEACHER_DIR, name + '.safetensors')} is missing)"
-            ) from None
+            raise MissingFieldError(f"store {self.location.url!r} has no teacher tensors {name!r} ({path} is missing)") from None
+        try:
+            record = read_teacher_record(self.location)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptShardError(f"{self.location.path(TEACHER_DIR, COMMIT_JSON)} is not a valid commit record ({exc})") from exc
+        if record is not None:
+            expected = record.files.get(rel)
+            if expected is None or hashlib.sha256(data).hexdigest() != expected.sha256:
+                raise CorruptShardError(f"{path} does not match teacher/{COMMIT_JSON} (altered or truncated): "
+                                        "run `kdcache verify`")
+        return safetensors_load(data)
 
 
 def _empty(fields: Sequence[Field]) -> dict[str, np.ndarray]:

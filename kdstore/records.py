@@ -22,6 +22,9 @@ STORE_JSON = "store.json"
 COMMIT_JSON = "COMMIT.json"
 SHARDS_DIR = "shards"
 TEACHER_DIR = "teacher"
+STORE_JSON_INDENT = 2  # how the writer serialises store.json; verify checks the bytes against it
+COMMIT_JSON_INDENT = 1
+RECORD_SHA256 = "record_sha256"
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class CommitRecord:
         return sum(f.bytes for f in self.files.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body = {
             "shard_id": self.shard_id,
             "fingerprint": self.fingerprint,
             "format_version": self.format_version,
@@ -125,9 +128,12 @@ class CommitRecord:
             "meta": dict(self.meta),
             "created_at": self.created_at,
         }
+        return {**body, RECORD_SHA256: record_checksum(body)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CommitRecord:
+        if RECORD_SHA256 in data and data[RECORD_SHA256] != record_checksum(data):
+            raise ValueError(f"its {RECORD_SHA256} does not match its contents (altered)")
         return cls(
             shard_id=data["shard_id"],
             fingerprint=data["fingerprint"],
@@ -150,6 +156,48 @@ def sha256_of(fs_open, path: str, block: int = 1 << 20) -> str:
         while chunk := fh.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """teacher/COMMIT.json: every file of teacher/ with its size and sha256, written once, last."""
+
+    fingerprint: str
+    files: Mapping[str, FileRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "kdcache-teacher", "fingerprint": self.fingerprint,
+                "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in sorted(self.files.items())}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TeacherRecord:
+        if data.get("format") != "kdcache-teacher":
+            raise ValueError(f"format is {data.get('format')!r}, not 'kdcache-teacher'")
+        return cls(data["fingerprint"], {k: FileRecord(int(v["bytes"]), v["sha256"]) for k, v in data["files"].items()})
+
+
+def read_teacher_record(location: Location) -> TeacherRecord | None:
+    """The commit record of teacher/ (None when teacher/ has none); ValueError when unreadable."""
+    try:
+        raw = location.read_bytes(TEACHER_DIR, COMMIT_JSON)
+    except FileNotFoundError:
+        return None
+    record = TeacherRecord.from_json(json.loads(raw))
+    if raw != json_bytes(record.to_json(), COMMIT_JSON_INDENT):
+        raise ValueError("its bytes differ from the record they parse to (altered)")
+    return record
+
+
+def record_checksum(data: Mapping[str, Any]) -> str:
+    """sha256 of a record's canonical JSON without its own checksum: a commit record's counts,
+    sample-id range and stats are covered as well as the files it lists."""
+    body = {k: v for k, v in data.items() if k != RECORD_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def json_bytes(data: Mapping[str, Any], indent: int) -> bytes:
+    """The one serialisation of store.json and commit records (so verify can compare bytes)."""
+    return json.dumps(data, indent=indent).encode()
 
 
 def read_commit(location: Location, shard_id: str) -> CommitRecord:

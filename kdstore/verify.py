@@ -1,8 +1,11 @@
-"""Check committed shards against their commit records.
+"""Check every file of a store: store.json, teacher/ and each committed shard.
 
 `check_shard` is the one place that decides whether a shard is intact: the writer uses it to
 skip committed work, the reader and trainer to refuse a corrupt shard, and `verify_store` (the
 `kdcache verify` command) to re-hash a whole store and name every bad shard and file.
+store.json is checked against itself (its fingerprint recomputed from spec + provenance, its
+field layout against the one the spec implies, its bytes against their one serialisation), and
+teacher/ against teacher/COMMIT.json. A file that belongs to none of these is named too.
 """
 
 from __future__ import annotations
@@ -10,28 +13,39 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from kdstore.errors import CorruptShardError
+from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, StoreError
+from kdstore.fields import fields_for_spec
 from kdstore.location import Location
 from kdstore.reader import StoreReader
 from kdstore.records import (
     COMMIT_JSON,
+    COMMIT_JSON_INDENT,
     SHARDS_DIR,
+    STORE_JSON,
+    STORE_JSON_INDENT,
+    TEACHER_DIR,
     CommitRecord,
+    StoreMeta,
+    json_bytes,
     read_commit,
     read_store_meta,
+    read_teacher_record,
     sha256_of,
 )
+from kdstore.spec import fingerprint as spec_fingerprint
 
 CHECKS = ("hash", "size")
 
 
 @dataclass(frozen=True)
 class Problem:
-    shard: str
+    shard: str | None  # None: a store-level file (store.json, teacher/..., a stray file)
     file: str | None
     message: str
 
     def __str__(self) -> str:
+        if self.shard is None:
+            return f"file {self.file}: {self.message}"
         where = f"shard {self.shard}" + (f", file {self.file}" if self.file else "")
         return f"{where}: {self.message}"
 
@@ -49,13 +63,19 @@ class VerifyReport:
 
     @property
     def bad_shards(self) -> list[str]:
-        return sorted({p.shard for p in self.problems})
+        return sorted({p.shard for p in self.problems if p.shard is not None})
+
+    @property
+    def bad_store_files(self) -> list[str]:
+        """Bad files outside the shards (store.json, teacher/ files, stray files)."""
+        return sorted({p.file or "" for p in self.problems if p.shard is None})
 
 
 def check_shard(
-    location: Location, shard_id: str, fingerprint: str, check: str = "hash"
+    location: Location, shard_id: str, fingerprint: str | None, check: str = "hash"
 ) -> tuple[list[Problem], CommitRecord | None]:
-    """Problems of one shard (empty when intact) and its record (None when not committed)."""
+    """Problems of one shard (empty when intact) and its record (None when not committed).
+    `fingerprint` None (store.json unreadable): the shard is checked against its own record."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     if not location.exists(SHARDS_DIR, shard_id, COMMIT_JSON):
@@ -67,7 +87,10 @@ def check_shard(
     except CorruptShardError as exc:
         return [Problem(shard_id, COMMIT_JSON, str(exc))], None
     problems = []
-    if record.fingerprint != fingerprint:
+    raw = location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)
+    if raw != json_bytes(record.to_json(), COMMIT_JSON_INDENT):
+        problems.append(Problem(shard_id, COMMIT_JSON, "its bytes differ from the record they parse to (altered)"))
+    if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(
             Problem(shard_id, COMMIT_JSON, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}")
         )
@@ -80,36 +103,104 @@ def check_shard(
         if size is None:
             problems.append(Problem(shard_id, rel, "missing"))
         elif size != expected.bytes:
-            problems.append(Problem(shard_id, rel, f"{size} bytes, the commit record says {expected.bytes} (truncated or altered)"))
+            problems.append(Problem(shard_id, rel, f"{size} bytes, {COMMIT_JSON} says {expected.bytes} (this file or {COMMIT_JSON} truncated or altered)"))
         elif check == "hash":
             actual = sha256_of(location.fs.open, location.path(SHARDS_DIR, shard_id, rel))
             if actual != expected.sha256:
-                problems.append(Problem(shard_id, rel, f"sha256 {actual[:16]}… differs from the commit record's {expected.sha256[:16]}… (altered)"))
+                problems.append(Problem(shard_id, rel, f"sha256 {actual[:16]}… differs from {COMMIT_JSON}'s {expected.sha256[:16]}… (this file or {COMMIT_JSON} altered)"))
     for rel in sorted(on_disk):
         problems.append(Problem(shard_id, rel, "not listed in the commit record"))
     return problems, record
 
 
 def verify_store(url: str, check: str = "hash") -> VerifyReport:
-    """Re-check every shard of a store (plus uncommitted shard dirs and duplicate sample ids)."""
+    """Re-check every file of a store: store.json, teacher/, every shard (plus uncommitted shard
+    dirs, duplicate sample ids and files that belong nowhere)."""
     location = Location.of(url)
-    meta = read_store_meta(location)
-    problems: list[Problem] = []
+    top = location.walk_files() if location.exists() else {}
+    if not top:
+        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(STORE_JSON)} does not exist")
+    problems, fingerprint = check_store_json(location)
+    problems += check_teacher(location, fingerprint, check)
+    problems += [Problem(None, rel, "not a file of a kdcache store (store.json, teacher/, shards/<id>/)")
+                 for rel in sorted(top) if rel != STORE_JSON and rel.split("/")[0] not in (SHARDS_DIR, TEACHER_DIR)]
     leftovers = []
-    names = location.list_dirs(SHARDS_DIR)
     checked = 0
     ranges = []
-    for name in names:
+    for name in location.list_dirs(SHARDS_DIR):
         if name.startswith("."):
             leftovers.append(posixpath.join(SHARDS_DIR, name))
             continue
         checked += 1
-        shard_problems, record = check_shard(location, name, meta.fingerprint, check)
+        shard_problems, record = check_shard(location, name, fingerprint, check)
         problems.extend(shard_problems)
         if record is not None and not shard_problems:
             ranges.append((record.sample_id_min, record.sample_id_max, name))
-    problems.extend(_overlapping_sample_ids(url, ranges))
+    if fingerprint is not None:
+        problems.extend(_overlapping_sample_ids(url, ranges))
     return VerifyReport(url, checked, tuple(problems), tuple(leftovers))
+
+
+def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
+    """Problems of store.json and the fingerprint the shards are checked against (None when
+    store.json cannot be trusted: the shards are then checked against their own records only)."""
+    try:
+        raw = location.read_bytes(STORE_JSON)
+    except FileNotFoundError:
+        return [Problem(None, STORE_JSON, "missing: the store has files but no store.json")], None
+    try:
+        meta = read_store_meta(location)
+    except FormatVersionError:
+        raise  # not damage: a newer kdcache wrote it
+    except StoreError as exc:
+        return [Problem(None, STORE_JSON, str(exc))], None
+    problems = []
+    if meta.format_version < 1:
+        problems.append(Problem(None, STORE_JSON, f"format_version {meta.format_version} is not a kdcache format"))
+    recomputed = spec_fingerprint(meta.spec, meta.provenance)
+    if recomputed != meta.fingerprint:
+        problems.append(Problem(None, STORE_JSON, f"fingerprint {meta.fingerprint} does not match its spec + provenance "
+                                                  f"({recomputed}): the spec or provenance was altered"))
+    expected = {f.name: f for f in fields_for_spec(meta.spec)}
+    actual = {f.name: f for f in meta.fields}
+    for name in sorted(expected.keys() | actual.keys()):
+        if expected.get(name) != actual.get(name):
+            problems.append(Problem(None, STORE_JSON, f"field {name!r} in the field layout differs from what the spec "
+                                                      "implies (codec chain, dtype or shape altered)"))
+    if not problems and raw != json_bytes(StoreMeta(meta.spec, meta.provenance, meta.fingerprint, meta.fields,
+                                                    meta.format_version).to_json(), STORE_JSON_INDENT):
+        problems.append(Problem(None, STORE_JSON, "its bytes differ from the store.json they parse to (altered)"))
+    return problems, None if problems else meta.fingerprint
+
+
+def check_teacher(location: Location, fingerprint: str | None, check: str = "hash") -> list[Problem]:
+    """teacher/ against teacher/COMMIT.json: every listed file there and intact, nothing unlisted."""
+    on_disk = location.walk_files(TEACHER_DIR) if location.exists(TEACHER_DIR) else {}
+    if not on_disk:
+        return []
+    commit = f"{TEACHER_DIR}/{COMMIT_JSON}"
+    try:
+        record = read_teacher_record(location)
+    except (ValueError, KeyError, TypeError) as exc:
+        return [Problem(None, commit, f"not a valid commit record ({exc})")]
+    if record is None:
+        return [Problem(None, commit, "missing: teacher/ has files but no commit record (written by an older "
+                                      "kdcache, or the pass was killed while writing teacher/: re-run the pass)")]
+    problems = []
+    if fingerprint is not None and record.fingerprint != fingerprint:
+        problems.append(Problem(None, commit, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}"))
+    on_disk.pop(COMMIT_JSON, None)
+    for rel, expected in sorted(record.files.items()):
+        size = on_disk.pop(rel, None)
+        name = f"{TEACHER_DIR}/{rel}"
+        if size is None:
+            problems.append(Problem(None, name, "missing"))
+        elif size != expected.bytes:
+            problems.append(Problem(None, name, f"{size} bytes, teacher/{COMMIT_JSON} says {expected.bytes} (this file or teacher/{COMMIT_JSON} truncated or altered)"))
+        elif check == "hash" and sha256_of(location.fs.open, location.path(TEACHER_DIR, rel)) != expected.sha256:
+            problems.append(Problem(None, name, f"sha256 differs from teacher/{COMMIT_JSON}'s (this file or teacher/{COMMIT_JSON} altered)"))
+    problems += [Problem(None, f"{TEACHER_DIR}/{rel}", f"not listed in teacher/{COMMIT_JSON}") for rel in sorted(on_disk)]
+    return problems
 
 
 def _overlapping_sample_ids(url: str, ranges: list[tuple[int, int, str]]) -> list[Problem]:

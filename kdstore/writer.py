@@ -9,7 +9,6 @@ removed by `cleanup_stale`. A committed, valid shard is never rewritten.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,12 +30,16 @@ from kdstore.fields import check_rows
 from kdstore.location import Location
 from kdstore.records import (
     COMMIT_JSON,
+    COMMIT_JSON_INDENT,
     SHARDS_DIR,
     STORE_JSON,
+    STORE_JSON_INDENT,
     TEACHER_DIR,
     CommitRecord,
     FileRecord,
     StoreMeta,
+    TeacherRecord,
+    json_bytes,
     read_store_meta,
     sha256_of,
 )
@@ -70,7 +73,7 @@ class StoreWriter:
 
     def _open_or_create(self) -> None:
         if not self.location.exists(STORE_JSON):
-            self.location.write_bytes(json.dumps(self.meta.to_json(), indent=2).encode(), STORE_JSON)
+            self.location.write_bytes(json_bytes(self.meta.to_json(), STORE_JSON_INDENT), STORE_JSON)
         existing = read_store_meta(self.location)  # re-read: a racing creator may have won
         if existing.fingerprint != self.meta.fingerprint:
             raise FingerprintMismatchError(
@@ -110,7 +113,7 @@ class StoreWriter:
             except ShardDataError as exc:  # a value out of range for its stored dtype
                 raise ShardDataError(f"shard {shard_id!r}: {exc}") from exc
             record = self._record(shard_id, stage, rows, n_rows, meta or {})
-            _write_synced(stage / COMMIT_JSON, json.dumps(record.to_json(), indent=1).encode())
+            _write_synced(stage / COMMIT_JSON, json_bytes(record.to_json(), COMMIT_JSON_INDENT))
             return self._publish(shard_id, stage, record)
         finally:
             if stage.exists():
@@ -204,6 +207,18 @@ class StoreWriter:
 
     def write_teacher_file(self, name: str, data: bytes) -> str:
         return self._write_teacher_file(name, data)
+
+    def teacher_committed(self) -> bool:
+        return self.location.exists(TEACHER_DIR, COMMIT_JSON)
+
+    def commit_teacher(self) -> str:
+        """Hash every file of teacher/ into teacher/COMMIT.json (written last: the marker that
+        teacher/ is complete, and the checklist `verify` re-hashes)."""
+        files = {rel: FileRecord(size, sha256_of(self.location.fs.open, self.location.path(TEACHER_DIR, rel)))
+                 for rel, size in sorted(self.location.walk_files(TEACHER_DIR).items()) if rel != COMMIT_JSON}
+        record = TeacherRecord(self.meta.fingerprint, files)
+        self.location.write_bytes(json_bytes(record.to_json(), COMMIT_JSON_INDENT), TEACHER_DIR, COMMIT_JSON)
+        return self.location.path(TEACHER_DIR, COMMIT_JSON)
 
     def _write_teacher_file(self, name: str, data: bytes) -> str:
         if self.location.exists(TEACHER_DIR, name):

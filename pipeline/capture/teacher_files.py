@@ -22,8 +22,10 @@ def write_teacher_files(writer: StoreWriter, teacher: Teacher) -> None:
 
     Written once per store; losses such as dual-space KD use the head instead of a resident
     teacher. Tied embeddings are stored once (`output_head`) and said so in teacher.json.
+    A pass killed half-way rewrites the same bytes; teacher/COMMIT.json, which hashes every
+    file, comes last and marks teacher/ complete.
     """
-    if writer.location.exists("teacher", "teacher.json"):
+    if writer.teacher_committed():
         return
     with tempfile.TemporaryDirectory() as tmp:
         teacher.tokenizer.save_pretrained(tmp)
@@ -36,7 +38,8 @@ def write_teacher_files(writer: StoreWriter, teacher: Teacher) -> None:
         emb = teacher.model.get_input_embeddings().weight.detach().float().cpu().numpy().astype("float16")
         writer.write_teacher_tensors("input_embeddings", {"weight": emb})
     info = {**teacher.provenance, **teacher.facts}
-    writer.write_teacher_file("teacher.json", json.dumps(info, indent=2).encode())  # last: the marker
+    writer.write_teacher_file("teacher.json", json.dumps(info, indent=2).encode())
+    writer.commit_teacher()
 
 
 def store_tokenizer(reader: StoreReader) -> Any:

@@ -29,6 +29,7 @@ from kdstore.errors import (
     StoreError,
 )
 from kdstore.reader import StoreReader
+from kdstore.records import RECORD_SHA256, record_checksum
 from kdstore.spec import AttentionSpec, HiddenSpec, Provenance, StoreSpec, TopKSpec, fingerprint
 from kdstore.verify import verify_store
 from kdstore.writer import StoreWriter
@@ -258,8 +259,10 @@ def _flip_byte(path: Path) -> None:
 
 
 def _refingerprint(path: Path) -> None:
+    """A well-formed commit record of another store (its own checksum recomputed)."""
     record = json.loads(path.read_text())
     record["fingerprint"] = "0" * 32
+    record[RECORD_SHA256] = record_checksum(record)
     path.write_text(json.dumps(record))
 
 
