@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
 from kdstore.errors import StoreError
+from pipeline.capture.corpus import CorpusError
 from pipeline.config import ConfigError
 from pipeline.evaluation.evaluate import EvalError
+from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.losses import NonFiniteLossError
 from pipeline.train.student import TokenizerMismatchError
+
+# What a user can cause and fix (a config, a corpus, a store, a model folder, a checkpoint): one
+# line naming what and where, exit code 2, no traceback unless --debug.
+USER_ERRORS = (StoreError, ConfigError, CorpusError, CheckpointError, TokenizerMismatchError, NonFiniteLossError,
+               EvalError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -168,6 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdcache", description="Teacher once, students many times.")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("verify", help="re-hash every file of a store; exit 1 if anything is bad")
@@ -233,14 +242,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback; for a user error the CLI's own
+    one-line message says it all (and --debug shows the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], USER_ERRORS))
+
+
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        for name in PREFECT_RUN_LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _HideUserErrorTracebacks) for f in logger.filters):
+                logger.addFilter(_HideUserErrorTracebacks())
     try:
         return args.func(args)
-    except (StoreError, ConfigError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError,
-            EvalError) as exc:
-        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"kdcache {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"kdcache {args.command}: interrupted (committed shards and checkpoints are kept)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"kdcache {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(run with --debug for the traceback, and report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message without the noise some libraries add (a KeyError's quotes, trailing lines)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[:3]) if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

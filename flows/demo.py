@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow
 
 from kdstore.summary import summarize, topk_bytes_by_k
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -116,5 +116,15 @@ def demo_flow(out_dir: str = "runs/demo", tokens: int | None = None, steps: int 
 
 def run_demo(out_dir: str = "runs/demo", tokens: int | None = None, steps: int | None = None,
              eval_tokens: int | None = None) -> int:
+    check_demo_args(out_dir, tokens=tokens, steps=steps, eval_tokens=eval_tokens)
     demo_flow(out_dir, tokens, steps, eval_tokens)
     return 0
+
+
+def check_demo_args(out_dir: str, **counts: int | None) -> None:
+    """Refuse bad arguments before Prefect starts (a ConfigError naming the option)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a folder")

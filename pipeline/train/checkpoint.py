@@ -18,6 +18,10 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that this run cannot resume from (other ranks, workers or losses)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Resumable:
     """The parts of a run whose state a checkpoint holds."""
@@ -39,13 +43,13 @@ def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_work
     saved = state["stream"]
     streams = saved if isinstance(saved, list) else [saved]
     if len(streams) != world:
-        raise ValueError(f"checkpoint {path} was saved by {len(streams)} rank(s), this run has world size "
+        raise CheckpointError(f"checkpoint {path} was saved by {len(streams)} rank(s), this run has world size "
                          f"{world}: resume with the same number of ranks (the stream position is per rank)")
     stream_state = streams[rank]
     saved_workers = int(stream_state["num_workers"])  # data streams per rank: num_workers 0 and 1 both give 1
     if stream_state["consumed"] and saved_workers != max(1, num_workers):
         was = "0 or 1" if saved_workers == 1 else saved_workers
-        raise ValueError(f"checkpoint {path} was saved with {saved_workers} data stream(s) per rank (num_workers {was}), "
+        raise CheckpointError(f"checkpoint {path} was saved with {saved_workers} data stream(s) per rank (num_workers {was}), "
                          f"this run has num_workers={num_workers}: resume with the same num_workers")
     parts.model.load_state_dict(state["model"])
     parts.loss.load_state_dict(state["loss"])
@@ -53,7 +57,7 @@ def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_work
     parts.scheduler.load_state_dict(state["scheduler"])
     aux = state.get("aux", [])
     if len(aux) != len(parts.aux_losses):
-        raise ValueError(f"checkpoint {path} holds {len(aux)} auxiliary loss state(s) (discriminators), this run's "
+        raise CheckpointError(f"checkpoint {path} holds {len(aux)} auxiliary loss state(s) (discriminators), this run's "
                          f"losses have {len(parts.aux_losses)}: resume with the losses it was saved with")
     for loss, aux_state in zip(parts.aux_losses, aux, strict=True):
         loss.load_aux_state_dict(aux_state)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kdstore.errors import CorruptShardError
+from kdstore.errors import CorruptShardError, StoreError
 from kdstore.join import check_aligned
 from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
@@ -130,7 +130,7 @@ class Trainer:
             # epoch (an empty pass); only a second empty pass in a row means there are no rows.
             empty_passes = 0 if yielded else empty_passes + 1
             if empty_passes >= 2:
-                raise RuntimeError(f"store {self.cfg.store!r} yields no rows to rank {self.rank}")
+                raise StoreError(f"store {self.cfg.store!r} yields no rows to rank {self.rank}")
 
     def train_step(self, batches) -> dict[str, Any]:
         cfg = self.cfg
