@@ -34,8 +34,11 @@ class Resumable:
     loader: Any  # KDLoader: state_dict / load_state_dict of the stream position
 
 
-def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_workers: int) -> int | None:
-    """Restore `parts` and the RNGs from `out/checkpoint.pt`; the step it was saved at, or None."""
+def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_workers: int,
+                    adopt_threads: bool = True) -> int | None:
+    """Restore `parts` and the RNGs from `out/checkpoint.pt`; the step it was saved at, or None.
+    With `adopt_threads` the CPU thread count is set to the one the checkpoint's run used: float
+    results depend on it, and this is what makes a resumed run bitwise equal to a straight one."""
     path = out / CHECKPOINT
     if not path.exists():
         return None
@@ -67,6 +70,8 @@ def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_work
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
+    if adopt_threads and state.get("threads") and state["threads"] != torch.get_num_threads():
+        torch.set_num_threads(int(state["threads"]))
     return int(state["step"])
 
 
@@ -90,6 +95,7 @@ def save_checkpoint(out: Path, parts: Resumable, step: int, config: dict[str, An
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "step": step,
+        "threads": torch.get_num_threads(),
         "config": config,
     }
     tmp = out / f"{CHECKPOINT}.tmp"

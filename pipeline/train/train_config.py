@@ -33,6 +33,10 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     device: str = "auto"
+    # CPU threads (torch.set_num_threads). Float results depend on it, so a checkpoint records it
+    # and a resumed run with threads unset takes the recorded count, computing bit for bit what
+    # the straight run would have. Unset on a new run: torch's default (cores or OMP_NUM_THREADS).
+    threads: int | None = Field(None, ge=1)
     bf16: bool | None = None  # default: on for CUDA
     compile: bool = False
     on_corrupt_shard: Literal["stop", "skip"] = "stop"

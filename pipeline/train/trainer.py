@@ -62,6 +62,8 @@ class Trainer:
         self.device = _device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.reader = StoreReader(cfg.store)
         self.extra_readers = [StoreReader(s) for s in cfg.extra_stores]
@@ -110,7 +112,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _resume(self) -> None:
-        step = load_checkpoint(self.out, self.resumable, self.rank, self.world, self.cfg.num_workers)
+        step = load_checkpoint(self.out, self.resumable, self.rank, self.world, self.cfg.num_workers,
+                               adopt_threads=self.cfg.threads is None)
         if step is not None:
             self.step = step
 

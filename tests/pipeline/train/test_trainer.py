@@ -175,28 +175,36 @@ sys.path.insert(0, {repo!r})
 from pipeline.train import trainer
 step = trainer.Trainer.train_step
 def slow_step(self, batches):  # slow enough to be killed mid-run
-    time.sleep(0.4)
+    time.sleep({sleep})
     return step(self, batches)
 trainer.Trainer.train_step = slow_step
 trainer.train(json.loads(open(sys.argv[1]).read()), progress=False)
 """
 
 
+def _train_process(cfg: dict, tmp_path: Path, name: str, threads: int, sleep: float = 0.0) -> subprocess.Popen:
+    """A training run in a fresh process with `threads` CPU threads from its environment."""
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(tmp_path / f"{name}.stderr", "wb") as err:
+        return subprocess.Popen([sys.executable, "-c", _KILLABLE.format(repo=str(REPO), sleep=sleep),
+                                 str(tmp_path / f"{name}.json")],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(store, tiny_teacher_dir, tmp_path):
-    """Run B is a real process killed with SIGKILL after step >= 3 is checkpointed, then resumed here."""
-    cfg_a = _cfg(store, tmp_path / "a", tiny_teacher_dir, steps=6, checkpoint_every=1)
-    train(cfg_a, progress=False)
-    out_b = tmp_path / "b"
+    """Run B is a real process killed with SIGKILL after step >= 3 is checkpointed, then resumed
+    in a new process whose environment asks for another thread count: the resumed run takes the
+    checkpoint's (float results depend on it) and ends bit for bit where the straight run A ends.
+    Every run is a fresh process, so the claim holds whatever this test process did before."""
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    run_a = _train_process(_cfg(store, out_a, tiny_teacher_dir, steps=6, checkpoint_every=1), tmp_path, "a", 2)
     cfg_b = _cfg(store, out_b, tiny_teacher_dir, steps=6, checkpoint_every=1)
-    (tmp_path / "b.json").write_text(json.dumps(cfg_b))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    errors = tmp_path / "b.stderr"
-    with open(errors, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE.format(repo=str(REPO)), str(tmp_path / "b.json")],
-                                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    proc = _train_process(cfg_b, tmp_path, "b", 2, sleep=0.4)
     log_path = out_b / "train_log.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     reached = False
     try:
         # a logged step 4 means step 3's checkpoint (saved right after step 3's line) is on disk
@@ -208,18 +216,30 @@ def test_killed_run_resumes_exactly(store, tiny_teacher_dir, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert reached and alive, f"run B was not killed mid-run: {errors.read_text()[-3000:]}"
+    assert reached and alive, f"run B was not killed mid-run: {(tmp_path / 'b.stderr').read_text()[-3000:]}"
     killed_at = _checkpoint(out_b)["step"]
-    assert 3 <= killed_at < 6
-    train(cfg_b, progress=False)  # resumes from the checkpoint, to step 6
-    log_a, log_b = _log(tmp_path / "a"), _log(out_b)
+    assert 3 <= killed_at < 6 and _checkpoint(out_b)["threads"] == 2
+    resumed = _train_process(cfg_b, tmp_path, "b2", 1)  # resumes from the checkpoint, to step 6
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "b2.stderr").read_text()[-3000:]
+    assert run_a.wait(timeout=300) == 0, (tmp_path / "a.stderr").read_text()[-3000:]
+    assert _checkpoint(out_b)["threads"] == 2  # taken from the checkpoint, not from OMP_NUM_THREADS=1
+    log_a, log_b = _log(out_a), _log(out_b)
     assert [e["step"] for e in log_b] == [1, 2, 3, 4, 5, 6]  # lines past the checkpoint were dropped, not doubled
     assert [e["sample_ids"] for e in log_b] == [e["sample_ids"] for e in log_a]
     assert [e["loss"] for e in log_b] == [e["loss"] for e in log_a]  # bitwise: same floats
-    _assert_same_params(_checkpoint(tmp_path / "a")["model"], _checkpoint(out_b)["model"])
-    state_a, state_b = _checkpoint(tmp_path / "a")["optimizer"]["state"], _checkpoint(out_b)["optimizer"]["state"]
+    _assert_same_params(_checkpoint(out_a)["model"], _checkpoint(out_b)["model"])
+    state_a, state_b = _checkpoint(out_a)["optimizer"]["state"], _checkpoint(out_b)["optimizer"]["state"]
     for i in state_a:
         assert torch.equal(state_a[i]["exp_avg"], state_b[i]["exp_avg"])
+
+
+def test_threads_are_pinned_by_config_and_recorded(store, tiny_teacher_dir, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(_cfg(store, tmp_path / "r", tiny_teacher_dir, steps=1, threads=1), progress=False)
+        assert torch.get_num_threads() == 1 and _checkpoint(tmp_path / "r")["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_resume_with_another_topology_is_refused(store, tiny_teacher_dir, tmp_path):
