@@ -11,6 +11,7 @@ teacher/ against teacher/COMMIT.json. A file that belongs to none of these is na
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, StoreError
@@ -25,6 +26,7 @@ from kdstore.records import (
     STORE_JSON_INDENT,
     TEACHER_DIR,
     CommitRecord,
+    FileRecord,
     StoreMeta,
     json_bytes,
     read_commit,
@@ -96,21 +98,31 @@ def check_shard(
         )
     if record.shard_id != shard_id:
         problems.append(Problem(shard_id, COMMIT_JSON, f"records shard id {record.shard_id!r}"))
-    on_disk = location.walk_files(SHARDS_DIR, shard_id)
+    problems += [Problem(shard_id, rel, message)
+                 for rel, message in check_listed_files(location, (SHARDS_DIR, shard_id), record.files, check)]
+    return problems, record
+
+
+def check_listed_files(location: Location, folder: tuple[str, ...], files: Mapping[str, FileRecord],
+                       check: str) -> list[tuple[str, str]]:
+    """(file, problem) for each file a commit record lists that is missing, of another size or
+    (check "hash") another sha256, and for each file in the folder that it does not list."""
+    commit = f"{TEACHER_DIR}/{COMMIT_JSON}" if folder == (TEACHER_DIR,) else COMMIT_JSON
+    on_disk = location.walk_files(*folder)
     on_disk.pop(COMMIT_JSON, None)
-    for rel, expected in sorted(record.files.items()):
+    found = []
+    for rel, expected in sorted(files.items()):
         size = on_disk.pop(rel, None)
         if size is None:
-            problems.append(Problem(shard_id, rel, "missing"))
+            found.append((rel, "missing"))
         elif size != expected.bytes:
-            problems.append(Problem(shard_id, rel, f"{size} bytes, {COMMIT_JSON} says {expected.bytes} (this file or {COMMIT_JSON} truncated or altered)"))
+            found.append((rel, f"{size} bytes, {commit} says {expected.bytes} (this file or {commit} truncated or altered)"))
         elif check == "hash":
-            actual = sha256_of(location.fs.open, location.path(SHARDS_DIR, shard_id, rel))
+            actual = sha256_of(location.fs.open, location.path(*folder, rel))
             if actual != expected.sha256:
-                problems.append(Problem(shard_id, rel, f"sha256 {actual[:16]}… differs from {COMMIT_JSON}'s {expected.sha256[:16]}… (this file or {COMMIT_JSON} altered)"))
-    for rel in sorted(on_disk):
-        problems.append(Problem(shard_id, rel, "not listed in the commit record"))
-    return problems, record
+                found.append((rel, f"sha256 {actual[:16]}… differs from {commit}'s {expected.sha256[:16]}… "
+                                   f"(this file or {commit} altered)"))
+    return found + [(rel, f"not listed in {commit}") for rel in sorted(on_disk)]
 
 
 def verify_store(url: str, check: str = "hash") -> VerifyReport:
@@ -175,8 +187,7 @@ def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
 
 def check_teacher(location: Location, fingerprint: str | None, check: str = "hash") -> list[Problem]:
     """teacher/ against teacher/COMMIT.json: every listed file there and intact, nothing unlisted."""
-    on_disk = location.walk_files(TEACHER_DIR) if location.exists(TEACHER_DIR) else {}
-    if not on_disk:
+    if not location.exists(TEACHER_DIR) or not location.walk_files(TEACHER_DIR):
         return []
     commit = f"{TEACHER_DIR}/{COMMIT_JSON}"
     try:
@@ -189,17 +200,8 @@ def check_teacher(location: Location, fingerprint: str | None, check: str = "has
     problems = []
     if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(Problem(None, commit, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}"))
-    on_disk.pop(COMMIT_JSON, None)
-    for rel, expected in sorted(record.files.items()):
-        size = on_disk.pop(rel, None)
-        name = f"{TEACHER_DIR}/{rel}"
-        if size is None:
-            problems.append(Problem(None, name, "missing"))
-        elif size != expected.bytes:
-            problems.append(Problem(None, name, f"{size} bytes, teacher/{COMMIT_JSON} says {expected.bytes} (this file or teacher/{COMMIT_JSON} truncated or altered)"))
-        elif check == "hash" and sha256_of(location.fs.open, location.path(TEACHER_DIR, rel)) != expected.sha256:
-            problems.append(Problem(None, name, f"sha256 differs from teacher/{COMMIT_JSON}'s (this file or teacher/{COMMIT_JSON} altered)"))
-    problems += [Problem(None, f"{TEACHER_DIR}/{rel}", f"not listed in teacher/{COMMIT_JSON}") for rel in sorted(on_disk)]
+    problems += [Problem(None, f"{TEACHER_DIR}/{rel}", message)
+                 for rel, message in check_listed_files(location, (TEACHER_DIR,), record.files, check)]
     return problems
 
 
