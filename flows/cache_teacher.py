@@ -30,7 +30,7 @@ from pipeline.capture.teacher_pass import (
     pass_summary,
     prepare_pass,
 )
-from pipeline.config import CacheConfig, parse_config
+from pipeline.config import CacheConfig, ConfigError, parse_config
 
 
 @task(name="cache-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE)
@@ -71,8 +71,21 @@ def task_runner_for(cfg: CacheConfig):
 def cache_teacher(config: dict[str, Any]) -> dict[str, Any]:
     """Run the flow with the task runner the config asks for."""
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
+    check_cluster_api(cfg)
     flow_ = cache_teacher_flow.with_options(task_runner=task_runner_for(cfg))
     return flow_(cfg.model_dump())
+
+
+def check_cluster_api(cfg: CacheConfig) -> None:
+    """Workers of a Dask cluster run the task engine themselves and report to the Prefect API: with
+    no PREFECT_API_URL each would start a temporary server of its own (each its own database, none
+    of them the flow's), so a scheduler address needs a real server."""
+    from prefect.settings import PREFECT_API_URL
+
+    if cfg.runner.kind == "dask" and cfg.runner.dask_address and not PREFECT_API_URL.value():
+        raise ConfigError(
+            f"runner.dask_address {cfg.runner.dask_address!r}: the flow and the Dask workers need one Prefect "
+            "server; start one (`prefect server start`) and set PREFECT_API_URL for this process and the workers")
 
 
 def serve_cache(config: dict[str, Any], cron: str | None = None, interval: float | None = None, name: str = "kdcache-cache") -> None:
@@ -98,13 +111,14 @@ def serve_cache(config: dict[str, Any], cron: str | None = None, interval: float
 
 
 @contextlib.contextmanager
-def local_prefect_server(timeout_s: float = 180.0) -> Iterator[str]:
-    """A `prefect server start` on a free loopback port, stopped on exit; yields its API URL."""
+def local_prefect_server(timeout_s: float = 180.0, port: int | None = None) -> Iterator[str]:
+    """A `prefect server start` on a loopback port (free when not given), stopped on exit; yields its API URL."""
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": os.environ.get("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", "10")}
     env.pop("PREFECT_API_URL", None)

@@ -2,18 +2,34 @@
 
 Local stores get real atomic commits (rename of a finished directory); object stores, which
 have no rename, get the commit record written last, so a shard without one is invisible.
+
+Credentials and endpoints of object stores come only from where their clients already look:
+for S3, the standard AWS environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_REGION`)
+and `~/.aws/config`; for any protocol, fsspec's own config (`FSSPEC_S3_ENDPOINT_URL=...`,
+`FSSPEC_S3='{"client_kwargs": {...}}'`, or `~/.config/fsspec/*.json`). Store URLs travel
+through configs, Prefect parameters, logs and error messages, so a URL carrying credentials
+(`s3://key:secret@bucket/...`) is refused instead of being written anywhere.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from kdstore.errors import StoreError
+
+# Object stores whose fsspec clients cache directory listings: another process (a parallel
+# writer, a pass that is resuming) changes the store behind this one's back, so never reuse them.
+_LISTING_CACHED = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+_CREDENTIALS_IN_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
 
 
 @dataclass(frozen=True)
@@ -25,7 +41,12 @@ class Location:
     @classmethod
     def of(cls, url: str | os.PathLike[str]) -> Location:
         text = os.fspath(url)
-        fs, root = fsspec.core.url_to_fs(text)
+        if _CREDENTIALS_IN_URL.match(text):
+            raise StoreError(f"store URL {redact(text)!r} carries credentials: put them in the standard "
+                             "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the client's config")
+        protocol = text.split("://", 1)[0] if "://" in text else "file"
+        options = {"use_listings_cache": False} if protocol in _LISTING_CACHED else {}
+        fs, root = fsspec.core.url_to_fs(text, **options)
         return cls(fs=fs, root=root.rstrip("/") or "/", url=text)
 
     @property
@@ -78,3 +99,8 @@ class Location:
             rel = posixpath.relpath(self.fs._strip_protocol(name), self.fs._strip_protocol(base))
             out[rel] = int(info["size"])
         return out
+
+
+def redact(url: str) -> str:
+    """`url` with any user:password part replaced, for messages."""
+    return _CREDENTIALS_IN_URL.sub(lambda m: m.group(0).split("://", 1)[0] + "://***@", url)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.train.fsdp import full_model_state, full_optimizer_state, load_full_state
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -32,6 +34,7 @@ class Resumable:
     scheduler: Any
     aux_losses: list[Any]
     loader: Any  # KDLoader: state_dict / load_state_dict of the stream position
+    sharded: bool = False  # FSDP2: model + optimizer state gathered in full / re-sharded (collectives)
 
 
 def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_workers: int,
@@ -54,9 +57,12 @@ def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_work
         was = "0 or 1" if saved_workers == 1 else saved_workers
         raise CheckpointError(f"checkpoint {path} was saved with {saved_workers} data stream(s) per rank (num_workers {was}), "
                          f"this run has num_workers={num_workers}: resume with the same num_workers")
-    parts.model.load_state_dict(state["model"])
+    if parts.sharded:
+        load_full_state(parts.model, parts.optimizer, state["model"], state["optimizer"])
+    else:
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
     parts.loss.load_state_dict(state["loss"])
-    parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     aux = state.get("aux", [])
     if len(aux) != len(parts.aux_losses):
@@ -78,6 +84,10 @@ def load_checkpoint(out: Path, parts: Resumable, rank: int, world: int, num_work
 def save_checkpoint(out: Path, parts: Resumable, step: int, config: dict[str, Any], rank: int, world: int) -> Path:
     """Gather every rank's stream position; rank 0 writes the checkpoint."""
     stream_state = parts.loader.state_dict()
+    if parts.sharded:  # every rank takes part in gathering; rank 0 gets the full state
+        model_state, optimizer_state = full_model_state(parts.model), full_optimizer_state(parts.model, parts.optimizer)
+    else:
+        model_state, optimizer_state = parts.model.state_dict(), parts.optimizer.state_dict()
     if world > 1:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, stream_state)
@@ -86,9 +96,9 @@ def save_checkpoint(out: Path, parts: Resumable, step: int, config: dict[str, An
         return out / CHECKPOINT
     out.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": parts.model.state_dict(),
+        "model": model_state,
         "loss": parts.loss.state_dict(),
-        "optimizer": parts.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": parts.scheduler.state_dict(),
         "aux": [loss.aux_state_dict() for loss in parts.aux_losses],
         "stream": stream_state,

@@ -39,6 +39,9 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1)
     bf16: bool | None = None  # default: on for CUDA
     compile: bool = False
+    # under torchrun: ddp (a whole student per rank) or fsdp (FSDP2 fully_shard: parameters,
+    # gradients and optimizer state sharded over the ranks; see pipeline/train/fsdp.py)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
     online_teacher: str | None = None  # online-KD baseline: this teacher resident, same losses
     # online only: feed distribution losses the teacher's full distribution (dense divergence)

@@ -2,7 +2,7 @@
 
 No teacher in memory (unless `online_teacher` asks for the online-KD baseline, which feeds the
 same losses from live teacher outputs: `online_teacher`). Under `torchrun` each rank streams its
-own part of the store (DDP). The config is `train_config`, checkpoints are `checkpoint`, the
+own part of the store (DDP, or FSDP2 with `parallel: fsdp`: `fsdp`). The config is `train_config`, checkpoints are `checkpoint`, the
 step log is `train_log`; this module builds a run and takes its steps.
 """
 
@@ -22,6 +22,7 @@ from kdstore.torch_stream import KDLoader, KDStream
 from pipeline.config import parse_config
 from pipeline.train.checkpoint import CHECKPOINT, Resumable, load_checkpoint, save_checkpoint
 from pipeline.train.cross_tokenizer import STORE_FIELDS, retokenizer
+from pipeline.train.fsdp import save_sharded_student, shard_student
 from pipeline.train.losses import (
     NonFiniteLossError,
     StoreInfo,
@@ -90,11 +91,14 @@ class Trainer:
                                on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise",
                                joined=self.extra_readers)
         self.loader = KDLoader(self.stream, num_workers=cfg.num_workers)
+        self.sharded = cfg.parallel == "fsdp" and self.world > 1  # FSDP2: before the optimizer sees the params
+        if self.sharded:
+            shard_student(model, self.loss)
         params = [p for p in list(model.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.forward_model = model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(model)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
@@ -106,7 +110,8 @@ class Trainer:
 
             attention = self.reader.spec.attention is not None  # eager attention to extract the maps
             self.teacher = get_teacher(cfg.online_teacher, None, str(self.device), "auto", attention, False)
-        self.resumable = Resumable(model, self.loss, self.optimizer, self.scheduler, self.aux_losses, self.loader)
+        self.resumable = Resumable(model, self.loss, self.optimizer, self.scheduler, self.aux_losses, self.loader,
+                                   sharded=self.sharded)
         self._resume()
 
     # ------------------------------------------------------------ checkpoints
@@ -219,7 +224,9 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
-            if self.rank == 0:
+            if self.sharded:
+                save_sharded_student(self.student.model, self.student.tokenizer, self.out / "model", self.rank)
+            elif self.rank == 0:
                 self.student.model.save_pretrained(self.out / "model")
                 self.student.tokenizer.save_pretrained(self.out / "model")
         return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin}

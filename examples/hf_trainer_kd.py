@@ -1,0 +1,74 @@
+"""Train a Hugging Face causal LM from a kdcache store with `transformers.Trainer` (KDTrainer).
+
+    .venv/bin/python examples/hf_trainer_kd.py configs/hf_trainer_example.yaml [--set key=value ...]
+
+The config (validated: an unknown key is an error naming it) names the store, the student
+(kdcache's `student:` block: a pretrained folder, a random config, or teacher layers; its
+tokenizer must be the store's), the kdcache losses (same registry and field checks as
+`kdcache train`), and `training:`, any `transformers.TrainingArguments` values. The student and
+its tokenizer are saved to `training.output_dir`/model at the end. Everything else is plain
+Trainer: callbacks, TRL-style subclasses and Accelerate launchers work as with any Trainer.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdstore.reader import StoreReader
+from pipeline.config import Strict, parse_config
+from pipeline.train.hf_trainer import KDTrainer, StoreRows, kd_fields
+from pipeline.train.student import StudentConfig, build_student
+
+
+class HFKDConfig(Strict):
+    store: str
+    student: StudentConfig = StudentConfig()
+    losses: Any = [{"name": "fkl"}]
+    seed: int = 0
+    buffer_rows: int = 256
+    training: dict[str, Any] = {}  # transformers.TrainingArguments values (output_dir required)
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import TrainingArguments
+
+    cfg = parse_config(config, HFKDConfig, "hf trainer config")
+    reader = StoreReader(cfg.store)
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() and not cfg.training.get("use_cpu") else "cpu"
+    student = build_student(cfg.student, reader, False, device)
+    args = TrainingArguments(**{"report_to": [], "seed": cfg.seed, **cfg.training})
+    rows = StoreRows(reader, kd_fields(reader, cfg.losses, student.model), seed=cfg.seed, buffer_rows=cfg.buffer_rows)
+    trainer = KDTrainer(model=student.model, args=args, train_dataset=rows, processing_class=student.tokenizer,
+                        kd_store=reader, kd_losses=cfg.losses)
+    result = trainer.train()
+    out = Path(args.output_dir) / "model"
+    trainer.save_model(str(out))
+    return {"out": str(out), "steps": result.global_step, "loss": result.training_loss,
+            "last": trainer.kd_history[-1] if trainer.kd_history else {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value, e.g. --set training.max_steps=10")
+    ns = parser.parse_args(argv)
+    config = yaml.safe_load(Path(ns.config).read_text())
+    for pair in ns.set:
+        key, _, value = pair.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    print(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
