@@ -35,6 +35,10 @@ class TrainConfig(Strict):
     device: str = "auto"
     bf16: bool | None = None  # default: on for CUDA
     compile: bool = False
+    # output losses (fkl..., sampled_kd, ce and sums of them) from the student's last hidden state
+    # and head, chunk by chunk, never whole logits (pipeline.train.losses.fused); other losses,
+    # online_full_logits and heads that are not a plain linear layer keep whole logits anyway
+    fused_loss: bool = True
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
     online_teacher: str | None = None  # online-KD baseline: this teacher resident, same losses
     # online only: feed distribution losses the teacher's full distribution (dense divergence)

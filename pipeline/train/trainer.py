@@ -22,6 +22,7 @@ from kdstore.torch_stream import KDLoader, KDStream
 from pipeline.config import parse_config
 from pipeline.train.checkpoint import CHECKPOINT, Resumable, load_checkpoint, save_checkpoint
 from pipeline.train.cross_tokenizer import STORE_FIELDS, retokenizer
+from pipeline.train.last_hidden import LastHidden, fusable_head
 from pipeline.train.losses import (
     NonFiniteLossError,
     StoreInfo,
@@ -88,12 +89,14 @@ class Trainer:
                                on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise",
                                joined=self.extra_readers)
         self.loader = KDLoader(self.stream, num_workers=cfg.num_workers)
+        self.fused = self._fuse(cfg, model)
         params = [p for p in list(model.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.forward_model = model
+        # fused output losses: the base model's last hidden state, the head applied by the losses
+        self.forward_model = LastHidden(model) if self.fused else model
         if self.world > 1:
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(model)
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
@@ -106,6 +109,17 @@ class Trainer:
             self.teacher = get_teacher(cfg.online_teacher, None, str(self.device), "auto", attention, False)
         self.resumable = Resumable(model, self.loss, self.optimizer, self.scheduler, self.aux_losses, self.loader)
         self._resume()
+
+    def _fuse(self, cfg: TrainConfig, model: Any) -> bool:
+        """Whether the losses run fused (no whole logits): every loss can, and the head allows it."""
+        if not (cfg.fused_loss and self.loss.fusable and not cfg.online_full_logits and not self.aux_losses):
+            return False
+        if self.loss.needs - {"logits", "output_head"}:
+            return False
+        why = fusable_head(model, getattr(model.config, "vocab_size", None))
+        if why is not None and self.rank == 0:
+            print(f"fused output losses off: the student's {why}; computing whole logits", flush=True)
+        return why is None
 
     # ------------------------------------------------------------ checkpoints
 
@@ -154,10 +168,13 @@ class Trainer:
             sync = self._average_grads if self.world > 1 else None
             try:
                 with autocast:
-                    out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
-                                output_attentions="attentions" in needs, use_cache=False)
-                    student = StudentOutputs(out.logits, out.hidden_states, out.attentions,
-                                             self.student.model.get_output_embeddings().weight)
+                    head = self.student.model.get_output_embeddings().weight
+                    if self.fused:  # no [tokens, V] logits: the losses apply the head chunk by chunk
+                        student = StudentOutputs(None, output_head=head, last_hidden=model(batch["input_ids"]))
+                    else:
+                        out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
+                                    output_attentions="attentions" in needs, use_cache=False)
+                        student = StudentOutputs(out.logits, out.hidden_states, out.attentions, head)
                     aux = auxiliary_steps(self.aux_losses, student, batch, sync)
                     result = self.loss(student, batch)
                 check_finite(result, batch)
