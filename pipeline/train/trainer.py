@@ -19,10 +19,10 @@ from kdstore.errors import CorruptShardError
 from kdstore.join import check_aligned
 from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
+from pipeline.capture.model_head import LastHidden, fusable_head
 from pipeline.config import parse_config
 from pipeline.train.checkpoint import CHECKPOINT, Resumable, load_checkpoint, save_checkpoint
 from pipeline.train.cross_tokenizer import STORE_FIELDS, retokenizer
-from pipeline.train.last_hidden import LastHidden, fusable_head
 from pipeline.train.losses import (
     NonFiniteLossError,
     StoreInfo,

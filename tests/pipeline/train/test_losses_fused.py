@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_losses_distribution import B, NAMES, T, V, _sampled_batch, make_case, reference_loss
+from test_losses_distribution import NAMES, B, T, V, _sampled_batch, make_case, reference_loss
 
 from pipeline.train.losses import StudentOutputs, WeightedSum
 from pipeline.train.losses.fused import fused_output_loss
@@ -125,7 +125,7 @@ def test_tail_exact_when_kept_mass_is_one_to_float_precision(spread):
     logits[0, 0] = 0.0  # one ordinary row
     eye = torch.eye(V, dtype=torch.float64)
     for name in NAMES:
-        want = grads(lambda h, w: reference_loss(name, teacher, h @ w.T, batch, coarse=True), logits, eye)
+        want = grads(lambda h, w, name=name: reference_loss(name, teacher, h @ w.T, batch, coarse=True), logits, eye)
         got = grads(fused(DistributionLoss(name)), logits.float(), eye.float())
         assert all(torch.isfinite(x).all() for x in got), name
         assert_all_close(got, want, atol=1e-5, rtol=1e-5)

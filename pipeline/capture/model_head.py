@@ -1,16 +1,17 @@
-"""The student as the fused output losses need it: its last hidden state, not its logits.
+"""A causal LM split into its base model and its output head, so the head is applied chunk by chunk.
 
 Why: a causal LM's forward ends with logits = head(last hidden state), a [tokens, V] tensor that
-the output losses then take whole. When every loss of a run is fusable (`KDLoss.fusable`) the
-trainer runs the base model only (`LastHidden`) and hands the losses the hidden state and the
-head weight; they apply the head chunk by chunk (`pipeline.train.losses.fused`). That is exact
-only for a head that is a plain bias-free linear map of the base model's last hidden state, so
-`fusable_head` checks it once, numerically, on a few tokens, and says why not otherwise (the run
-then keeps whole logits).
+whoever reads it then takes whole. The teacher pass (top-k, draws, log-sum-exp per chunk) and the
+student's fused output losses (`pipeline.train.losses.fused`, when every loss of a run is
+fusable) run the base model only (`LastHidden`) and apply the head weight per chunk of tokens.
+That is exact only for a head that is a plain bias-free linear map of the base model's last
+hidden state, so `fusable_head` checks it once per model, numerically, on a few tokens, and says
+why not otherwise (the caller then keeps whole logits).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -29,8 +30,18 @@ class LastHidden(nn.Module):
         return self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def fusable_head(model: Any, vocab_size: int | None = None) -> str | None:
-    """None when logits == last_hidden @ head.T for `model` (checked on 8 tokens), else why not."""
+    """None when logits == last_hidden @ head.T for `model` (checked on 8 tokens, once per
+    model), else why not."""
+    if model not in _CHECKED:
+        _CHECKED[model] = _check(model, vocab_size)
+    return _CHECKED[model]
+
+
+def _check(model: Any, vocab_size: int | None) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return "its output head is not a bias-free linear layer"
