@@ -125,27 +125,27 @@ class _Fused(torch.autograd.Function):
                 gz = gz.to(mm_dtype)
                 if grad_h is not None:
                     grad_h.index_copy_(0, idx, (gz @ w).to(cdt))
-                if grad_w is not None:
+                if grad_w is not None and mm_dtype == cdt:
+                    grad_w.addmm_(gz.T, h)  # in place: no [V, d] temporary per chunk
+                elif grad_w is not None:
                     grad_w += (gz.T @ h).to(cdt)
             weights = torch.tensor([t.weight for t in terms], dtype=cdt, device=device)
             total = (values * weights).sum()
-        ctx.save_for_backward(
-            grad_h.to(hidden.dtype) if grad_h is not None else None,
-            grad_w.to(head.dtype) if grad_w is not None else None,
-        )
+        # kept on ctx (not saved tensors): backward scales them in place, no second [V, d] copy
+        ctx.grads = (grad_h.to(hidden.dtype) if grad_h is not None else None,
+                     grad_w.to(head.dtype) if grad_w is not None else None)
         ctx.mark_non_differentiable(values)
         return total, values
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, grad_values: Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_total
-        return (
-            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
-            grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
-            None,
-            None,
-        )
+        if ctx.grads is None:
+            raise RuntimeError("the fused output loss's backward runs once (its gradients were computed in the "
+                               "forward pass and handed over); recompute the loss to differentiate it again")
+        grads, ctx.grads = ctx.grads, None
+        one = bool(grad_total == 1)
+        scaled = [g if g is None or one else g.mul_(grad_total.to(g.dtype)) for g in grads]
+        return scaled[0], scaled[1], None, None
 
 
 def _group(z: Tensor, temperature: float, terms: list[Term], idx: Tensor, values: Tensor, slots: list[int],

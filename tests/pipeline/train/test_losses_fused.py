@@ -167,3 +167,17 @@ def test_fused_needs_hidden_and_head():
     _, _, batch = make_case(k=7)
     with pytest.raises(ValueError, match="last hidden state"):
         DistributionLoss("fkl")(StudentOutputs(None, output_head=torch.zeros(V, D)), batch)
+
+
+def test_backward_scales_by_the_incoming_gradient_and_runs_once():
+    _, _, batch = make_case(k=7, seed=6)
+    BATCH[0] = batch
+    h, w = hidden_and_head()
+    want = grads(fused(DistributionLoss("rkl")), h, w)
+    got = grads(lambda h, w: -2.5 * fused(DistributionLoss("rkl"))(h, w), h, w)
+    assert_all_close(got[1:], [-2.5 * g for g in want[1:]], atol=1e-12)
+    x = h.detach().clone().requires_grad_(True)
+    total = fused(DistributionLoss("rkl"))(x, w)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        total.backward()
