@@ -5,6 +5,10 @@ digest, so adding a file adds only its shards and changing a file redoes only it
 Per shard: batched no-grad forward passes, signal extraction on the device, then the write,
 which runs outside the device lock so the next shard's forward pass overlaps it (the Prefect
 flow runs two shards at a time; `run_cache` uses a writer thread behind a bounded queue).
+The forward runs the teacher's base model; its head is applied to the last hidden state one
+chunk of tokens at a time (`chunked_logits`), top-k, draws and log-sum-exp taken per chunk, so
+no [tokens, V] logits tensor exists (unless the head is not a plain linear layer:
+`model_head.fusable_head`). The stored results equal the whole-logits path's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from kdstore.spec import StoreSpec
 from kdstore.summary import summarize
 from kdstore.writer import StoreWriter
 from pipeline.capture import extract
+from pipeline.capture.model_head import fusable_head
 from pipeline.capture.pass_setup import Teacher, open_writer, teacher_for
 from pipeline.capture.shard_plan import ShardPlan, plan_shards
 from pipeline.capture.teacher_files import write_teacher_files
@@ -36,8 +41,10 @@ DEVICE_LOCK = threading.Lock()
 # ---------------------------------------------------------------- one shard
 
 
-def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Run the teacher over one shard's rows; returns the arrays the store writer takes."""
+def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size: int, seed: int = 0,
+                  chunked: bool = True) -> dict[str, np.ndarray]:
+    """Run the teacher over one shard's rows; returns the arrays the store writer takes.
+    `chunked`: the head per chunk of tokens when the model allows it (False: whole logits)."""
     rows = plan.rows
     n = len(rows.sample_ids)
     out: dict[str, list[np.ndarray]] = {}
@@ -47,13 +54,18 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
         generator = torch.Generator(device=teacher.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     want_hidden = spec.hidden is not None
     want_attn = spec.attention is not None
+    model = teacher.model
+    chunked = chunked and (spec.topk is not None or spec.sampled is not None) and fusable_head(model) is None
+    forward = model.get_decoder() if chunked else model
     for start in range(0, n, batch_size):
         ids = torch.from_numpy(rows.input_ids[start : start + batch_size].astype(np.int64)).to(teacher.device)
         with torch.inference_mode():
-            result = teacher.model(
+            result = forward(
                 input_ids=ids, output_hidden_states=want_hidden, output_attentions=want_attn, use_cache=False
             )
-            for name, value in extract_signals(result, spec, generator).items():
+            head = model.get_output_embeddings().weight
+            logits = chunked_logits(result.last_hidden_state, head) if chunked else None
+            for name, value in extract_signals(result, spec, generator, logits).items():
                 out.setdefault(name, []).append(value)
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     arrays.update(
@@ -67,16 +79,35 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     return arrays
 
 
-def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None) -> dict[str, np.ndarray]:
-    logits = result.logits
+def chunked_logits(hidden: torch.Tensor, head: torch.Tensor) -> Iterator[torch.Tensor]:
+    """head(hidden) for [B,T,d] hidden, as [n, V] chunks of extract.TOKEN_CHUNK tokens in order
+    (the chunks `extract` takes anyway, so draws consume the generator as with whole logits)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    for start in range(0, flat.shape[0], extract.TOKEN_CHUNK):
+        yield torch.nn.functional.linear(flat[start : start + extract.TOKEN_CHUNK], head)
+
+
+def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None,
+                    logits: Any = None) -> dict[str, np.ndarray]:
+    """The store arrays of one batch. `logits`: [B,T,V] chunks in token order (default: the
+    result's whole logits); top-k and draws are taken chunk by chunk, then reshaped to [B,T,..]."""
+    chunks = [result.logits] if logits is None else logits
+    batch_shape = (result.logits if logits is None else result.last_hidden_state).shape[:2]
     out: dict[str, np.ndarray] = {}
-    if spec.topk is not None:
-        t = spec.topk
-        ids, logp, tail = extract.topk_logprobs(logits, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
-        out.update(topk_ids=extract.to_numpy(ids), topk_logp=extract.to_numpy(logp), topk_tail=extract.to_numpy(tail))
-    if spec.sampled is not None:
-        ids, counts = extract.sampled_draws(logits, spec.sampled.n_draws, spec.sampled.temperature, generator)
-        out.update(draw_ids=extract.to_numpy(ids), draw_counts=extract.to_numpy(counts))
+    parts: dict[str, list[torch.Tensor]] = {}
+    t, d = spec.topk, spec.sampled
+    for chunk in chunks:
+        if t is not None:
+            ids, logp, tail = extract.topk_logprobs(chunk, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
+            for key, value in (("topk_ids", ids), ("topk_logp", logp), ("topk_tail", tail)):
+                parts.setdefault(key, []).append(value.reshape(-1, *value.shape[chunk.dim() - 1:]))
+        if d is not None:
+            ids, counts = extract.sampled_draws(chunk, d.n_draws, d.temperature, generator)
+            for key, value in (("draw_ids", ids), ("draw_counts", counts)):
+                parts.setdefault(key, []).append(value.reshape(-1, *value.shape[chunk.dim() - 1:]))
+    for key, values in parts.items():
+        joined = torch.cat(values)
+        out[key] = extract.to_numpy(joined.reshape(*batch_shape, *joined.shape[1:]))
     if spec.hidden is not None:
         for layer in spec.hidden.layers:
             out[f"hidden_{layer}"] = extract.to_numpy(result.hidden_states[layer].float())
@@ -131,8 +162,10 @@ def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = prin
     """The teacher pass as a plain function: a forward loop and a writer thread (queue of 2)."""
     started = time.perf_counter()
     p = prepare_pass(config, progress)
-    results = cache_pipelined(p.teacher, p.writer, p.todo, config, progress, started)
-    return pass_summary(config.store, p.plans, results, p.retired, time.perf_counter() - started)
+    pass_started = time.perf_counter()  # the rate counts the pass, not the one-time set-up
+    results = cache_pipelined(p.teacher, p.writer, p.todo, config, progress, pass_started)
+    done = time.perf_counter()
+    return pass_summary(config.store, p.plans, results, p.retired, done - started, done - pass_started)
 
 
 def cache_pipelined(
@@ -194,8 +227,13 @@ def retire_stale_shards(writer: StoreWriter, plans: list[ShardPlan]) -> list[str
     return retired
 
 
-def pass_summary(store: str, plans: list[ShardPlan], results: list[dict[str, Any]], retired: list[str], wall_s: float) -> dict[str, Any]:
+def pass_summary(store: str, plans: list[ShardPlan], results: list[dict[str, Any]], retired: list[str], wall_s: float,
+                 pass_s: float | None = None) -> dict[str, Any]:
+    """The store's summary plus this pass's figures. `wall_s`: everything (teacher load and
+    conversion, planning, the pass); `pass_s`: the forward passes and writes alone, which
+    `teacher_tokens_per_s` counts (default: wall_s)."""
     summary = summarize(store)
+    pass_s = wall_s if pass_s is None else pass_s
     computed_tokens = sum(r["tokens"] for r in results)
     return {
         "store": store,
@@ -210,5 +248,7 @@ def pass_summary(store: str, plans: list[ShardPlan], results: list[dict[str, Any
         "bytes_per_token": round(summary.bytes_per_token, 2),
         "mean_kept_mass": summary.mean_kept_mass,
         "wall_s": round(wall_s, 2),
-        "teacher_tokens_per_s": round(computed_tokens / wall_s, 1) if results else None,
+        "setup_s": round(wall_s - pass_s, 2),
+        "pass_s": round(pass_s, 2),
+        "teacher_tokens_per_s": round(computed_tokens / max(pass_s, 1e-9), 1) if results else None,
     }

@@ -42,6 +42,10 @@ class TrainConfig(Strict):
     # under torchrun: ddp (a whole student per rank) or fsdp (FSDP2 fully_shard: parameters,
     # gradients and optimizer state sharded over the ranks; see pipeline/train/fsdp.py)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # output losses (fkl..., sampled_kd, ce and sums of them) from the student's last hidden state
+    # and head, chunk by chunk, never whole logits (pipeline.train.losses.fused); other losses,
+    # online_full_logits and heads that are not a plain linear layer keep whole logits anyway
+    fused_loss: bool = True
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
     online_teacher: str | None = None  # online-KD baseline: this teacher resident, same losses
     # online only: feed distribution losses the teacher's full distribution (dense divergence)

@@ -19,6 +19,7 @@ from kdstore.errors import CorruptShardError, StoreError
 from kdstore.join import check_aligned
 from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
+from pipeline.capture.model_head import LastHidden, fusable_head
 from pipeline.config import parse_config
 from pipeline.train.checkpoint import CHECKPOINT, Resumable, load_checkpoint, save_checkpoint
 from pipeline.train.cross_tokenizer import STORE_FIELDS, retokenizer
@@ -94,12 +95,15 @@ class Trainer:
         self.sharded = cfg.parallel == "fsdp" and self.world > 1  # FSDP2: before the optimizer sees the params
         if self.sharded:
             shard_student(model, self.loss)
+        # fused output losses read the head's weight outside the forward: not with a sharded head
+        self.fused = not self.sharded and self._fuse(cfg, model)
         params = [p for p in list(model.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.forward_model = model
+        # fused output losses: the base model's last hidden state, the head applied by the losses
+        self.forward_model = LastHidden(model) if self.fused else model
         if self.world > 1 and not self.sharded:
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(model)
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
@@ -113,6 +117,17 @@ class Trainer:
         self.resumable = Resumable(model, self.loss, self.optimizer, self.scheduler, self.aux_losses, self.loader,
                                    sharded=self.sharded)
         self._resume()
+
+    def _fuse(self, cfg: TrainConfig, model: Any) -> bool:
+        """Whether the losses run fused (no whole logits): every loss can, and the head allows it."""
+        if not (cfg.fused_loss and self.loss.fusable and not cfg.online_full_logits and not self.aux_losses):
+            return False
+        if self.loss.needs - {"logits", "output_head"}:
+            return False
+        why = fusable_head(model, getattr(model.config, "vocab_size", None))
+        if why is not None and self.rank == 0:
+            print(f"fused output losses off: the student's {why}; computing whole logits", flush=True)
+        return why is None
 
     # ------------------------------------------------------------ checkpoints
 
@@ -162,10 +177,13 @@ class Trainer:
             sync = self._average_grads if self.world > 1 else None
             try:
                 with autocast:
-                    out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
-                                output_attentions="attentions" in needs, use_cache=False)
-                    student = StudentOutputs(out.logits, out.hidden_states, out.attentions,
-                                             self.student.model.get_output_embeddings().weight)
+                    head = self.student.model.get_output_embeddings().weight
+                    if self.fused:  # no [tokens, V] logits: the losses apply the head chunk by chunk
+                        student = StudentOutputs(None, output_head=head, last_hidden=model(batch["input_ids"]))
+                    else:
+                        out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
+                                    output_attentions="attentions" in needs, use_cache=False)
+                        student = StudentOutputs(out.logits, out.hidden_states, out.attentions, head)
                     aux = auxiliary_steps(self.aux_losses, student, batch, sync)
                     result = self.loss(student, batch)
                 check_finite(result, batch)

@@ -51,13 +51,17 @@ class StudentOutputs:
     logits [B,T,V] (any float dtype; losses compute in float32, float64 stays float64);
     hidden_states: HF convention, a tuple of num_layers + 1 tensors [B,T,d] (0 = embeddings);
     attentions: HF convention, a tuple of num_layers tensors [B,H,T,T] (probabilities);
-    output_head: the student's output embedding weight [V,d] (dual-space KD only).
+    output_head: the student's output embedding weight [V,d] (dual-space KD, fused losses);
+    last_hidden: the last hidden state [B,T,d] (what the head reads). With logits None and
+    last_hidden + output_head given, the output losses run fused (`fused`): logits chunk by chunk,
+    never whole. Only losses with `fusable` take such outputs.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     output_head: Tensor | None = None
+    last_hidden: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class KDLoss(nn.Module):
     label: str = "loss"
     fields: tuple[str, ...] = ()
     needs: frozenset[str] = frozenset({"logits"})
+    # whether it can run from the last hidden state + output head instead of whole logits
+    # (`fused_terms`, see `fused`); the trainer fuses when every loss of the config can
+    fusable: bool = False
 
     def required_fields(self, store_field_names: Sequence[str] | None = None) -> tuple[str, ...]:
         return self.fields
@@ -107,6 +114,11 @@ class KDLoss(nn.Module):
 
     def result(self, value: Tensor) -> LossResult:
         return LossResult(value, {self.label: value.detach()})
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int,
+                    dtype: torch.dtype) -> list[Any]:
+        """The `fused` terms this loss contributes with weight `weight` (fusable losses only)."""
+        raise NotImplementedError(f"loss {self.label!r} needs the student's whole logits (it cannot run fused)")
 
 
 GradSync = Callable[[Iterable[nn.Parameter]], None]
@@ -198,12 +210,19 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum().clamp_min(1).to(values.dtype)
 
 
+def mean_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Flat per-token weights [N] giving `masked_mean` as a weighted sum: 1/count where `mask`."""
+    flat = mask.reshape(-1)
+    return flat.to(dtype) / flat.sum().clamp_min(1).to(dtype)
+
+
 def require(student: StudentOutputs, what: str, label: str) -> None:
     if getattr(student, what) is None:
         how = {
             "hidden_states": "call the student with output_hidden_states=True",
             "attentions": "load the student with attn_implementation='eager' and call it with output_attentions=True",
             "output_head": "pass the student's output embedding weight (model.get_output_embeddings().weight)",
+            "last_hidden": "pass the student's last hidden state (the base model's last_hidden_state)",
         }.get(what, "")
         raise ValueError(f"loss {label!r} needs the student's {what}: {how}")
 

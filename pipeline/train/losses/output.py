@@ -1,5 +1,9 @@
 """Output-distribution losses: divergences against top-k stores, sampled KD, hard-label CE.
 
+Each also runs fused (`fused`): from the student's last hidden state and output head, logits
+chunk by chunk, one softmax pass for every output loss of a step (`fused_result`, which
+`WeightedSum` calls for all its parts at once).
+
 Alignment: the store's signals at position t are the teacher's prediction for token t+1, like HF
 causal-LM logits, so student logits at t are compared with teacher signals at t (positions where
 `valid[t]`), and hard-label CE uses input_ids[t+1] as the label of position t.
@@ -22,6 +26,8 @@ from pipeline.train.losses.base import (
     kd_mask,
     label_mask,
     masked_mean,
+    mean_weights,
+    require,
 )
 from pipeline.train.losses.coarse import (
     coarse_live,
@@ -31,6 +37,7 @@ from pipeline.train.losses.coarse import (
     student_coarse,
     teacher_coarse,
 )
+from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term, fused_output_loss
 
 TOPK_FIELDS = ("topk_ids", "topk_logp", "topk_tail", "valid")
 SAMPLED_FIELDS = ("draw_ids", "draw_counts", "valid")
@@ -39,6 +46,27 @@ CE_FIELDS = ("input_ids", "valid")
 # vocabulary at the store's capture temperature. When a batch carries it, distribution losses
 # compute the dense divergence instead of the coarsened one.
 TEACHER_LOGP = "teacher_logp"
+
+
+def fused_result(loss: KDLoss, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    """`loss` (a fusable loss or a weighted sum of them) from last_hidden + output_head, in one
+    fused pass; components named as the unfused path names them (a repeated key gets '#2'...)."""
+    require(student, "last_hidden", loss.label)
+    require(student, "output_head", loss.label)
+    hidden, head = student.last_hidden, student.output_head
+    if TEACHER_LOGP in batch:
+        raise ValueError(f"loss {loss.label!r}: a batch with the teacher's full log-probs needs whole logits "
+                         "(online_full_logits runs unfused)")
+    terms: list[Term] = loss.fused_terms(batch, 1.0, head.shape[0], compute_dtype(hidden))
+    total, values = fused_output_loss(hidden, head, terms)
+    components: dict[str, Tensor] = {}
+    for term, value in zip(terms, values, strict=True):
+        name, n = term.label, 1
+        while name in components:
+            n += 1
+            name = f"{term.label}#{n}"
+        components[name] = value
+    return LossResult(total, components)
 
 
 def coarse_pair(
@@ -67,6 +95,7 @@ class DistributionLoss(KDLoss):
     """
 
     fields = TOPK_FIELDS
+    fusable = True
 
     def __init__(self, name: str, param: float | None = None, temperature: float = 1.0, teacher_power: float = 1.0):
         super().__init__()
@@ -76,10 +105,22 @@ class DistributionLoss(KDLoss):
         self.teacher_power = float(teacher_power)
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if student.logits is None:
+            return fused_result(self, student, batch)
         if TEACHER_LOGP in batch:
             return self.result(masked_mean(self.dense(student.logits, batch[TEACHER_LOGP]), kd_mask(batch)))
         lt, ls, live = coarse_pair(student.logits, batch, self.temperature, self.teacher_power, self.label)
         return self.result(masked_mean(self.divergence(lt, ls, live), kd_mask(batch)))
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
+        logp = batch_field(batch, "topk_logp", self.label)
+        mask = kd_mask(batch)
+        live = coarse_live(logp, mask, vocab_size)
+        lt = retemper(teacher_coarse(logp, batch_field(batch, "topk_tail", self.label), live, dtype), live,
+                      self.teacher_power)
+        ids = batch_field(batch, "topk_ids", self.label).long()
+        return [CoarseTerm(self.label, weight, self.divergence, self.temperature, ids.flatten(0, -2),
+                           lt.flatten(0, -2), live.flatten(0, -2), mean_weights(mask, dtype))]
 
     def dense(self, logits: Tensor, teacher_logp: Tensor) -> Tensor:
         """Per-position divergence against the teacher's full distribution (online full-logit
@@ -104,22 +145,34 @@ class SampledKDLoss(KDLoss):
 
     label = "sampled_kd"
     fields = SAMPLED_FIELDS
+    fusable = True
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
         self.temperature = float(temperature)
 
+    def targets(self, batch: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw ids [B,T,n], their empirical weights c/n (0 where not counted), the counted positions."""
+        counts = batch_field(batch, "draw_counts", self.label).to(dtype)
+        ids = batch_field(batch, "draw_ids", self.label).long()
+        n = counts.sum(-1, keepdim=True)
+        mask = kd_mask(batch) & (n[..., 0] > 0)
+        return ids, torch.where(mask[..., None], counts / n.clamp_min(1), 0.0), mask
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
+        ids, weights, mask = self.targets(batch, dtype)
+        return [SparseCETerm(self.label, weight, self.temperature, ids.flatten(0, -2), weights.flatten(0, -2),
+                             mean_weights(mask, dtype))]
+
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if student.logits is None:
+            return fused_result(self, student, batch)
         logits = student.logits
         dtype = compute_dtype(logits)
         s = logits.to(dtype)
         if self.temperature != 1.0:
             s = s / self.temperature
-        counts = batch_field(batch, "draw_counts", self.label).to(dtype)
-        ids = batch_field(batch, "draw_ids", self.label).long()
-        n = counts.sum(-1, keepdim=True)
-        mask = kd_mask(batch) & (n[..., 0] > 0)
-        weights = torch.where(mask[..., None], counts / n.clamp_min(1), 0.0)
+        ids, weights, mask = self.targets(batch, dtype)
         lq = s.gather(-1, ids) - torch.logsumexp(s, dim=-1, keepdim=True)
         return self.result(masked_mean(-(weights * lq).sum(-1), mask))
 
@@ -130,8 +183,19 @@ class CrossEntropyLoss(KDLoss):
 
     label = "ce"
     fields = CE_FIELDS
+    fusable = True
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
+        labels, mask = label_mask(batch)  # [B,T-1]: the last position has no label
+        labels = torch.nn.functional.pad(labels, (0, 1))
+        mask = torch.nn.functional.pad(mask, (0, 1))
+        ids = labels.reshape(-1, 1)
+        return [SparseCETerm(self.label, weight, 1.0, ids, torch.ones(ids.shape, dtype=dtype, device=ids.device),
+                             mean_weights(mask, dtype))]
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if student.logits is None:
+            return fused_result(self, student, batch)
         labels, mask = label_mask(batch)
         logits = student.logits[:, :-1]
         per_token = F.cross_entropy(

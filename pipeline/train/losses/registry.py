@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -55,6 +56,7 @@ from pipeline.train.losses.output import (
     CrossEntropyLoss,
     DistributionLoss,
     SampledKDLoss,
+    fused_result,
 )
 from pipeline.train.losses.store_info import StoreInfo
 
@@ -75,8 +77,15 @@ class WeightedSum(KDLoss):
         self.losses = nn.ModuleList(loss for _, loss in parts)
         self.fields = tuple(dict.fromkeys(f for _, loss in parts for f in loss.fields))
         self.needs = frozenset().union(*(loss.needs for _, loss in parts))
+        self.fusable = all(loss.fusable for _, loss in parts)
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Any]:
+        return [term for w, loss in zip(self.weights, self.losses, strict=True)
+                for term in loss.fused_terms(batch, weight * w, vocab_size, dtype)]
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if student.logits is None and self.fusable:
+            return fused_result(self, student, batch)  # one pass over the logits for every part
         total: Tensor | None = None
         components: dict[str, Tensor] = {}
         for weight, loss in zip(self.weights, self.losses, strict=True):
