@@ -68,11 +68,11 @@ class Trainer:
         self.extra_readers = [StoreReader(s) for s in cfg.extra_stores]
         check_aligned([self.reader, *self.extra_readers])  # multi-teacher: stores line up, before any step
         store_info = StoreInfo.joined([self.reader, *self.extra_readers])
+        cross = check_cross_tokenizer(cfg.losses, cfg.student.tokenizer is not None)
+        check_loss_masks(self.reader, self.extra_readers, cross)
         # Field check before the student is built (the losses themselves need the student's sizes).
         check_fields(cfg.losses, store_info.field_names)
         needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, store_info.field_names))
-        cross = check_cross_tokenizer(cfg.losses, cfg.student.tokenizer is not None)
-        check_loss_masks(self.reader, self.extra_readers, cross)
         self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device), cross)
         model = self.student.model
         dims = StudentDims.from_config(model.config, self.student.tokenizer)
