@@ -3,8 +3,8 @@
 The DSKD protocol for instruction data: each model answers held-out prompts (greedy), and its
 answers are scored with ROUGE-L (and the other text metrics of `metrics.score_texts`) against
 the dataset's reference response and against the teacher's answer. A prompt is a held-out
-conversation up to its last assistant turn, rendered with the store's chat template and its
-generation prompt; the reference is that assistant turn's content. Held-out = the validation
+conversation up to its last assistant turn that fits the prompt budget, rendered with the store's
+chat template and its generation prompt; the reference is that assistant turn's content. Held-out = the validation
 side of the store's own split (`packing.is_validation` of `chat.split_key`), so no cached training
 row holds it. Perplexity over assistant tokens needs nothing here: the held-out rows carry their
 loss mask (`evaluate.heldout_rows`).
@@ -41,8 +41,10 @@ class ChatPrompt:
     where: str  # file and record
 
 
-def heldout_prompts(reader: StoreReader, tokenizer: Any, count: int, max_prompt_tokens: int) -> list[ChatPrompt]:
-    """Up to ``count`` held-out prompts of at most ``max_prompt_tokens`` tokens, in corpus order."""
+def heldout_prompts(reader: StoreReader, tokenizer: Any, count: int, max_prompt_tokens: int,
+                    max_reference_tokens: int | None = None) -> list[ChatPrompt]:
+    """Up to ``count`` held-out prompts of at most ``max_prompt_tokens`` tokens (and references of
+    at most ``max_reference_tokens``), one per conversation, in corpus order."""
     prov = reader.meta.provenance
     corpus = CorpusConfig(**prov.corpus)
     config = CacheConfig(store=reader.location.url, corpus=corpus, row_length=int(prov.packing["row_length"]))
@@ -60,17 +62,30 @@ def heldout_prompts(reader: StoreReader, tokenizer: Any, count: int, max_prompt_
                 continue  # the store skipped or refused it too
             if not is_validation(split_key(messages), corpus.val_fraction):
                 continue
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            try:
-                text = render(messages[:last], tokenizer, chat.template, generation_prompt=True)
-            except Exception:  # the template refuses the prefix (e.g. it must start with a user turn)
-                continue
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= max_prompt_tokens:
-                out.append(ChatPrompt(ids, messages[last]["content"], where))
+            prompt = _prompt(messages, tokenizer, chat.template, max_prompt_tokens, max_reference_tokens)
+            if prompt is not None:
+                out.append(ChatPrompt(*prompt, where))
             if len(out) >= count:
                 return out
     return out
+
+
+def _prompt(messages: list[dict[str, str]], tokenizer: Any, template: str | None, max_prompt: int,
+            max_reference: int | None) -> tuple[list[int], str] | None:
+    """The conversation up to its last assistant turn whose prompt (and reference) fit, rendered
+    with the generation prompt, and that turn's content; None when no turn fits."""
+    for i in reversed([i for i, m in enumerate(messages) if m["role"] == "assistant"]):
+        reference = messages[i]["content"]
+        if max_reference is not None and len(tokenizer(reference, add_special_tokens=False)["input_ids"]) > max_reference:
+            continue
+        try:
+            text = render(messages[:i], tokenizer, template, generation_prompt=True)
+        except Exception:  # the template refuses this prefix (e.g. it must start with a user turn)
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_prompt:
+            return ids, reference
+    return None
 
 
 @torch.inference_mode()

@@ -45,6 +45,7 @@ class GenerationConfig(Strict):
     prompts: int = Field(8, ge=1)
     prompt_tokens: int = Field(32, ge=1)  # chat stores: the longest prompt (conversation so far) taken
     new_tokens: int = Field(32, ge=1)
+    reference_tokens: int | None = Field(None, ge=1)  # chat stores: only references (responses) up to this long
 
 
 class EvalConfig(Strict):
@@ -301,7 +302,7 @@ def chat_generation(reader: StoreReader, models: dict[str, Any], tokenizer: Any,
                     device: torch.device) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
     from pipeline.evaluation.chat_eval import chat_generation_metrics, heldout_prompts
 
-    prompts = heldout_prompts(reader, tokenizer, cfg.prompts, cfg.prompt_tokens)
+    prompts = heldout_prompts(reader, tokenizer, cfg.prompts, cfg.prompt_tokens, cfg.reference_tokens)
     if not prompts:
         raise EvalError(f"no held-out conversation of store {reader.location.url!r} has a prompt of at most "
                         f"{cfg.prompt_tokens} tokens; raise generation.prompt_tokens")
