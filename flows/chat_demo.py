@@ -31,7 +31,10 @@ DEFAULT_CHAT_TOKENS = 16_384
 
 @flow(name="kdcache-chat-demo")
 def chat_demo_flow(out_dir: str = "runs/chat_demo", tokens: int | None = None, steps: int | None = None,
-                   eval_tokens: int | None = None, conversations: int | None = None) -> dict[str, Any]:
+                   eval_tokens: int | None = None, conversations: int | None = None, teacher: str | None = None,
+                   paths: list[str] | None = None, train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``teacher``, ``paths`` and ``train_overrides`` (dotted keys) replace the configs' teacher,
+    conversation files and student settings (a tiny run in the tests)."""
     from flows.cache_teacher import cache_teacher
     from flows.evaluate import evaluate_flow
     from pipeline.evaluation.evaluate import EvalConfig
@@ -42,6 +45,10 @@ def chat_demo_flow(out_dir: str = "runs/chat_demo", tokens: int | None = None, s
     overrides: dict[str, Any] = {"store": str(store), "max_tokens": tokens or DEFAULT_CHAT_TOKENS}
     if conversations is not None:
         overrides["corpus.max_documents"] = conversations
+    if teacher is not None:
+        overrides["teacher.name"] = teacher
+    if paths is not None:
+        overrides["corpus.paths"] = paths
     config = load_config(CHAT_CONFIG, overrides=overrides)
     started = time.perf_counter()
     print(f"[1/4] teacher pass: {config.teacher.name} teacher over chat conversations {config.corpus.paths} "
@@ -58,8 +65,9 @@ def chat_demo_flow(out_dir: str = "runs/chat_demo", tokens: int | None = None, s
           f"assistant's (the loss mask)", flush=True)
     print("[2/4] training the same student twice from the cache alone, losses over the assistant's tokens only",
           flush=True)
-    kd = _train("KD student", store, out / "student_kd", None, steps, CHAT_TRAIN_CONFIG)
-    ce = _train("CE baseline", store, out / "student_ce", BASELINE_LOSSES, steps, CHAT_TRAIN_CONFIG)
+    student = {"student.teacher": config.teacher.name, **(train_overrides or {})}
+    kd = _train("KD student", store, out / "student_kd", None, steps, CHAT_TRAIN_CONFIG, student)
+    ce = _train("CE baseline", store, out / "student_ce", BASELINE_LOSSES, steps, CHAT_TRAIN_CONFIG, student)
     print("[3/4] evaluating teacher, KD student and CE baseline on held-out conversations", flush=True)
     eval_overrides: dict[str, Any] = {
         "store": str(store), "out": str(out), "teacher": config.teacher.name,

@@ -29,7 +29,7 @@ BASELINE_LOSSES = [{"name": "ce"}]
 
 
 def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None,
-           config: Path = TRAIN_CONFIG) -> dict[str, Any]:
+           config: Path = TRAIN_CONFIG, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from flows.train_student import train_student_flow
     from pipeline.train.trainer import TrainConfig
 
@@ -38,6 +38,7 @@ def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None,
         overrides["losses"] = losses
     if steps is not None:
         overrides["steps"] = steps
+    overrides.update(extra or {})
     cfg = load_config(config, TrainConfig, overrides=overrides)
     names = " + ".join(f"{l_['weight']:g}·{l_['name']}" if "weight" in l_ else l_["name"]
                        for l_ in (cfg.losses if isinstance(cfg.losses, list) else [cfg.losses]))

@@ -181,12 +181,17 @@ def render(messages: Sequence[dict[str, str]], tokenizer: Any, template: str | N
 
 
 def render_conversation(messages: Sequence[dict[str, str]], tokenizer: Any, template: str | None, mask: str,
-                        where: str) -> Rendered:
+                        where: str, max_tokens: int | None = None) -> Rendered:
     """Token ids, loss mask and turn ends of one conversation (see the module docstring). ``mask``
     "all" marks every token, anything else every assistant turn (narrow it to the last turn with
-    `last_turn_only`, after any truncation)."""
+    `last_turn_only`, after any truncation). With ``max_tokens``, a longer conversation's turn
+    boundaries are found only up to the first turn that ends beyond that many tokens (what
+    `truncate` can keep): ``turn_ends`` then cover a prefix of the turns."""
     try:
         full = render(messages, tokenizer, template)
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = enc["offset_mapping"]
+        char_limit = offsets[max_tokens - 1][1] if max_tokens is not None and len(offsets) > max_tokens else None
         ends, heads = [], []
         for i, message in enumerate(messages):
             prefix = render(messages[: i + 1], tokenizer, template)
@@ -197,13 +202,14 @@ def render_conversation(messages: Sequence[dict[str, str]], tokenizer: Any, temp
                                       f"so its turn boundaries are unknown")
             ends.append(len(prefix))
             heads.append(None if head is None else len(head))
+            if char_limit is not None and len(prefix) > char_limit:
+                break  # later turns end later still: no truncation can keep them
     except ChatRecordError:
         raise
     except Exception as exc:  # jinja2 TemplateError (e.g. raise_exception on role order) and the like
         raise ChatRecordError(f"{where}: the chat template refused the conversation: {type(exc).__name__}: {exc}") from None
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = np.asarray(enc["input_ids"], np.int32)
-    starts = np.asarray([s for s, _ in enc["offset_mapping"]], np.int64).reshape(-1)
+    starts = np.asarray([s for s, _ in offsets], np.int64).reshape(-1)
     turn_ends = tuple(int(np.searchsorted(starts, e, side="left")) for e in ends)
     spans = [(h, e) for h, e in zip(heads, ends, strict=True) if h is not None]
     if mask == "all":
@@ -212,7 +218,7 @@ def render_conversation(messages: Sequence[dict[str, str]], tokenizer: Any, temp
         loss = np.zeros(len(ids), bool)
         for h, e in spans:
             loss |= (starts >= h) & (starts < e)
-    return Rendered(ids, loss, turn_ends, tuple(m["role"] == "assistant" for m in messages))
+    return Rendered(ids, loss, turn_ends, tuple(m["role"] == "assistant" for m in messages[: len(ends)]))
 
 
 def last_turn_only(r: Rendered) -> Rendered:

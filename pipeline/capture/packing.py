@@ -267,7 +267,7 @@ def iter_packed_chat(records: Iterable[tuple[str, Any]], tokenizer: Any, row_len
             if split is not None and is_validation(split_key(messages), val_fraction, seed) != (split == "validation"):
                 counts["held_out_docs"] += 1
                 continue
-            rendered = render_conversation(messages, tokenizer, template, mask, where)
+            rendered = render_conversation(messages, tokenizer, template, mask, where, T)
         except ChatRecordError:
             if on_bad != "skip":
                 raise
