@@ -101,6 +101,8 @@ class CachePlan:
     empty_docs: int
     raw_bytes_per_token: dict[str, float]
     est_bytes_per_token: dict[str, float]
+    skipped_docs: int = 0  # chat: conversations skipped (bad records, too long)
+    loss_tokens: int | None = None  # chat: tokens a student is trained on
 
     @property
     def est_bytes(self) -> float:
@@ -109,8 +111,10 @@ class CachePlan:
     def to_markdown(self) -> str:
         lines = [
             f"plan for store {self.store}: {self.files} corpus file(s) → {self.shards} shards, {self.rows} rows, "
-            f"{self.tokens:,} tokens ({self.valid_tokens:,} valid); {self.long_docs} long documents split across "
-            f"rows, {self.empty_docs} empty documents skipped",
+            f"{self.tokens:,} tokens ({self.valid_tokens:,} valid); " + (
+                f"{self.long_docs} long conversations cut at a turn boundary, {self.skipped_docs} skipped, "
+                f"{self.loss_tokens:,} tokens in the loss mask" if self.loss_tokens is not None else
+                f"{self.long_docs} long documents split across rows, {self.empty_docs} empty documents skipped"),
             "",
             "| field | raw B/token | expected B/token | expected total |",
             "|---|---:|---:|---:|",
@@ -164,6 +168,8 @@ def plan_cache(config: CacheConfig) -> CachePlan:
         empty_docs=sum(p.rows.empty_docs for p in plans),
         raw_bytes_per_token=raw,
         est_bytes_per_token=est,
+        skipped_docs=sum(p.rows.skipped_docs for p in plans),
+        loss_tokens=sum(int(p.rows.loss_mask.sum()) for p in plans) if spec.loss_mask else None,
     )
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from flows.chat_demo import chat_demo_flow
 from tests.chat_docs import write_chat_corpus
 
 
+@pytest.mark.slow
 def test_chat_demo_flow_tiny(tmp_path, tiny_teacher_dir, capsys):
     corpus = write_chat_corpus(tmp_path)
     out = tmp_path / "chat_demo"

@@ -69,3 +69,12 @@ def test_chat_config_mistakes_are_named(tiny_teacher_dir):
         parse_config({"store": "x", "corpus": {"kind": "chat", "paths": ["a"]}, "signals": {"text": True}}, CacheConfig)
     with pytest.raises(ConfigError, match="unknown key 'corpus.chat.maks'"):
         parse_config({"store": "x", "corpus": {"kind": "chat", "paths": ["a"], "chat": {"maks": "last"}}}, CacheConfig)
+
+
+def test_plan_counts_conversations_and_sizes_the_mask(tmp_path, tiny_teacher_dir):
+    from pipeline.capture.shard_plan import plan_cache
+
+    plan = plan_cache(chat_cache_config(tmp_path / "s", tiny_teacher_dir, write_chat_corpus(tmp_path)))
+    text = plan.to_markdown()
+    assert "cut at a turn boundary" in text and "| loss_mask |" in text
+    assert 0 < plan.loss_tokens < plan.valid_tokens and plan.est_bytes_per_token["loss_mask"] < 0.2
