@@ -101,3 +101,27 @@ def _parse(data: dict):
     from pipeline.train.trainer import TrainConfig
 
     return parse_config(data, TrainConfig)
+
+
+def test_multi_teacher_join_of_chat_stores_honours_the_mask(chat_store, tiny_teacher_dir, make_tiny_teacher,
+                                                            smollm2_tokenizer, tmp_path):
+    from kdstore.reader import StoreReader
+
+    corpus = Path(StoreReader(str(chat_store)).meta.provenance.corpus["paths"][0])
+    other = cache_chat(tmp_path / "b", make_tiny_teacher(tmp_path / "t2", smollm2_tokenizer, seed=1), corpus)
+    trainer = Trainer(_parse(_cfg(chat_store, tmp_path / "run", tiny_teacher_dir, extra_stores=[str(other)],
+                                  losses=[{"name": "multi_teacher", "weights": [0.5, 0.5]}])))
+    batch = next(iter(trainer.loader))
+    assert "loss_mask" in batch and "t1/topk_ids" in batch
+    with torch.no_grad():
+        logits = 3 * torch.randn(*batch["input_ids"].shape, trainer.student.model.config.vocab_size,
+                                 generator=torch.Generator().manual_seed(0))  # far from both teachers
+        masked = trainer.loss(StudentOutputs(logits), fold_loss_mask(batch)).total
+        unmasked = trainer.loss(StudentOutputs(logits), batch).total
+        # by hand: each teacher's fkl over the assistant positions, weighted
+        folded = fold_loss_mask(batch)
+        view = {k.removeprefix("t1/"): v for k, v in folded.items() if k.startswith("t1/")}
+        fkl = DistributionLoss("fkl")
+        want = 0.5 * fkl(StudentOutputs(logits), folded).total + 0.5 * fkl(StudentOutputs(logits), {**folded, **view}).total
+    assert not torch.isclose(masked, unmasked)
+    torch.testing.assert_close(masked, want, atol=1e-5, rtol=1e-5)
