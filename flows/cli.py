@@ -169,9 +169,14 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.chat:
+        from flows.chat_demo import chat_demo_flow
+
+        chat_demo_flow(args.out or "runs/chat_demo", args.tokens, args.steps, args.eval_tokens, args.conversations)
+        return 0
     from flows.demo import run_demo
 
-    return run_demo(out_dir=args.out, tokens=args.tokens, steps=args.steps, eval_tokens=args.eval_tokens)
+    return run_demo(out_dir=args.out or "runs/demo", tokens=args.tokens, steps=args.steps, eval_tokens=args.eval_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded teacher and corpus")
-    p.add_argument("--out", default="runs/demo", help="output folder (store and report)")
+    p.add_argument("--chat", action="store_true",
+                   help="the chat demo: ShareGPT conversations, response-only losses, ROUGE-L of replies")
+    p.add_argument("--conversations", type=int, default=None,
+                   help="--chat: ShareGPT records to read (default: configs/chat_demo.yaml)")
+    p.add_argument("--out", default=None, help="output folder (store and report; runs/demo or runs/chat_demo)")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens to cache (default 32,768)")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: configs/train_demo.yaml)")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens to evaluate on (default: configs/eval_demo.yaml)")

@@ -28,7 +28,8 @@ DEFAULT_TOKENS = 16_384
 BASELINE_LOSSES = [{"name": "ce"}]
 
 
-def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None) -> dict[str, Any]:
+def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None,
+           config: Path = TRAIN_CONFIG, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from flows.train_student import train_student_flow
     from pipeline.train.trainer import TrainConfig
 
@@ -37,7 +38,8 @@ def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None) -
         overrides["losses"] = losses
     if steps is not None:
         overrides["steps"] = steps
-    cfg = load_config(TRAIN_CONFIG, TrainConfig, overrides=overrides)
+    overrides.update(extra or {})
+    cfg = load_config(config, TrainConfig, overrides=overrides)
     names = " + ".join(f"{l_['weight']:g}·{l_['name']}" if "weight" in l_ else l_["name"]
                        for l_ in (cfg.losses if isinstance(cfg.losses, list) else [cfg.losses]))
     print(f"      {label}: {names}, {cfg.steps} steps of {cfg.batch_size} row(s) → {out}", flush=True)

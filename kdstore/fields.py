@@ -12,6 +12,9 @@ Input arrays handed to the writer, per shard (R rows, T = row_length):
   attn_<L> [R,H,T,T] float probabilities, or with attention.topk: attn_<L>_ids / attn_<L>_p [R,H,T,ka]
   text [R] str (the row's text: its tokens' pieces joined) + char_end [R,T] int (where in it each
   token ends; a token's piece starts where the previous one ends, special tokens are empty)
+  loss_mask [R,T] bool (the tokens a student is trained on: a chat corpus's assistant tokens),
+  stored as uint8 0/1 in its own zstd-compressed file: runs of 0s and 1s cost well under
+  0.2 B/token
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ def fields_for_spec(spec: StoreSpec) -> tuple[Field, ...]:
                 pos = id_dtype_for_vocab(T)
                 out.append(Field(f"{name}_ids", ZARR, (H, T, a.topk), pos, "int32", (Cast(pos, "int32"),), "int", f"{name}_ids"))
                 out.append(Field(f"{name}_p", ZARR, (H, T, a.topk), a.dtype, "float32", (ProbQuant(a.dtype),), "float", f"{name}_p"))
+    if spec.loss_mask:
+        out.append(Field("loss_mask", ARROW, (T,), "uint8", "bool", (Cast("uint8", "bool"),), "bool", "loss_mask"))
     if spec.text:
         out.append(Field("text", TEXT, (), "utf8", "object", (), "str", "text"))
         out.append(Field("char_end", ARROW, (T,), "int32", "int32", (Delta(),), "int", "text"))
@@ -168,6 +173,8 @@ def check_rows(fields: tuple[Field, ...], rows: Mapping[str, np.ndarray], where:
     if len({np.shape(rows[name]) for name in ragged}) > 1:
         shapes = {name: np.shape(rows[name]) for name in ragged}
         raise ShardDataError(f"{where}: fields {ragged} must have the same shape, got {shapes}")
+    if "loss_mask" in expected and (np.asarray(rows["loss_mask"], bool) & ~np.asarray(rows["valid"], bool)).any():
+        raise ShardDataError(f"{where}: field 'loss_mask' marks padding (positions where valid is False)")
     sample_ids = np.asarray(rows["sample_id"])
     if n_rows == 0:
         raise ShardDataError(f"{where}: a shard needs at least one row")

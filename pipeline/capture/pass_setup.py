@@ -77,6 +77,7 @@ def build_spec(config: CacheConfig, facts: dict[str, Any]) -> StoreSpec:
         attention=s.attention.to_spec() if s.attention else None,
         zstd_level=config.zstd_level,
         text=s.text,
+        loss_mask=config.corpus.kind == "chat",
     )
 
 
@@ -98,11 +99,14 @@ def check_layers(config: CacheConfig, facts: dict[str, Any]) -> None:
 
 
 def build_provenance(config: CacheConfig, teacher: Teacher) -> Provenance:
-    corpus = config.corpus.model_dump(exclude={"max_documents"})
+    corpus = config.corpus.model_dump(exclude={"max_documents", "chat"})
+    if config.corpus.kind == "chat":  # the effective chat options (absent otherwise: older stores' fingerprints stay)
+        corpus["chat"] = config.corpus.chat_options.model_dump()
     return Provenance(
         teacher=teacher.provenance,
         corpus=corpus,
-        packing={"row_length": config.row_length, "eos_between_documents": True, "split": config.split,
+        packing={"row_length": config.row_length, "eos_between_documents": config.corpus.kind != "chat",
+                 **({"whole_conversations": True} if config.corpus.kind == "chat" else {}), "split": config.split,
                  "val_fraction": config.corpus.val_fraction, "max_documents": config.corpus.max_documents},
     )
 

@@ -8,6 +8,7 @@ shard ids and sample ids on any machine; a new file only adds shards.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +16,17 @@ import numpy as np
 
 from kdstore.fields import TEXT, fields_for_spec
 from kdstore.spec import StoreSpec
+from pipeline.capture.chat import iter_records
 from pipeline.capture.corpus import CorpusFile, CorpusSource, list_corpus_files, read_documents
-from pipeline.capture.packing import PackedRows, iter_packed
+from pipeline.capture.packing import PackedRows, iter_packed, iter_packed_chat
 from pipeline.capture.pass_setup import build_spec, teacher_for
 from pipeline.config import CacheConfig
 
 # Compressed/raw size of each stored field, measured on the offline teacher by bench/store.py
 # (top-k 64, pydoc text); used only for the estimate that `kdcache plan` prints.
 COMPRESSION_ESTIMATE = {"topk_ids": 0.9, "topk_logp": 0.25, "topk_tail": 0.95, "tokens": 0.4, "draws": 0.6,
-                        "hidden": 0.93, "attn": 0.4, "text": 0.35}
+                        "hidden": 0.93, "attn": 0.4, "text": 0.35,
+                        "loss_mask": 0.05}
 CHARS_PER_TOKEN = 4.0  # English prose, the teacher's BPE: the stored text's raw size
 
 
@@ -45,6 +48,7 @@ class ShardPlan:
             "empty_docs": r.empty_docs,
             "long_docs": r.long_docs,
             "valid_tokens": int(r.valid.sum()),
+            **({} if r.loss_mask is None else {"skipped_docs": r.skipped_docs, "loss_tokens": int(r.loss_mask.sum())}),
         }
 
 
@@ -59,17 +63,30 @@ def plan_shards(config: CacheConfig, tokenizer: Any) -> list[ShardPlan]:
     split = None if config.split == "all" else config.split
     plans = []
     for file in list_corpus_files(source):
-        docs = read_documents(file, source)
-        if config.corpus.max_documents is not None:
-            docs = itertools.islice(docs, config.corpus.max_documents)
-        chunks = iter_packed(docs, tokenizer, config.row_length, file.sha256, split=split,
-                             val_fraction=config.corpus.val_fraction, rows_per_chunk=config.shard_rows, name=file.path,
-                             with_text=config.signals.text)
+        chunks = _file_chunks(config, source, file, tokenizer, split)
         for index, rows in enumerate(c for c in chunks if c.num_rows > 0):
             plans.append(ShardPlan(f"{file.sha256[:16]}-{config.split}-{index:05d}", file, index, rows))
             if config.max_tokens is not None and sum(p.rows.num_rows for p in plans) * config.row_length >= config.max_tokens:
                 return plans
     return plans
+
+
+def _file_chunks(config: CacheConfig, source: CorpusSource, file: CorpusFile, tokenizer: Any,
+                 split: Any) -> Iterator[PackedRows]:
+    c = config.corpus
+    if c.kind == "chat":
+        chat = c.chat_options
+        records = iter_records(file, source)
+        if c.max_documents is not None:
+            records = itertools.islice(records, c.max_documents)
+        return iter_packed_chat(records, tokenizer, config.row_length, file.sha256, shape=chat.shape, mask=chat.mask,
+                                too_long=chat.too_long, on_bad=chat.on_bad, template=chat.template, split=split,
+                                val_fraction=c.val_fraction, rows_per_chunk=config.shard_rows, name=file.path)
+    docs = read_documents(file, source)
+    if c.max_documents is not None:
+        docs = itertools.islice(docs, c.max_documents)
+    return iter_packed(docs, tokenizer, config.row_length, file.sha256, split=split, val_fraction=c.val_fraction,
+                       rows_per_chunk=config.shard_rows, name=file.path, with_text=config.signals.text)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,8 @@ class CachePlan:
     empty_docs: int
     raw_bytes_per_token: dict[str, float]
     est_bytes_per_token: dict[str, float]
+    skipped_docs: int = 0  # chat: conversations skipped (bad records, too long)
+    loss_tokens: int | None = None  # chat: tokens a student is trained on
 
     @property
     def est_bytes(self) -> float:
@@ -92,8 +111,10 @@ class CachePlan:
     def to_markdown(self) -> str:
         lines = [
             f"plan for store {self.store}: {self.files} corpus file(s) → {self.shards} shards, {self.rows} rows, "
-            f"{self.tokens:,} tokens ({self.valid_tokens:,} valid); {self.long_docs} long documents split across "
-            f"rows, {self.empty_docs} empty documents skipped",
+            f"{self.tokens:,} tokens ({self.valid_tokens:,} valid); " + (
+                f"{self.long_docs} long conversations cut at a turn boundary, {self.skipped_docs} skipped, "
+                f"{self.loss_tokens:,} tokens in the loss mask" if self.loss_tokens is not None else
+                f"{self.long_docs} long documents split across rows, {self.empty_docs} empty documents skipped"),
             "",
             "| field | raw B/token | expected B/token | expected total |",
             "|---|---:|---:|---:|",
@@ -147,6 +168,8 @@ def plan_cache(config: CacheConfig) -> CachePlan:
         empty_docs=sum(p.rows.empty_docs for p in plans),
         raw_bytes_per_token=raw,
         est_bytes_per_token=est,
+        skipped_docs=sum(p.rows.skipped_docs for p in plans),
+        loss_tokens=sum(int(p.rows.loss_mask.sum()) for p in plans) if spec.loss_mask else None,
     )
 
 

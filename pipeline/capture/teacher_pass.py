@@ -76,6 +76,8 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     )
     if spec.text:
         arrays.update(text=rows.text, char_end=rows.char_end)
+    if spec.loss_mask:
+        arrays["loss_mask"] = rows.loss_mask
     return arrays
 
 

@@ -13,6 +13,11 @@ once per batch, so per-token metrics are paired:
   real text (BLEU, chrF, TER, ROUGE-L, CER; `pipeline.evaluation.metrics`);
 * bits per UTF-8 byte of the predicted text, the one figure comparable across tokenizers.
 
+A chat store (one with a `loss_mask`): every per-token metric counts the assistant's tokens only
+(position t counts when token t+1 is in the mask), and the generation scores are the replies to
+held-out conversation prompts against the reference responses and the teacher's replies
+(`pipeline.evaluation.chat_eval`). Students with their own tokenizer are refused there.
+
 A student with its own tokenizer (cross-tokenizer distillation) is evaluated on the same held-out
 documents packed with its tokenizer: perplexity (per its own tokens: compare it with a baseline
 of the same tokenizer), bits per byte, accuracy and ECE; KL and agreement to the teacher and the
@@ -38,8 +43,9 @@ TEACHER = "teacher"
 
 class GenerationConfig(Strict):
     prompts: int = Field(8, ge=1)
-    prompt_tokens: int = Field(32, ge=1)
+    prompt_tokens: int = Field(32, ge=1)  # chat stores: the longest prompt (conversation so far) taken
     new_tokens: int = Field(32, ge=1)
+    reference_tokens: int | None = Field(None, ge=1)  # chat stores: only references (responses) up to this long
 
 
 class EvalConfig(Strict):
@@ -65,6 +71,7 @@ class HeldOut:
     input_ids: np.ndarray  # [N, T] int64
     doc_ids: np.ndarray  # [N, T]
     valid: np.ndarray  # [N, T] bool
+    loss_mask: np.ndarray | None = None  # [N, T] bool, chat stores: the tokens that count
 
     @property
     def tokens(self) -> int:
@@ -92,7 +99,9 @@ def heldout_rows(reader: StoreReader, tokenizer: Any, max_tokens: int) -> HeldOu
     rows = [p.rows for p in plans]
     ids = np.concatenate([r.input_ids for r in rows]).astype(np.int64)
     n = max(1, -(-max_tokens // ids.shape[1]))
-    return HeldOut(ids[:n], np.concatenate([r.doc_ids for r in rows])[:n], np.concatenate([r.valid for r in rows])[:n])
+    loss_mask = np.concatenate([r.loss_mask for r in rows])[:n] if rows[0].loss_mask is not None else None
+    return HeldOut(ids[:n], np.concatenate([r.doc_ids for r in rows])[:n], np.concatenate([r.valid for r in rows])[:n],
+                   loss_mask)
 
 
 def predicted_mask(doc_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -227,6 +236,8 @@ def token_metrics(models: dict[str, Any], rows: HeldOut, batch_size: int, bins: 
         ids = torch.from_numpy(rows.input_ids[start:start + batch_size])
         mask = predicted_mask(torch.from_numpy(rows.doc_ids[start:start + batch_size]),
                               torch.from_numpy(rows.valid[start:start + batch_size]))
+        if rows.loss_mask is not None:  # chat: the assistant's tokens only (the predicted token's mask)
+            mask &= torch.from_numpy(rows.loss_mask[start:start + batch_size, 1:])
         labels = ids[:, 1:]
         teacher_logp = None
         for name, model in models.items():
@@ -287,11 +298,25 @@ def generation_metrics(models: dict[str, Any], tokenizer: Any, rows: HeldOut, cf
     return scores, samples
 
 
+def chat_generation(reader: StoreReader, models: dict[str, Any], tokenizer: Any, cfg: GenerationConfig,
+                    device: torch.device) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+    from pipeline.evaluation.chat_eval import chat_generation_metrics, heldout_prompts
+
+    prompts = heldout_prompts(reader, tokenizer, cfg.prompts, cfg.prompt_tokens, cfg.reference_tokens)
+    if not prompts:
+        raise EvalError(f"no held-out conversation of store {reader.location.url!r} has a prompt of at most "
+                        f"{cfg.prompt_tokens} tokens; raise generation.prompt_tokens")
+    return chat_generation_metrics(models, tokenizer, prompts, cfg.new_tokens, device, TEACHER)
+
+
 def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     """Metrics of every model as one JSON-able dict (the report is written by `pipeline.evaluation.report`)."""
     device = _device(cfg.device)
     reader = StoreReader(cfg.store)
     models, tokenizers, store_tokenizer = load_models(cfg, reader, device)
+    if reader.spec.loss_mask and (other := [n for n in models if tokenizers[n] is not store_tokenizer]):
+        raise EvalError(f"model {other[0]!r} has its own tokenizer: a chat store's assistant-token metrics need the "
+                        f"store's tokenizer (and its chat template)")
     groups: dict[int, list[str]] = {}  # models by tokenizer, the store's first: each group is packed with its own
     for name in sorted(models, key=lambda n: tokenizers[n] is not store_tokenizer):
         groups.setdefault(id(tokenizers[name]), []).append(name)
@@ -312,11 +337,16 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
         if progress:
             progress(f"greedy continuations of {cfg.generation.prompts} held-out prompts "
                      f"({cfg.generation.prompt_tokens} + {cfg.generation.new_tokens} tokens)")
-        scores, samples = generation_metrics({n: models[n] for n in store_names}, store_tokenizer, rows,
-                                             cfg.generation, device)
+        if reader.spec.loss_mask:
+            scores, samples = chat_generation(reader, {n: models[n] for n in store_names}, store_tokenizer,
+                                              cfg.generation, device)
+        else:
+            scores, samples = generation_metrics({n: models[n] for n in store_names}, store_tokenizer, rows,
+                                                 cfg.generation, device)
         for name, s in scores.items():
             results[name]["generation"] = s
-    return {"store": cfg.store, "heldout_tokens": rows.tokens, "heldout_rows": len(rows.input_ids),
+    return {"store": cfg.store, "chat": bool(reader.spec.loss_mask),
+            "heldout_tokens": int(rows.loss_mask.sum()) if rows.loss_mask is not None else rows.tokens, "heldout_rows": len(rows.input_ids),
             "baseline": cfg.baseline, "models": results, "samples": samples,
             "own_tokenizer": sorted(n for n in models if n not in store_names),
             "paths": {TEACHER: cfg.teacher, **cfg.models}}

@@ -35,6 +35,7 @@ from pipeline.train.losses import (
     check_cross_tokenizer,
     check_fields,
     check_finite,
+    fold_loss_mask,
     required_fields,
 )
 from pipeline.train.online_teacher import online_teacher_fields
@@ -71,10 +72,11 @@ class Trainer:
         self.extra_readers = [StoreReader(s) for s in cfg.extra_stores]
         check_aligned([self.reader, *self.extra_readers])  # multi-teacher: stores line up, before any step
         store_info = StoreInfo.joined([self.reader, *self.extra_readers])
+        cross = check_cross_tokenizer(cfg.losses, cfg.student.tokenizer is not None)
+        check_loss_masks(self.reader, self.extra_readers, cross)
         # Field check before the student is built (the losses themselves need the student's sizes).
         check_fields(cfg.losses, store_info.field_names)
         needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, store_info.field_names))
-        cross = check_cross_tokenizer(cfg.losses, cfg.student.tokenizer is not None)
         self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device), cross)
         model = self.student.model
         dims = StudentDims.from_config(model.config, self.student.tokenizer)
@@ -87,6 +89,8 @@ class Trainer:
         fields = sorted(set(self.loss.fields) | {"input_ids", "valid"} | (set(STORE_FIELDS) if cross else set()))
         if cfg.online_teacher:
             fields = ["input_ids", "valid", "doc_ids"]
+        if self.reader.spec.loss_mask:  # a chat store: every loss counts the assistant's tokens only
+            fields = sorted({*fields, "loss_mask"})
         self.stream = KDStream(self.reader, fields, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.buffer_rows,
                                rank=self.rank, world_size=self.world,
                                on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise",
@@ -172,7 +176,7 @@ class Trainer:
             if self.retokenize is not None:
                 batch = self.retokenize(batch)
                 components["truncated_tokens"] = components.get("truncated_tokens", 0.0) + float(batch.pop("truncated_tokens"))
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = fold_loss_mask({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16())
             sync = self._average_grads if self.world > 1 else None
             try:
@@ -248,6 +252,20 @@ class Trainer:
                 self.student.model.save_pretrained(self.out / "model")
                 self.student.tokenizer.save_pretrained(self.out / "model")
         return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin}
+
+
+def check_loss_masks(reader: StoreReader, extra: list[StoreReader], cross: bool) -> None:
+    """A chat store's loss mask reaches every loss through the primary store's rows; refuse what
+    cannot honour it: a student with another tokenizer (its re-tokenised rows carry no mask), or
+    a join of stores that disagree on having one."""
+    if not reader.spec.loss_mask:
+        if masked := [r.location.url for r in extra if r.spec.loss_mask]:
+            raise ValueError(f"store {masked[0]!r} has a chat loss_mask but the primary store {reader.location.url!r} "
+                             "has none: list the chat store first so its mask applies to every teacher")
+        return
+    if cross:
+        raise ValueError(f"store {reader.location.url!r} is a chat store (a loss_mask over assistant tokens): a student "
+                         "with its own tokenizer cannot carry that mask over; use the teacher's tokenizer")
 
 
 def train(config: dict[str, Any] | TrainConfig, progress: bool = True) -> dict[str, Any]:

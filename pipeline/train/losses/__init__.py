@@ -41,7 +41,9 @@ Conventions
 -----------
 * Alignment: store signals at t predict token t+1, like HF logits: student logits at t are
   compared with teacher signals at t (where valid[t]); CE labels position t with input_ids[t+1]
-  (where valid[t] and valid[t+1]).
+  (where valid[t] and valid[t+1]). A chat store's `loss_mask` (per token) is folded by the
+  trainer into `target_mask` (per position: loss_mask[t+1], `base.fold_loss_mask`), which
+  `kd_mask` and `label_mask` also require, so every loss trains on the assistant's tokens only.
 * Reduction: mean over the positions that count (token level); none → exactly 0, zero grads.
 * Output distributions: over the kept ids + one tail bucket, exact for that coarsened
   distribution (see `coarse`). `temperature` divides the student logits and must equal the
@@ -61,6 +63,7 @@ from pipeline.train.losses.base import (
     auxiliary_losses,
     auxiliary_steps,
     check_finite,
+    fold_loss_mask,
 )
 from pipeline.train.losses.config import LossConfig, known_names, parse_loss_config
 from pipeline.train.losses.registry import (
@@ -93,6 +96,7 @@ __all__ = [
     "check_cross_tokenizer",
     "check_fields",
     "check_finite",
+    "fold_loss_mask",
     "known_names",
     "parse_loss_config",
     "required_fields",

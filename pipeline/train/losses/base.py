@@ -186,18 +186,38 @@ def compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+TARGET_MASK = "target_mask"  # [B,T] bool: position t's target (token t+1) is trained on; set by the trainer
+
+
 def kd_mask(batch: Mapping[str, Tensor]) -> Tensor:
-    """[B,T] positions whose teacher signal counts: the store row's `valid`."""
-    return batch["valid"].bool()
+    """[B,T] positions whose teacher signal counts: the store row's `valid`, and where the batch
+    has a `target_mask` (a chat store's loss mask, folded in by the trainer) only those."""
+    valid = batch["valid"].bool()
+    return valid & batch[TARGET_MASK].bool() if TARGET_MASK in batch else valid
 
 
 def label_mask(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Next-token labels [B,T-1] and their mask: position t predicts input_ids[t+1] and counts
-    when both t and t+1 are valid (the last position has no label)."""
+    when both t and t+1 are valid (the last position has no label), and its `target_mask` if any."""
     valid = batch["valid"].bool()
     mask = valid[:, :-1] & valid[:, 1:]
+    if TARGET_MASK in batch:
+        mask = mask & batch[TARGET_MASK].bool()[:, :-1]
     labels = torch.where(mask, batch["input_ids"][:, 1:].long(), 0)
     return labels, mask
+
+
+def fold_loss_mask(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Turn a store's per-token `loss_mask` (the tokens to learn) into the per-position
+    `target_mask` the masks above read: position t predicts token t+1, so it counts when
+    loss_mask[t+1]; the last position predicts a token outside the row and never counts.
+    A batch without `loss_mask` is returned as is."""
+    if "loss_mask" not in batch:
+        return batch
+    loss_mask = batch["loss_mask"].bool()
+    target = torch.zeros_like(loss_mask)
+    target[:, :-1] = loss_mask[:, 1:]
+    return {**batch, TARGET_MASK: target}
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from kdstore.join import prefixed, split_field
 from pipeline.train.losses.base import (
+    TARGET_MASK,
     KDLoss,
     LossConfigError,
     LossResult,
@@ -79,6 +80,8 @@ def teacher_view(batch: Mapping[str, Tensor], teacher: int, label: str = LABEL) 
     """Teacher `teacher`'s top-k fields under the plain names a single-teacher loss reads."""
     view = {f: batch_field(batch, prefixed(teacher, f), label) for f in SIGNALS}
     view["valid"] = batch_field(batch, "valid", label)
+    if TARGET_MASK in batch:  # a chat store's loss mask (folded by the trainer) counts for every teacher
+        view[TARGET_MASK] = batch[TARGET_MASK]
     return view
 
 
