@@ -77,6 +77,7 @@ def build_spec(config: CacheConfig, facts: dict[str, Any]) -> StoreSpec:
         attention=s.attention.to_spec() if s.attention else None,
         zstd_level=config.zstd_level,
         text=s.text,
+        tail_sample=s.tail_sample.to_spec() if s.tail_sample else None,
     )
 
 

@@ -43,8 +43,10 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     out: dict[str, list[np.ndarray]] = {}
     generator = None
     if spec.sampled is not None:
-        digest = hashlib.sha256(f"{spec.sampled.seed}:{plan.shard_id}".encode()).digest()
-        generator = torch.Generator(device=teacher.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        generator = _generator(teacher.device, f"{spec.sampled.seed}:{plan.shard_id}")
+    tail_generator = None
+    if spec.tail_sample is not None:  # its own stream: adding tail draws never changes the sampled ones
+        tail_generator = _generator(teacher.device, f"tail:{spec.tail_sample.seed}:{plan.shard_id}")
     want_hidden = spec.hidden is not None
     want_attn = spec.attention is not None
     for start in range(0, n, batch_size):
@@ -53,7 +55,7 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
             result = teacher.model(
                 input_ids=ids, output_hidden_states=want_hidden, output_attentions=want_attn, use_cache=False
             )
-            for name, value in extract_signals(result, spec, generator).items():
+            for name, value in extract_signals(result, spec, generator, tail_generator).items():
                 out.setdefault(name, []).append(value)
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     arrays.update(
@@ -67,13 +69,22 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     return arrays
 
 
-def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None) -> dict[str, np.ndarray]:
+def _generator(device: Any, key: str) -> torch.Generator:
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None,
+                    tail_generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
     logits = result.logits
     out: dict[str, np.ndarray] = {}
     if spec.topk is not None:
         t = spec.topk
         ids, logp, tail = extract.topk_logprobs(logits, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
         out.update(topk_ids=extract.to_numpy(ids), topk_logp=extract.to_numpy(logp), topk_tail=extract.to_numpy(tail))
+        if spec.tail_sample is not None:
+            t_ids, t_counts = extract.tail_draws(logits, ids, logp, spec.tail_sample.n_draws, t.temperature, tail_generator)
+            out.update(tail_ids=extract.to_numpy(t_ids), tail_counts=extract.to_numpy(t_counts))
     if spec.sampled is not None:
         ids, counts = extract.sampled_draws(logits, spec.sampled.n_draws, spec.sampled.temperature, generator)
         out.update(draw_ids=extract.to_numpy(ids), draw_counts=extract.to_numpy(counts))

@@ -64,6 +64,16 @@ class SampledKDConfig(_Loss):
     temperature: float = Field(1.0, gt=0)  # must equal the store's sampling temperature
 
 
+class HybridKDConfig(_Loss):
+    """The hybrid sparsifier's loss over a `topk_tail_sample` store: exact coarsened forward KL over
+    the head + tail draws for the inside of the tail; see `pipeline.train.losses.hybrid`."""
+
+    name: Literal["hybrid_kd"]
+    temperature: float = Field(1.0, gt=0)  # must equal the store's top-k capture temperature
+    draws_per_step: int | None = Field(None, ge=1)  # None = every stored draw; fewer = rotate per epoch
+    seed: int = 0  # the rotation's permutation of each position's draws
+
+
 class CEConfig(_Loss):
     name: Literal["ce"]
 
@@ -179,7 +189,7 @@ class MixConfig(_Loss):
 
 
 LossConfig = Annotated[
-    DistributionConfig | SampledKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
+    DistributionConfig | SampledKDConfig | HybridKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
     | MultiTeacherConfig | AdversarialConfig | CMAConfig | XTokAlignConfig | MixConfig,
     Field(discriminator="name"),
 ]
@@ -188,6 +198,7 @@ MixConfig.model_rebuild()
 LOSS_CONFIGS: dict[str, type[BaseModel]] = {
     **{name: DistributionConfig for name in DIVERGENCE_PARAMS},
     "sampled_kd": SampledKDConfig,
+    "hybrid_kd": HybridKDConfig,
     "ce": CEConfig,
     "hidden": HiddenConfig,
     "attention": AttentionConfig,

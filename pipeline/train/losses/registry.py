@@ -38,6 +38,7 @@ from pipeline.train.losses.config import (
     DSKDConfig,
     FAKDConfig,
     HiddenConfig,
+    HybridKDConfig,
     MixConfig,
     MultiTeacherConfig,
     SampledKDConfig,
@@ -47,6 +48,7 @@ from pipeline.train.losses.config import (
 )
 from pipeline.train.losses.cross_tokenizer import XTOK_FIELDS, CrossModelAttentionKD, TokenAlignKD
 from pipeline.train.losses.dskd import DualSpaceKD
+from pipeline.train.losses.hybrid import HYBRID_FIELDS, HybridKDLoss
 from pipeline.train.losses.multi import MultiTeacherLoss, multi_fields, resolve_weights
 from pipeline.train.losses.output import (
     CE_FIELDS,
@@ -125,6 +127,20 @@ def _build_distribution(cfg: DistributionConfig, store: StoreInfo, student: Stud
 def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
     _capture_power(cfg, store, cfg.name, "sampled")
     return SampledKDLoss(cfg.temperature)
+
+
+def _build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    tail = store.spec.tail_sample
+    if tail is None:  # check_fields has named the missing tail fields already; a bare spec lands here
+        raise LossConfigError("loss 'hybrid_kd' needs a topk_tail_sample store (signals.tail_sample)")
+    if cfg.draws_per_step is not None and cfg.draws_per_step > tail.n_draws:
+        raise LossConfigError(f"loss 'hybrid_kd': draws_per_step {cfg.draws_per_step} > the store's "
+                              f"tail_sample.n_draws {tail.n_draws}")
+    captured = store.spec.topk.temperature if store.spec.topk is not None else 1.0
+    if abs(cfg.temperature - captured) > 1e-12:
+        raise LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
+                              f"temperature {captured} (its tail draws cannot be re-tempered); use temperature {captured}")
+    return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed)
 
 
 def _build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
@@ -267,6 +283,8 @@ _DIST = {
 REGISTRY: dict[str, LossEntry] = {
     **{name: LossEntry(DistributionConfig, _build_distribution, _topk, text) for name, text in _DIST.items()},
     "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: SAMPLED_FIELDS, "CE against sampled teacher draws (unbiased)"),
+    "hybrid_kd": LossEntry(HybridKDConfig, _build_hybrid, lambda c, n: HYBRID_FIELDS,
+                           "top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient"),
     "ce": LossEntry(CEConfig, _build_ce, lambda c, n: CE_FIELDS, "hard-label next-token cross-entropy"),
     "hidden": LossEntry(HiddenConfig, _build_hidden, lambda c, n: (*alignment.hidden_fields(c.layer_map, n), "valid"), "hidden-state MSE / cosine"),
     "attention": LossEntry(AttentionConfig, _build_attention, lambda c, n: (*alignment.attention_fields(c.layer_map, n), "valid"), "attention KL / MSE"),
