@@ -129,8 +129,8 @@ def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = p
     teacher = teacher_for(config)
     writer = open_writer(config, teacher)
     writer.cleanup_stale()
-    write_teacher_files(writer, teacher)
     plans = plan_shards(config, teacher.tokenizer)
+    write_teacher_files(writer, teacher, plans[0].rows if plans else None, config.teacher.batch_size)
     retired = retire_stale_shards(writer, plans)
     todo = [p for p in plans if writer.committed(p.shard_id) is None]
     if progress:

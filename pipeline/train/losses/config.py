@@ -80,7 +80,8 @@ class CEConfig(_Loss):
 
 class HiddenConfig(_Loss):
     name: Literal["hidden"] = "hidden"
-    metric: Literal["mse", "cosine"] = "mse"
+    # zmse: MSE in the teacher's standardised space (per-dimension std from teacher/hidden_stats)
+    metric: Literal["mse", "cosine", "zmse"] = "mse"
     layer_map: LayerMapConfig = "uniform"  # or [[student_layer, teacher_layer], ...]
 
 
@@ -100,7 +101,8 @@ class FAKDConfig(_Loss):
 
     name: Literal["fakd"]
     output: OutputConfig = DistributionConfig(name="fkl")
-    hidden: HiddenConfig | None = HiddenConfig()
+    # standardised: raw MSE against the teacher's outlier dimensions was ~1,300× the KL
+    hidden: HiddenConfig | None = HiddenConfig(metric="zmse")
     attention: AttentionConfig | None = AttentionConfig()
 
 

@@ -152,7 +152,10 @@ def _build_hidden(cfg: HiddenConfig, store: StoreInfo, student: StudentDims | No
     stored = alignment.stored_layers(store.field_names, "hidden")
     width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
     pairs = alignment.resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "hidden")
-    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width)
+    std = None
+    if cfg.metric == "zmse":
+        std = {layer: s for layer, (_, s) in store.teacher_hidden_stats(cfg.name).items()}
+    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width, std)
 
 
 def _build_attention(cfg: AttentionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
