@@ -120,10 +120,17 @@ class _Divergence(_Tempered):
 
 
 class _DualSpace(_Divergence):
+    """The defaults follow the authors' recipe (songmzhang/DSKD): see `pipeline.train.losses.dskd`."""
+
+    temperature: float = Field(2.0, gt=0)  # the authors' KD temperature, both spaces
+    retemper: bool = True  # τ = 2 against a cache captured at τ = 1: re-temper kept ids + tail
     s2t_weight: float = Field(1.0, ge=0)
     t2s_weight: float = Field(1.0, ge=0)
     t2s_ce_weight: float = Field(1.0, ge=0)
-    t2s_correct_only: bool = True
+    t2s_correct_only: bool = False
+    # (1 - kd_rate) · student CE + kd_rate · KD terms; null = KD terms only (add a `ce` loss yourself)
+    kd_rate: float | None = Field(0.5, ge=0, le=1)
+    projector_warmup_steps: int = Field(0, ge=0)  # train only the projections for this many steps
     teacher_layer: int | None = Field(None, ge=1)  # default: the deepest stored hidden layer
 
 
@@ -138,6 +145,8 @@ class CMAConfig(_DualSpace):
     see `pipeline.train.losses.cross_tokenizer`."""
 
     name: Literal["dskd_cma"]
+    t2s_correct_only: bool = True  # the authors' CMA: t2s KD only where the projected teacher is right
+    target_values: bool = True  # the authors' values: h_t / std + e_t(next) / std
 
 
 class XTokAlignConfig(_Divergence):

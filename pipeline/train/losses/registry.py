@@ -193,6 +193,7 @@ def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) 
     return DualSpaceKD(
         head, dims.hidden_size, layer, cfg.divergence, cfg.divergence_param, cfg.temperature,
         _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight, cfg.t2s_correct_only,
+        cfg.kd_rate, cfg.projector_warmup_steps,
     )
 
 
@@ -202,7 +203,7 @@ def _build_cma(cfg: CMAConfig, store: StoreInfo, student: StudentDims | None) ->
     return CrossModelAttentionKD(
         head, store.teacher_embeddings(cfg.name), dims.hidden_size, layer, cfg.divergence, cfg.divergence_param,
         cfg.temperature, _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight,
-        cfg.t2s_correct_only,
+        cfg.t2s_correct_only, cfg.kd_rate, cfg.projector_warmup_steps, cfg.target_values,
     )
 
 
