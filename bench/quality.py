@@ -19,7 +19,7 @@ its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from
 student), adversarial. `--fakd-sweep h:a,...` adds feature_align variants with those hidden /
 attention weights.
 
-Presets: `cpu` (default; 3-layer student, 3 epochs), `--quick` (8,192 cached tokens, 2 epochs,
+Presets: `cpu` (default; 3-layer student, 2 epochs), `--quick` (8,192 cached tokens, 2 epochs,
 ce, topk64, hybrid: ≤ 10 min here), `--device cuda` (6-layer student, 8 epochs, 16k held-out
 tokens). Converged means the CE student's held-out perplexity improved by < 2 % over the last
 quarter of its run (`ce_last_quarter_improvement`), or rose (overfitting, reported).
