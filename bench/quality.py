@@ -1,44 +1,40 @@
-"""Quality experiment: does a student trained from the cache learn what the teacher knows?
+"""Quality in a regime that means something: students trained several epochs over the whole cache.
 
-    .venv/bin/python bench/quality.py [--tokens 16384] [--steps 64] [--batch-size 1]
-                                      [--eval-tokens 4096] [--methods ce,topk64,...] [--quick]
+    .venv/bin/python bench/quality.py [--quick] [--methods ce,topk64,...] [--epochs 3]
+                                      [--device cuda] [--out runs/quality] [--fakd-sweep 0.1:0.1,1:0.1]
 
-Same student initialisation (6 of the teacher's 30 layers), same batches (same seed), same steps
-for every method; one run:
+Every method trains the same student (a cut of the offline teacher: its embeddings, head and the
+preset's layers) from the same initialisation, on the same batches (same seed, same store rows in
+the same order), for the same steps: `epochs` passes over the whole cached training split of the
+built-in corpus (~107k tokens; the stores are built once and reused across runs, see
+`bench_stores`). The held-out perplexity is measured at step 0 and at `eval_points` evenly spaced
+steps, drawn as learning curves (held-out perplexity vs student tokens) in one PNG, and the final
+models get the full evaluation (ECE, KL to the teacher, top-1 agreement, bits/byte).
 
-  ce             cross-entropy only (the baseline)
-  topk8          forward KL over the cached top-8 + exact tail
-  topk64         forward KL over the cached top-64 + exact tail
-  sample12       random-sampling KD from 12 cached draws per token (arXiv 2503.16870)
-  online_full    forward KL against the resident teacher's full distribution (the reference)
-  feature_align  fakd: hidden MSE + attention KL + forward KL over top-64 (arXiv 2412.19449)
-  dskd           dual-space KD from the cached last hidden states + stored head (arXiv 2406.17328)
+Methods (`bench/quality_methods.py`): ce, topk64, sample12, hybrid (topk_tail_sample: top-16 + 8
+tail draws), online_full (the reference: forward KL against the resident teacher's full
+distribution), feature_align (fakd, hidden states in the standardised space), dskd (the authors'
+recipe), ce_foreign_tokenizer / cross_tokenizer_baseline / cross_tokenizer_cma (a student with
+its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from the topk64
+student), adversarial. `--fakd-sweep h:a,...` adds feature_align variants with those hidden /
+attention weights.
 
-Beyond one teacher and one vocabulary (each compared with its CE-only counterpart):
+Presets: `cpu` (default; 3-layer student, 2 epochs), `--quick` (8,192 cached tokens, 2 epochs,
+ce, topk64, hybrid: ≤ 10 min here), `--device cuda` (6-layer student, 8 epochs, 16k held-out
+tokens). Converged means the CE student's held-out perplexity improved by < 2 % over the last
+quarter of its run (`ce_last_quarter_improvement`), or rose (overfitting, reported).
 
-  ce_foreign_tokenizer      CE only, the student with its own tokenizer (a byte-level BPE of
-                            8,192 ids trained here on the store's training documents); the
-                            student's new embedding rows start from the teacher's (same text)
-  cross_tokenizer_baseline  that student, xtok_align (position pairing + first-token id map) + CE
-  cross_tokenizer_cma       that student, DSKD with cross-model attention (dskd_cma) + CE
-  multi_teacher             per-teacher forward KL: the teacher (0.8) and the topk64 student of
-                            this run cached as a second teacher (0.2), joined by sample id
-  self_distill_round2       born-again: forward KL from a store whose teacher is the topk64
-                            student of this run (round 1)
-  adversarial               forward KL + 0.1 × adversarial loss on the last hidden states
-
-Stores (real offline teacher, built-in corpus, train split, built once and reused, see
-`bench_stores`): `full` = top-64 + 12 draws + hidden 13, 30 + attention of layers 12, 29 (all 9
-heads, top-16 keys per query); `top8` = top-8. Held-out: the validation documents of the same
-corpus (`pipeline.evaluation.evaluate`): perplexity, KL(teacher ‖ student), ECE, top-1 agreement.
-Prints a table and, as its last line, one JSON object.
+Prints a table and, as its last line, one JSON object: ppl, ece, bytes_per_token, curve,
+ce_last_quarter_improvement, methods, targets ...
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -52,77 +48,91 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from bench_stores import cached_store, log  # noqa: E402
+from quality_methods import (  # noqa: E402
+    COUNTERPART,
+    PRESETS,
+    STORE_FIELDS,
+    STUDENT_VOCAB,
+    TARGETS,
+    Preset,
+    feature_align,
+    methods,
+    store_configs,
+    with_dependencies,
+)
 
+from kdstore.reader import StoreReader  # noqa: E402
 from kdstore.summary import summarize  # noqa: E402
-from pipeline.evaluation.evaluate import EvalConfig, evaluate  # noqa: E402
-from pipeline.train.trainer import TrainConfig, train  # noqa: E402
+from pipeline.evaluation.evaluate import (  # noqa: E402
+    EvalConfig,
+    evaluate,
+    heldout_rows,
+    token_bytes,
+    token_metrics,
+)
+from pipeline.train.trainer import TrainConfig, Trainer  # noqa: E402
 
-STUDENT_LAYERS = [0, 6, 12, 17, 23, 29]  # evenly_spaced(30, 6)
-HIDDEN_LAYERS = [13, 30]  # after teacher layers 12 and 29 = after student layers 2 and 5
-ATTN_LAYERS = [12, 29]  # = student layers 2 and 5
-HEADS = list(range(9))
-FEATURE_ALIGN = {
-    "name": "fakd",
-    "output": {"name": "fkl", "weight": 1.0},
-    "hidden": {"name": "hidden", "weight": 0.05, "metric": "mse", "layer_map": [[3, 13], [6, 30]]},
-    "attention": {"name": "attention", "weight": 0.1, "metric": "kl", "layer_map": [[2, 12], [5, 29]],
-                  "head_map": [[h, h] for h in HEADS]},
-}
-METHODS: dict[str, dict[str, Any]] = {
-    "ce": {"store": "full", "losses": [{"name": "ce"}]},
-    "topk8": {"store": "top8", "losses": [{"name": "fkl"}]},
-    "topk64": {"store": "full", "losses": [{"name": "fkl"}]},
-    "sample12": {"store": "full", "losses": [{"name": "sampled_kd"}]},
-    "online_full": {"store": "full", "losses": [{"name": "fkl"}], "online_teacher": "default",
-                    "online_full_logits": True},
-    "feature_align": {"store": "full", "losses": [FEATURE_ALIGN]},
-    "dskd": {"store": "full", "losses": [{"name": "dskd"}]},
-    "ce_foreign_tokenizer": {"store": "xtok", "losses": [{"name": "ce"}], "own_tokenizer": True},
-    "cross_tokenizer_baseline": {"store": "xtok", "losses": [{"name": "xtok_align"}, {"name": "ce"}],
-                                 "own_tokenizer": True},
-    "cross_tokenizer_cma": {"store": "xtok", "losses": [{"name": "dskd_cma"}, {"name": "ce"}], "own_tokenizer": True},
-    "multi_teacher": {"store": "full", "second_teacher": "topk64",
-                      "losses": [{"name": "multi_teacher", "weights": [0.8, 0.2]}]},
-    "self_distill_round2": {"store": "full", "teacher_from": "topk64", "losses": [{"name": "fkl"}]},
-    "adversarial": {"store": "full", "losses": [{"name": "fkl"}, {"name": "adversarial", "weight": 0.1}]},
-}
-COUNTERPART = {"cross_tokenizer_baseline": "ce_foreign_tokenizer", "cross_tokenizer_cma": "ce_foreign_tokenizer"}
-STUDENT_VOCAB = 8192
-TARGETS = {  # (method, reference, allowed relative perplexity excess)
-    "topk64_vs_online_full_ppl": ("topk64", "online_full", 0.02),
-    "sample12_vs_online_full_ppl": ("sample12", "online_full", 0.01),
-}
+ROW = 256
 
 
-def store_configs(tokens: int, teacher: str) -> dict[str, dict[str, Any]]:
-    base = {"teacher": {"name": teacher, "batch_size": 8}, "corpus": {"kind": "builtin"}, "row_length": 256,
-            "shard_rows": 16, "split": "train", "max_tokens": tokens}
-    return {
-        "full": {**base, "signals": {"topk": {"k": 64}, "sampled": {"n_draws": 12},
-                                     "hidden": {"layers": HIDDEN_LAYERS},
-                                     "attention": {"layers": ATTN_LAYERS, "heads": HEADS, "topk": 16}}},
-        "top8": {**base, "signals": {"topk": {"k": 8}}},
-        "xtok": {**base, "signals": {"topk": {"k": 64}, "hidden": {"layers": [30]}, "text": True}},
-    }
+def eval_steps(steps: int, points: int) -> list[int]:
+    return sorted({max(1, round(steps * i / points)) for i in range(1, points + 1)})
 
 
-def train_method(name: str, store: str, out: Path, args: argparse.Namespace, tokenizer: Path | None,
-                 extra_stores: list[str]) -> dict[str, Any]:
-    method = {k: v for k, v in METHODS[name].items() if k in ("losses", "online_teacher", "online_full_logits")}
-    student: dict[str, Any] = {"init": "teacher_layers", "teacher": args.teacher, "layers": STUDENT_LAYERS}
-    if METHODS[name].get("own_tokenizer"):
+class HeldOutScorer:
+    """Held-out perplexity of an in-memory model, rows packed once per tokenizer."""
+
+    def __init__(self, store: str, max_tokens: int, device: torch.device):
+        self.reader = StoreReader(store)
+        self.max_tokens = max_tokens
+        self.device = device
+        self.rows: dict[str, Any] = {}
+
+    def __call__(self, model: Any, tokenizer: Any) -> float:
+        key = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+        if key not in self.rows:
+            self.rows[key] = (heldout_rows(self.reader, tokenizer, self.max_tokens), token_bytes(tokenizer))
+        rows, label_bytes = self.rows[key]
+        was_training = model.training
+        model.eval()
+        metrics = token_metrics({"m": model}, rows, 4, 15, self.device, label_bytes)["m"]
+        model.train(was_training)
+        return float(metrics["ppl"])
+
+
+def train_method(name: str, spec: dict[str, Any], store: str, out: Path, preset: Preset, args: argparse.Namespace,
+                 tokenizer: Path | None, extra: list[str], steps: int, scorer: HeldOutScorer,
+                 start_ppl: dict[str, float]) -> dict[str, Any]:
+    method = {k: v for k, v in spec.items() if k in ("losses", "online_teacher", "online_full_logits")}
+    student: dict[str, Any] = {"init": "teacher_layers", "teacher": args.teacher, "layers": list(preset.student_layers)}
+    if spec.get("own_tokenizer"):
         student["tokenizer"] = str(tokenizer)
-    cfg = TrainConfig(
-        store=store, out=str(out), student=student, extra_stores=extra_stores,
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 16),
-        seed=args.seed, checkpoint_every=10 ** 9, log_every=max(1, args.steps // 4), device=args.device,
-        tensorboard=False, **method)
-    started = time.perf_counter()
-    result = train(cfg, progress=True)
-    wall = time.perf_counter() - started
-    steps_log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {"wall_s": round(wall, 1), "tokens": sum(len(s["sample_ids"]) for s in steps_log) * 256,
-            "last": result["last"], "sample_ids": [s["sample_ids"] for s in steps_log]}
+    cfg = TrainConfig(store=store, out=str(out), student=student, extra_stores=extra, batch_size=preset.batch_size,
+                      steps=steps, lr=preset.lr, warmup_steps=max(1, steps // 20), seed=args.seed,
+                      checkpoint_every=10**9, log_every=10**9, device=args.device, tensorboard=False, **method)
+    started, cpu0 = time.perf_counter(), time.process_time()
+    trainer = Trainer(cfg)
+    model, tok = trainer.student.model, trainer.student.tokenizer
+    kind = "foreign" if spec.get("own_tokenizer") else "store"
+    if kind not in start_ppl:  # every method starts from the same init: score it once per tokenizer
+        start_ppl[kind] = scorer(model, tok)
+    curve = [[0, start_ppl[kind]]]
+    points = set(eval_steps(steps, preset.eval_points))
+    batches, sample_ids, rows_seen, last = trainer.batches(), [], 0, {}
+    model.train()
+    while trainer.step < steps:
+        stats = trainer.train_step(batches)
+        sample_ids.append(stats["sample_ids"])
+        rows_seen += len(stats["sample_ids"])
+        last = {k: v for k, v in stats.items() if isinstance(v, float)}
+        if trainer.step in points:
+            curve.append([rows_seen * ROW, scorer(model, tok)])
+            log(f"    {name} step {trainer.step}/{steps}: held-out ppl {curve[-1][1]:.2f} "
+                f"({time.perf_counter() - started:.0f} s)")
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    return {"wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(time.process_time() - cpu0, 1),
+            "curve": curve, "sample_ids": sample_ids, "last": last}
 
 
 def student_store(config: dict[str, Any], student_run: Path) -> str:
@@ -132,128 +142,182 @@ def student_store(config: dict[str, Any], student_run: Path) -> str:
     return cached_store(f"quality-student-{student_run.name}-{weights}", data)
 
 
-def with_dependencies(methods: list[str]) -> list[str]:
-    """Methods in order, each student another one is cached from trained first."""
-    out: list[str] = []
-    for name in methods:
-        for dep in (METHODS[name].get("second_teacher"), METHODS[name].get("teacher_from")):
-            if dep and dep not in out:
-                out.append(dep)
-        if name not in out:
-            out.append(name)
-    return out
-
-
 def field_bytes(store: str, prefixes: tuple[str, ...]) -> float:
-    per_field = summarize(store).field_bytes_per_token()
-    return sum(v for k, v in per_field.items() if k.startswith(prefixes))
+    return sum(v for k, v in summarize(store).field_bytes_per_token().items() if k.startswith(prefixes))
 
 
-STORE_FIELDS = {  # which stored files each method reads (for its bytes/token)
-    "ce": ("tokens",), "topk8": ("tokens", "topk_"), "topk64": ("tokens", "topk_"), "sample12": ("tokens", "draws"),
-    "online_full": ("tokens",), "feature_align": ("tokens", "topk_", "hidden_", "attn_"),
-    "dskd": ("tokens", "topk_", "hidden_30"), "ce_foreign_tokenizer": ("tokens", "text"),
-    "cross_tokenizer_baseline": ("tokens", "topk_", "text"), "cross_tokenizer_cma": ("tokens", "topk_", "text", "hidden_30"),
-    "multi_teacher": ("tokens", "topk_"), "self_distill_round2": ("tokens", "topk_"), "adversarial": ("tokens", "topk_", "hidden_30"),
-}
+def draw_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, points in curves.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name, linestyle="--" if name == "online_full" else "-")
+    ax.set_xlabel("student tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def quarter_improvement(curve: list[list[float]]) -> float | None:
+    """(ppl at 3/4 of the run − final ppl) / ppl at 3/4 of the run; negative = it rose."""
+    if len(curve) < 3:
+        return None
+    final_x = curve[-1][0]
+    q = min(curve[1:], key=lambda p: abs(p[0] - 0.75 * final_x))
+    return (q[1] - curve[-1][1]) / q[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Held-out quality of students trained several epochs from the cache.")
+    p.add_argument("--quick", action="store_true", help="8,192 cached tokens, 2 epochs, ce,topk64,hybrid (≤ 10 min)")
+    p.add_argument("--methods", help="comma-separated (default: the preset's, all for cpu/cuda)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--eval-points", type=int)
+    p.add_argument("--fakd-sweep", default="", help="hidden:attention weights of extra feature_align runs, e.g. 0.5:0.1,1:0.5")
+    p.add_argument("--teacher", default="default")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", help="keep students, curves and the PNG here (default: a temporary folder)")
+    return p.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Held-out quality of students trained from the cache vs CE and online KD.")
-    parser.add_argument("--tokens", type=int, default=16_384, help="teacher-pass tokens (train split)")
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--teacher", default="default")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", help="keep the students here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4,096 tokens, 4 steps, 512 eval tokens")
-    args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.steps, args.eval_tokens = 4096, 4, 512
+    args = parse_args()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    preset = PRESETS["quick" if args.quick else "cuda" if cuda else "cpu"]
+    preset = dataclasses.replace(preset, epochs=args.epochs or preset.epochs, eval_points=args.eval_points or preset.eval_points)
     torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    table = methods(preset)
+    for pair in filter(None, args.fakd_sweep.split(",")):
+        h, a = (float(x) for x in pair.split(":"))
+        table[f"feature_align_h{h:g}_a{a:g}"] = {"store": "full", "losses": [feature_align(preset, h, a)]}
+        STORE_FIELDS[f"feature_align_h{h:g}_a{a:g}"] = STORE_FIELDS["feature_align"]
+    chosen = [m.strip() for m in args.methods.split(",")] if args.methods else list(preset.methods or table)
+    chosen += [m for m in table if m.startswith("feature_align_h") and m not in chosen]
+    unknown = sorted(set(chosen) - set(table))
     if unknown:
-        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    methods = with_dependencies(methods)
+        sys.exit(f"unknown methods {unknown}; known: {', '.join(table)}")
+    chosen = with_dependencies(chosen, table)
     started = time.perf_counter()
-    configs = store_configs(args.tokens, args.teacher)
-    stores = {key: cached_store(f"quality-{key}", configs[key]) for key in sorted({METHODS[m]["store"] for m in methods})}
+    configs = store_configs(preset, args.teacher)
+    stores = {key: cached_store(f"quality-{preset.name}-{key}", configs[key])
+              for key in sorted({table[m]["store"] for m in chosen} | {"full"})}
+    rows = sum(StoreReader(stores["full"]).read_shard(s, ["sample_id"])["sample_id"].size
+               for s in StoreReader(stores["full"]).shard_ids())
+    steps = max(1, math.ceil(rows * preset.epochs / preset.batch_size))
+    log(f"preset {preset.name}: {rows} rows × {ROW} = {rows * ROW:,} cached tokens, {preset.epochs} epochs = {steps} "
+        f"steps of {preset.batch_size} rows; student = teacher layers {list(preset.student_layers)}")
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kdcache-quality-"))
+    root.mkdir(parents=True, exist_ok=True)
     tokenizer = None
-    if any(METHODS[m].get("own_tokenizer") for m in methods):
+    if any(table[m].get("own_tokenizer") for m in chosen):
         from pipeline.train.student_tokenizer import train_store_tokenizer
 
         tokenizer = root / "student_tokenizer"
-        own = train_store_tokenizer(stores["xtok"], STUDENT_VOCAB, tokenizer)
-        log(f"student tokenizer: byte-level BPE, {len(own):,} ids, trained on the store's training documents")
+        train_store_tokenizer(stores["full"], STUDENT_VOCAB, tokenizer)
+    device = torch.device("cuda" if cuda else "cpu")
+    scorer = HeldOutScorer(stores["full"], preset.eval_tokens, device)
     trained: dict[str, dict[str, Any]] = {}
-    for name in methods:
+    start_ppl: dict[str, float] = {}
+    for name in chosen:
         out = root / name
         shutil.rmtree(out, ignore_errors=True)
-        spec = METHODS[name]
-        store, extra = stores[spec["store"]], []
+        spec, extra = table[name], []
+        store = stores[spec["store"]]
         if spec.get("teacher_from"):
             store = stores[name] = student_store(configs["full"], root / spec["teacher_from"])
         if spec.get("second_teacher"):
             extra = [student_store(configs["full"], root / spec["second_teacher"])]
-        log(f"--- {name}: {spec['losses']}")
-        trained[name] = train_method(name, store, out, args, tokenizer, extra)
-        log(f"    {name}: {trained[name]['wall_s']} s")
-    reference_ids = trained[methods[0]]["sample_ids"]
-    same_batches = all(t["sample_ids"] == reference_ids for t in trained.values())
-    eval_cfg = EvalConfig(store=stores["full"] if "full" in stores else next(iter(stores.values())), out=str(root / "eval"),
-                          models={m: str(root / m / "model") for m in methods}, baseline="ce" if "ce" in methods else None,
-                          teacher=args.teacher, max_tokens=args.eval_tokens, generation=None, device=args.device)
-    result = evaluate(eval_cfg, progress=log)
-    models = result["models"]
-    rows = []
-    for name in ["teacher", *methods]:
+        log(f"--- {name}: {json.dumps(spec['losses'])}")
+        trained[name] = train_method(name, spec, store, out, preset, args, tokenizer, extra, steps, scorer, start_ppl)
+        log(f"    {name}: {trained[name]['wall_s']} s wall, {trained[name]['cpu_s']} s CPU")
+    same_batches = all(t["sample_ids"] == trained[chosen[0]]["sample_ids"] for t in trained.values())
+    final = evaluate(EvalConfig(store=stores["full"], out=str(root / "eval"), models={m: str(root / m / "model") for m in chosen},
+                                baseline="ce" if "ce" in chosen else None, teacher=args.teacher,
+                                max_tokens=preset.eval_tokens, generation=None, device=args.device), progress=log)
+    report(args, preset, chosen, trained, final, stores, steps, rows, same_batches, root, started)
+
+
+def report(args, preset, chosen, trained, final, stores, steps, rows, same_batches, root, started) -> None:
+    models = final["models"]
+    table = methods(preset)
+    bpt = {m: round(field_bytes(stores.get(m, stores[table[m]["store"]] if m in table else stores["full"]),
+                                STORE_FIELDS[m]), 1) for m in chosen}
+    curves = {m: trained[m]["curve"] for m in chosen}
+    png = root / "quality_curves.png"
+    draw_curves(curves, png, f"held-out perplexity, {rows * ROW:,} cached tokens × {preset.epochs} epochs, "
+                             f"student = teacher layers {list(preset.student_layers)}")
+    online = curves.get("online_full")
+    print(f"\nquality ({preset.name}): {rows * ROW:,} cached tokens, {preset.epochs} epochs = {steps} steps × "
+          f"{preset.batch_size}×{ROW} tokens, {final['heldout_tokens']:,} held-out tokens, same batches: {same_batches}")
+    print("(own-tokenizer students: ppl per their own tokens, compare with ce_foreign_tokenizer; bits/byte compares all)\n")
+    print("| method | ppl | vs online_full | bits/B | KL→teacher | ECE pts | top-1 agr | B/token | train s (CPU s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ["teacher", *chosen]:
         m = models[name]
-        bpt = field_bytes(stores.get(name, stores[METHODS[name]["store"]]), STORE_FIELDS[name]) if name in METHODS else None
-        rows.append((name, m["ppl"], m.get("kl_to_teacher"), 100 * m["ece"], m.get("top1_agreement"), bpt,
-                     trained[name]["wall_s"] if name in trained else None, m["bits_per_byte"]))
-    print(f"\nquality: {args.tokens:,} cached tokens, {args.steps} steps × {args.batch_size}×256 tokens, "
-          f"{result['heldout_tokens']:,} held-out tokens, same batches: {same_batches}")
-    print("(own-tokenizer students: ppl per their own tokens, compare them with ce_foreign_tokenizer; bits/byte compares all)")
-    print(f"{'method':24s} {'ppl':>9s} {'bits/B':>7s} {'KL→teacher':>11s} {'ECE pts':>8s} {'top-1 agr':>9s} {'B/token':>9s} {'train s':>8s}")
-    for name, ppl, kl, ece, agree, bpt, wall, bpb in rows:
-        print(f"{name:24s} {ppl:9.3f} {bpb:7.3f} {_f(kl, '.4f'):>11s} {ece:8.2f} {_f(agree, '.3f'):>9s} {_f(bpt, '.1f'):>9s} "
-              f"{_f(wall, '.0f'):>8s}")
+        ratio = f"{m['ppl'] / models['online_full']['ppl']:.3f}×" if "online_full" in models and name != "teacher" else "–"
+        t = trained.get(name)
+        print(f"| {name} | {m['ppl']:.2f} | {ratio} | {m['bits_per_byte']:.3f} | {_f(m.get('kl_to_teacher'), '.4f')} | "
+              f"{100 * m['ece']:.2f} | {_f(m.get('top1_agreement'), '.3f')} | {_f(bpt.get(name), '.1f')} | "
+              f"{_f(t and t['wall_s'], '.0f')} ({_f(t and t['cpu_s'], '.0f')}) |")
+    print("\nheld-out perplexity along the run (student tokens):\n")
+    xs = [p[0] for p in curves[chosen[0]]]
+    print("| method | " + " | ".join(f"{x:,}" for x in xs) + " |")
+    print("|---|" + "---:|" * len(xs))
+    for name in chosen:
+        print(f"| {name} | " + " | ".join(f"{p[1]:.1f}" for p in curves[name]) + " |")
+    if online:
+        print("\ngap to online_full along the run (ppl ratio):\n")
+        for name in chosen:
+            if name != "online_full" and not table.get(name, {}).get("own_tokenizer"):
+                print(f"- {name}: " + ", ".join(f"{p[1] / o[1]:.3f}" for p, o in zip(curves[name], online, strict=True)))
+    ce_q = quarter_improvement(curves["ce"]) if "ce" in curves else None
+    if ce_q is not None:
+        verdict = "converged" if 0 <= ce_q < 0.02 else ("rising: overfitting" if ce_q < 0 else "not converged")
+        print(f"\nCE last-quarter improvement: {100 * ce_q:.2f} % ({verdict})")
     targets: dict[str, Any] = {}
-    for name in methods:
+    for name in chosen:
         base = COUNTERPART.get(name, "ce")
-        if name not in ("ce", "ce_foreign_tokenizer") and base in models:
-            targets[f"{name}_beats_{base}"] = {"value": models[name]["ppl"], "limit": models[base]["ppl"],
+        if name not in ("ce", "ce_foreign_tokenizer", "online_full") and base in models:
+            targets[f"{name}_beats_{base}"] = {"value": round(models[name]["ppl"], 3), "limit": round(models[base]["ppl"], 3),
                                                "pass": models[name]["ppl"] < models[base]["ppl"]}
-    for key, (a, b, excess) in TARGETS.items():
+    for key, (a, b, limit) in TARGETS.items():
         if a in models and b in models:
             ratio = models[a]["ppl"] / models[b]["ppl"]
-            targets[key] = {"value": round(ratio, 4), "limit": 1 + excess, "pass": ratio <= 1 + excess}
-    if "sample12" in models and "online_full" in models:
-        gap = 100 * abs(models["sample12"]["ece"] - models["online_full"]["ece"])
-        targets["sample12_vs_online_full_ece_pts"] = {"value": round(gap, 3), "limit": 0.5, "pass": gap <= 0.5}
+            targets[key] = {"value": round(ratio, 4), "limit": limit, "pass": ratio <= limit}
+    for name in ("sample12", "hybrid"):
+        if name in models and "online_full" in models:
+            gap = 100 * abs(models[name]["ece"] - models["online_full"]["ece"])
+            targets[f"{name}_vs_online_full_ece_pts"] = {"value": round(gap, 3), "limit": 0.5, "pass": gap <= 0.5}
     for key, t in targets.items():
         print(f"target {key}: {t['value']} (limit {t['limit']}) {'pass' if t['pass'] else 'MISS'}")
+    print(f"\ncurves: {png}")
     summary = {
-        "ppl": {m: round(models[m]["ppl"], 4) for m in ["teacher", *methods]},
-        "ece": {m: round(models[m]["ece"], 5) for m in ["teacher", *methods]},
-        "bits_per_byte": {m: round(models[m]["bits_per_byte"], 4) for m in ["teacher", *methods]},
-        "kl_to_teacher": {m: round(models[m]["kl_to_teacher"], 5) for m in ["teacher", *methods] if "kl_to_teacher" in models[m]},
-        "top1_agreement": {m: round(models[m]["top1_agreement"], 4) for m in ["teacher", *methods] if "top1_agreement" in models[m]},
-        "bytes_per_token": {r[0]: round(r[5], 1) for r in rows if r[5] is not None},
-        "train_wall_s": {m: trained[m]["wall_s"] for m in methods},
+        "preset": preset.name, "methods": chosen,
+        "ppl": {m: round(models[m]["ppl"], 4) for m in ["teacher", *chosen]},
+        "ece": {m: round(models[m]["ece"], 5) for m in ["teacher", *chosen]},
+        "bytes_per_token": bpt,
+        "curve": {m: [[int(x), round(y, 3)] for x, y in c] for m, c in curves.items()},
+        "ce_last_quarter_improvement": None if ce_q is None else round(ce_q, 5),
+        "bits_per_byte": {m: round(models[m]["bits_per_byte"], 4) for m in ["teacher", *chosen]},
+        "kl_to_teacher": {m: round(models[m]["kl_to_teacher"], 5) for m in chosen if "kl_to_teacher" in models[m]},
         "targets": targets, "all_targets_pass": all(t["pass"] for t in targets.values()),
-        "same_batches": same_batches, "tokens": args.tokens, "steps": args.steps, "batch": args.batch_size,
-        "lr": args.lr, "heldout_tokens": result["heldout_tokens"], "seed": args.seed,
-        "device": ("cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)") if args.device == "auto" else args.device,
-        "wall_s": round(time.perf_counter() - started, 1), "students": str(root),
+        "same_batches": same_batches, "cached_tokens": rows * ROW, "epochs": preset.epochs, "steps": steps,
+        "batch": preset.batch_size, "lr": preset.lr, "student_layers": list(preset.student_layers),
+        "heldout_tokens": final["heldout_tokens"], "seed": args.seed,
+        "train_wall_s": {m: trained[m]["wall_s"] for m in chosen}, "train_cpu_s": {m: trained[m]["cpu_s"] for m in chosen},
+        "device": "cuda" if torch.cuda.is_available() and args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+        "png": str(png), "wall_s": round(time.perf_counter() - started, 1), "students": str(root),
     }
+    (root / "quality.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 
 

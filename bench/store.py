@@ -50,8 +50,10 @@ except ImportError:  # run from a checkout without an install
 
 from store_io import size_row, speed, store_spec, write_store  # noqa: E402
 from store_signals import (  # noqa: E402
+    HYBRID_K,
     KS,
     N_DRAWS,
+    N_TAIL,
     QUICK_KS,
     ROW,
     TARGETS,
@@ -95,7 +97,7 @@ def print_tables(size_rows: list[dict], sp: dict, sources: dict[str, str], elaps
         "signal B/tok = on-disk bytes of the signal's files per token (top-k: topk_ids + topk_logp +"
     )
     print(
-        "topk_tail .arrow; sampled: draws.arrow); store B/tok adds tokens.arrow (input_ids, doc_ids,"
+        "topk_tail .arrow; sampled: draws.arrow; hybrid: top-k files + tail_draws.arrow); store B/tok adds tokens.arrow (input_ids, doc_ids,"
     )
     zstd = store_spec(V_TEACHER, 1, k=1).zstd_level
     print(
@@ -238,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             path = root / f"{s.source}-v{s.vocab}-sample{N_DRAWS}"
             write_store(path, s, n_draws=N_DRAWS)
             size_rows.append(size_row(path, s, f"sampled-{N_DRAWS}", None) | {"k": None})
+            path = root / f"{s.source}-v{s.vocab}-hybrid{HYBRID_K}x{N_TAIL}"
+            write_store(path, s, k=HYBRID_K, tail_draws=N_TAIL)
+            size_rows.append(size_row(path, s, f"top-{HYBRID_K} + {N_TAIL} tail draws", HYBRID_K, N_TAIL)
+                             | {"k": f"hybrid{HYBRID_K}x{N_TAIL}"})
             log(f"stores for {s.source} V={s.vocab} done ({time.perf_counter() - t_start:.1f} s)")
         sp = speed(primary_small, Path(tmp), speed_rows, reps, args.profile)
         sp["source"] = primary_small.source
@@ -272,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     result["bytes_per_token_sample12_v49152"] = round(
         pick(V_TEACHER, primary_small.source, None)["signal_bytes"], 2
     )
+    hybrid = f"hybrid{HYBRID_K}x{N_TAIL}"
+    result[f"bytes_per_token_{hybrid}_v49152"] = round(pick(V_TEACHER, primary_small.source, hybrid)["signal_bytes"], 2)
+    result[f"bytes_per_token_{hybrid}_v151936"] = round(pick(V_LARGE, large, hybrid)["signal_bytes"], 2)
     t = sp["tokens"]
     result["read_tokens_per_s_per_core"] = round(t / sp["stream"][1])
     result["write_tokens_per_s_per_core"] = round(t / sp["write"][1])

@@ -29,7 +29,7 @@ except ImportError:  # run from a checkout without an install
 from store_signals import FIELDS_TOPK, ROW, TOPK_FILES, Signals, log  # noqa: E402
 
 from kdstore.reader import StoreReader  # noqa: E402
-from kdstore.spec import Provenance, SampledSpec, StoreSpec, TopKSpec  # noqa: E402
+from kdstore.spec import Provenance, SampledSpec, StoreSpec, TailSampleSpec, TopKSpec  # noqa: E402
 from kdstore.summary import summarize  # noqa: E402
 from kdstore.torch_stream import KDStream  # noqa: E402
 from kdstore.writer import StoreWriter  # noqa: E402
@@ -66,9 +66,11 @@ ZSTD_LEVEL: int | None = None  # --zstd-level; None keeps StoreSpec's default
 
 
 def store_spec(
-    vocab: int, shard_rows: int, k: int | None = None, n_draws: int | None = None
+    vocab: int, shard_rows: int, k: int | None = None, n_draws: int | None = None, tail_draws: int | None = None
 ) -> StoreSpec:
-    extra = {} if ZSTD_LEVEL is None else {"zstd_level": ZSTD_LEVEL}
+    extra: dict = {} if ZSTD_LEVEL is None else {"zstd_level": ZSTD_LEVEL}
+    if tail_draws:
+        extra["tail_sample"] = TailSampleSpec(n_draws=tail_draws)
     return StoreSpec(
         vocab_size=vocab,
         row_length=ROW,
@@ -93,11 +95,16 @@ def write_store(
     *,
     k: int | None = None,
     n_draws: int | None = None,
+    tail_draws: int | None = None,
     shard_rows: int = 16,
 ) -> None:
-    writer = StoreWriter(path, store_spec(sig.vocab, shard_rows, k, n_draws), provenance(sig))
+    """A store of one sparsifier: top-k (k), sampled (n_draws), or the hybrid (k + tail_draws,
+    the signals' tail draws past their top HYBRID_K: k must be HYBRID_K)."""
+    writer = StoreWriter(path, store_spec(sig.vocab, shard_rows, k, n_draws, tail_draws), provenance(sig))
     if n_draws:
         draw_ids, draw_counts = unique_counts(sig.draws)
+    if tail_draws:
+        tail_ids, tail_counts = unique_counts(sig.tail_draws[..., :tail_draws])
     for i, start in enumerate(range(0, sig.rows, shard_rows)):
         stop = min(start + shard_rows, sig.rows)
         rows = base_rows(sig, start, stop)
@@ -109,6 +116,8 @@ def write_store(
             )
         if n_draws:
             rows.update(draw_ids=draw_ids[start:stop], draw_counts=draw_counts[start:stop])
+        if tail_draws:
+            rows.update(tail_ids=tail_ids[start:stop], tail_counts=tail_counts[start:stop])
         writer.write_shard(f"{i:05d}", rows)
 
 
@@ -155,7 +164,7 @@ def sampled_check(path: Path, sig: Signals) -> float:
     return float((counts > 0).sum(axis=-1).mean())
 
 
-def size_row(path: Path, sig: Signals, label: str, k: int | None) -> dict:
+def size_row(path: Path, sig: Signals, label: str, k: int | None, tail_draws: int | None = None) -> dict:
     summary = summarize(str(path))
     per = summary.bytes_per_field
     t = summary.tokens
@@ -170,6 +179,9 @@ def size_row(path: Path, sig: Signals, label: str, k: int | None) -> dict:
         row.update({name: per[name] / t for name in TOPK_FILES})
         row["signal_bytes"] = sum(per[name] for name in TOPK_FILES) / t
         row.update(topk_fidelity(path, sig, k))
+        if tail_draws:
+            row["tail_draws"] = per["tail_draws"] / t
+            row["signal_bytes"] += row["tail_draws"]
     else:
         row["signal_bytes"] = per["draws"] / t
         row["unique_draws"] = sampled_check(path, sig)

@@ -30,11 +30,12 @@ KS = (8, 16, 32, 64, 128)
 QUICK_KS = (8, 64)
 K_MAX = 128
 N_DRAWS = 12
+HYBRID_K, N_TAIL = 16, 8  # the hybrid sparsifier topk_tail_sample: top-16 head + 8 tail draws
 V_TEACHER = 49_152
 V_LARGE = 151_936
 TEACHER = "SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: + tail draws of the hybrid
 FIELDS_TOPK = ("topk_ids", "topk_logp", "topk_tail")
 TOPK_FILES = FIELDS_TOPK  # file groups: topk_ids.arrow, topk_logp.arrow, topk_tail.arrow
 
@@ -76,6 +77,7 @@ class Signals:
     logp: np.ndarray  # [R, T, K_MAX] float64, normalised over the full vocabulary
     tails: np.ndarray  # [R, T, len(KS)] float64: exact 1 - sum(p of the top k), k in KS
     draws: np.ndarray  # [R, T, N_DRAWS] int64: draws from the full distribution
+    tail_draws: np.ndarray  # [R, T, N_TAIL] int64: draws from the tail past the top HYBRID_K, renormalised
 
     @property
     def rows(self) -> int:
@@ -151,6 +153,7 @@ def teacher_signals(rows: int, cache_dir: Path, threads: int, seed: int) -> Sign
                 z["logp"],
                 z["tails"],
                 z["draws"],
+                z["tail_draws"],
             )
     t0 = time.perf_counter()
     model, tokenizer, how = _load_teacher()
@@ -164,6 +167,7 @@ def teacher_signals(rows: int, cache_dir: Path, threads: int, seed: int) -> Sign
     logp = np.empty((rows, ROW, K_MAX), np.float64)
     tails = np.empty((rows, ROW, len(KS)), np.float64)
     draws = np.empty((rows, ROW, N_DRAWS), np.int64)
+    tail_draws = np.empty((rows, ROW, N_TAIL), np.int64)
     gen = torch.Generator().manual_seed(seed)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -185,6 +189,8 @@ def teacher_signals(rows: int, cache_dir: Path, threads: int, seed: int) -> Sign
                     draws[b0 + i] = torch.multinomial(
                         lp.exp(), N_DRAWS, replacement=True, generator=gen
                     ).numpy()
+                    p_tail = lp.exp().scatter(-1, top.indices[:, :HYBRID_K], 0.0)
+                    tail_draws[b0 + i] = torch.multinomial(p_tail, N_TAIL, replacement=True, generator=gen).numpy()
                 log(f"teacher rows {min(b0 + 8, rows)}/{rows} ({time.perf_counter() - t0:.1f} s)")
     finally:
         torch.set_num_threads(old_threads)
@@ -192,11 +198,12 @@ def teacher_signals(rows: int, cache_dir: Path, threads: int, seed: int) -> Sign
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
     np.savez(
-        tmp, input_ids=input_ids, ids=ids, logp=logp, tails=tails, draws=draws, note=np.array(note)
+        tmp, input_ids=input_ids, ids=ids, logp=logp, tails=tails, draws=draws, tail_draws=tail_draws,
+        note=np.array(note)
     )
     os.replace(tmp, path)
     log(f"teacher signals cached in {path}")
-    return Signals(TEACHER, note, V_TEACHER, input_ids, ids, logp, tails, draws)
+    return Signals(TEACHER, note, V_TEACHER, input_ids, ids, logp, tails, draws, tail_draws)
 
 
 # ----------------------------------------------------------------------------- Zipf
@@ -298,6 +305,10 @@ def zipf_signals(vocab: int, rows: int, seed: int) -> Signals:
     suffix = np.cumsum(head_mass[:, ::-1], axis=1)[:, ::-1]  # suffix[:, j] = sum_{i >= j}
     tails = np.stack([suffix[:, k] + rest for k in KS], axis=-1)
     draws = _zipf_draws(rng, head_mass, head_ids, rest, s_idx, vocab)
+    # the hybrid's tail: the same distribution with its top HYBRID_K ranks removed, renormalised
+    tail_k = suffix[:, HYBRID_K] + rest
+    tail_head = np.concatenate([np.zeros((n, HYBRID_K)), head_mass[:, HYBRID_K:]], axis=1) / tail_k[:, None]
+    tail_draws = _zipf_draws(rng, tail_head, head_ids, rest / tail_k, s_idx, vocab, N_TAIL)
     note = (
         f"Zipf-shaped: s ~ {median:.3f}·exp({sigma:.2f}·N(0,1)) clipped to [1, 4], Gumbel noise "
         f"{ZIPF_NOISE} on the top {ZIPF_HEAD} ranks; head ids per token from p(id) ∝ (id+{ZIPF_ID_C:.0f})^-{ZIPF_ID_A}"
@@ -312,13 +323,14 @@ def zipf_signals(vocab: int, rows: int, seed: int) -> Signals:
         lp[:, :K_MAX].reshape(rows, ROW, K_MAX),
         tails.reshape(rows, ROW, len(KS)),
         draws.reshape(rows, ROW, N_DRAWS),
+        tail_draws.reshape(rows, ROW, N_TAIL),
     )
 
 
-def _zipf_draws(rng, head_mass, head_ids, rest, s_idx, vocab) -> np.ndarray:
-    """N_DRAWS draws per token from the full Zipf distribution (head ids, then tail ranks)."""
+def _zipf_draws(rng, head_mass, head_ids, rest, s_idx, vocab, n_draws: int = N_DRAWS) -> np.ndarray:
+    """n_draws draws per token from the full Zipf distribution (head ids, then tail ranks)."""
     n = len(head_mass)
-    u = rng.random((n, N_DRAWS))
+    u = rng.random((n, n_draws))
     cum = np.cumsum(head_mass, axis=1)
     pick = np.array([np.searchsorted(cum[i], u[i], side="right") for i in range(n)])
     out = np.take_along_axis(head_ids, np.minimum(pick, ZIPF_HEAD - 1), 1).astype(np.int64)

@@ -8,6 +8,8 @@ Input arrays handed to the writer, per shard (R rows, T = row_length):
   sample_id [R] int, input_ids [R,T] int, doc_ids [R,T] int, valid [R,T] bool
   topk_ids [R,T,k] int, topk_logp [R,T,k] float (sorted descending, -inf = padding), topk_tail [R,T]
   draw_ids [R,T,n] int + draw_counts [R,T,n] int (count 0 = padding; n ≤ n_draws)
+  tail_ids [R,T,n] int + tail_counts [R,T,n] int: the hybrid's tail draws (ids never in topk_ids;
+  count 0 = padding, and a token whose tail is empty has none)
   hidden_<L> [R,T,d] float
   attn_<L> [R,H,T,T] float probabilities, or with attention.topk: attn_<L>_ids / attn_<L>_p [R,H,T,ka]
   text [R] str (the row's text: its tokens' pieces joined) + char_end [R,T] int (where in it each
@@ -112,6 +114,10 @@ def fields_for_spec(spec: StoreSpec) -> tuple[Field, ...]:
         n = spec.sampled.n_draws
         out.append(Field("draw_ids", RAGGED, (T, n), ids, "int32", (Cast(ids, "int32"),), "int", "draws"))
         out.append(Field("draw_counts", RAGGED, (T, n), "uint8", "int32", (Cast("uint8", "int32"),), "int", "draws"))
+    if spec.tail_sample is not None:
+        n = spec.tail_sample.n_draws
+        out.append(Field("tail_ids", RAGGED, (T, n), ids, "int32", (Cast(ids, "int32"),), "int", "tail_draws"))
+        out.append(Field("tail_counts", RAGGED, (T, n), "uint8", "int32", (Cast("uint8", "int32"),), "int", "tail_draws"))
     if spec.hidden is not None:
         d = spec.hidden.width
         codec = {"float16": FloatCast("float16"), "bfloat16": BFloat16(), "int8": Int8RowScale()}[spec.hidden.dtype]
@@ -169,10 +175,11 @@ def check_rows(fields: tuple[Field, ...], rows: Mapping[str, np.ndarray], where:
         }[f.kind]
         if not ok:
             raise ShardDataError(f"{where}: field {f.name!r} has dtype {arr.dtype}, expected {f.kind}")
-    ragged = [f.name for f in fields if f.container == RAGGED]
-    if len({np.shape(rows[name]) for name in ragged}) > 1:
-        shapes = {name: np.shape(rows[name]) for name in ragged}
-        raise ShardDataError(f"{where}: fields {ragged} must have the same shape, got {shapes}")
+    for group in dict.fromkeys(f.group for f in fields if f.container == RAGGED):  # one ragged index per group
+        ragged = [f.name for f in fields if f.container == RAGGED and f.group == group]
+        if len({np.shape(rows[name]) for name in ragged}) > 1:
+            shapes = {name: np.shape(rows[name]) for name in ragged}
+            raise ShardDataError(f"{where}: fields {ragged} must have the same shape, got {shapes}")
     if "loss_mask" in expected and (np.asarray(rows["loss_mask"], bool) & ~np.asarray(rows["valid"], bool)).any():
         raise ShardDataError(f"{where}: field 'loss_mask' marks padding (positions where valid is False)")
     sample_ids = np.asarray(rows["sample_id"])

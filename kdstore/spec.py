@@ -64,6 +64,21 @@ class SampledSpec:
 
 
 @dataclass(frozen=True)
+class TailSampleSpec:
+    """The hybrid sparsifier's tail (`topk_tail_sample`): beside the exact top-k head, `n_draws`
+    draws per token from the teacher's tail, i.e. its distribution (at the top-k capture
+    temperature) renormalised over the ids the head does not keep; unique ids + counts. Store more
+    draws than a step uses and the loss can take a different subset each epoch."""
+
+    n_draws: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _numbers(self, "tail_sample", ints=("n_draws", "seed"))
+        _require(1 <= self.n_draws <= 255, f"tail_sample.n_draws must be in [1, 255], got {self.n_draws}")
+
+
+@dataclass(frozen=True)
 class HiddenSpec:
     """Hidden states [rows, T, width] of the selected layers (0 = embeddings output)."""
 
@@ -117,6 +132,8 @@ class StoreSpec:
     text: bool = False
     # a per-token mask of the tokens a student is trained on (chat corpora: the assistant's turns)
     loss_mask: bool = False
+    # the hybrid sparsifier: tail draws beside the top-k head (needs topk)
+    tail_sample: TailSampleSpec | None = None
 
     def __post_init__(self) -> None:
         _numbers(self, "spec", ints=("vocab_size", "row_length", "shard_rows", "zstd_level", "record_batch_rows"))
@@ -129,6 +146,7 @@ class StoreSpec:
             _require(self.attention.topk <= self.row_length, "attention.topk must be <= row_length")
         _require(isinstance(self.text, bool), f"spec.text must be true or false, got {self.text!r}")
         _require(isinstance(self.loss_mask, bool), f"spec.loss_mask must be true or false, got {self.loss_mask!r}")
+        _require(self.tail_sample is None or self.topk is not None, "spec.tail_sample needs topk (the head its draws exclude)")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -136,11 +154,14 @@ class StoreSpec:
             del data["text"]
         if not self.loss_mask:  # likewise
             del data["loss_mask"]
+        if self.tail_sample is None:  # added later still: absent = None keeps older fingerprints
+            del data["tail_sample"]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> StoreSpec:
-        sub = {"topk": TopKSpec, "sampled": SampledSpec, "hidden": HiddenSpec, "attention": AttentionSpec}
+        sub = {"topk": TopKSpec, "sampled": SampledSpec, "hidden": HiddenSpec, "attention": AttentionSpec,
+               "tail_sample": TailSampleSpec}
         kwargs = _checked_kwargs(cls, data, where)
         for key, sub_cls in sub.items():
             if kwargs.get(key) is not None:

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdstore.spec import AttentionSpec, HiddenSpec, SampledSpec, TopKSpec
+from kdstore.spec import AttentionSpec, HiddenSpec, SampledSpec, TailSampleSpec, TopKSpec
 
 
 class Strict(BaseModel):
@@ -82,6 +82,17 @@ class SampledConfig(Strict):
         return SampledSpec(**self.model_dump())
 
 
+class TailSampleConfig(Strict):
+    """The hybrid sparsifier `topk_tail_sample`: `n_draws` draws per token from the teacher's tail
+    (renormalised over the ids top-k does not keep), beside the exact head (needs `topk`)."""
+
+    n_draws: int = Field(8, ge=1, le=255)
+    seed: int = 0
+
+    def to_spec(self) -> TailSampleSpec:
+        return TailSampleSpec(**self.model_dump())
+
+
 class HiddenConfig(Strict):
     layers: list[int]
     dtype: Literal["float16", "bfloat16", "int8"] = "float16"
@@ -106,11 +117,14 @@ class SignalsConfig(Strict):
     hidden: HiddenConfig | None = None
     attention: AttentionConfig | None = None
     text: bool = False  # each row's text + token character ends, for students with other tokenizers
+    tail_sample: TailSampleConfig | None = None  # the hybrid: tail draws beside the top-k head
 
     @model_validator(mode="after")
     def _some_signal(self) -> SignalsConfig:
         if self.topk is None and self.sampled is None:
             raise ValueError("signals: at least one of topk or sampled is needed")
+        if self.tail_sample is not None and self.topk is None:
+            raise ValueError("signals.tail_sample needs signals.topk (the head whose tail it samples)")
         return self
 
 

@@ -72,6 +72,36 @@ def sampled_draws(
     return torch.cat(ids_out).reshape(*shape, n_draws), torch.cat(counts_out).reshape(*shape, n_draws)
 
 
+def tail_draws(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor, n_draws: int, temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hybrid's tail: n_draws draws per token from the teacher (at `temperature`) renormalised
+    over the ids the head does not keep (kept = finite `topk_logp` slots: top-p padding belongs to
+    the tail, as in the stored tail mass) → unique ids [..., n_draws] and counts (0 = padding).
+    A token whose tail is empty or has underflowed to zero probability gets no draws."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    ids_flat = topk_ids.reshape(-1, topk_ids.shape[-1]).long()
+    kept_flat = torch.isfinite(topk_logp.reshape(-1, topk_logp.shape[-1]))
+    ids_out, counts_out = [], []
+    for start in range(0, flat.shape[0], TOKEN_CHUNK):
+        chunk = flat[start : start + TOKEN_CHUNK].float() / temperature
+        ids, kept = ids_flat[start : start + TOKEN_CHUNK], kept_flat[start : start + TOKEN_CHUNK]
+        # kept ids get -inf; padding slots write their own logit back (they stay in the tail)
+        masked = chunk.scatter(-1, ids, torch.where(kept, float("-inf"), chunk.gather(-1, ids)))
+        probs = torch.softmax(masked, dim=-1)
+        empty = ~torch.isfinite(probs).all(-1) | (probs.sum(-1) <= 0)
+        probs = torch.where(empty[:, None], 1.0 / V, probs)  # any valid row: its draws are dropped below
+        draws = torch.multinomial(probs, n_draws, replacement=True, generator=generator)
+        uniq, counts = unique_counts(draws)
+        counts = torch.where(empty[:, None], 0, counts)
+        ids_out.append(torch.where(counts > 0, uniq, 0))
+        counts_out.append(counts)
+    shape = logits.shape[:-1]
+    return torch.cat(ids_out).reshape(*shape, n_draws), torch.cat(counts_out).reshape(*shape, n_draws)
+
+
 def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of [N, n] draws: unique ids left-packed (ascending) and their counts."""
     ordered, _ = draws.sort(dim=-1)

@@ -78,6 +78,7 @@ def build_spec(config: CacheConfig, facts: dict[str, Any]) -> StoreSpec:
         zstd_level=config.zstd_level,
         text=s.text,
         loss_mask=config.corpus.kind == "chat",
+        tail_sample=s.tail_sample.to_spec() if s.tail_sample else None,
     )
 
 

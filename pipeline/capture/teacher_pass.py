@@ -50,8 +50,10 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     out: dict[str, list[np.ndarray]] = {}
     generator = None
     if spec.sampled is not None:
-        digest = hashlib.sha256(f"{spec.sampled.seed}:{plan.shard_id}".encode()).digest()
-        generator = torch.Generator(device=teacher.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        generator = _generator(teacher.device, f"{spec.sampled.seed}:{plan.shard_id}")
+    tail_generator = None
+    if spec.tail_sample is not None:  # its own stream: adding tail draws never changes the sampled ones
+        tail_generator = _generator(teacher.device, f"tail:{spec.tail_sample.seed}:{plan.shard_id}")
     want_hidden = spec.hidden is not None
     want_attn = spec.attention is not None
     model = teacher.model
@@ -65,7 +67,7 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
             )
             head = model.get_output_embeddings().weight
             logits = chunked_logits(result.last_hidden_state, head) if chunked else None
-            for name, value in extract_signals(result, spec, generator, logits).items():
+            for name, value in extract_signals(result, spec, generator, logits, tail_generator).items():
                 out.setdefault(name, []).append(value)
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     arrays.update(
@@ -81,6 +83,11 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     return arrays
 
 
+def _generator(device: Any, key: str) -> torch.Generator:
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def chunked_logits(hidden: torch.Tensor, head: torch.Tensor) -> Iterator[torch.Tensor]:
     """head(hidden) for [B,T,d] hidden, as [n, V] chunks of extract.TOKEN_CHUNK tokens in order
     (the chunks `extract` takes anyway, so draws consume the generator as with whole logits)."""
@@ -90,23 +97,29 @@ def chunked_logits(hidden: torch.Tensor, head: torch.Tensor) -> Iterator[torch.T
 
 
 def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None,
-                    logits: Any = None) -> dict[str, np.ndarray]:
+                    logits: Any = None, tail_generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
     """The store arrays of one batch. `logits`: [B,T,V] chunks in token order (default: the
     result's whole logits); top-k and draws are taken chunk by chunk, then reshaped to [B,T,..]."""
     chunks = [result.logits] if logits is None else logits
     batch_shape = (result.logits if logits is None else result.last_hidden_state).shape[:2]
     out: dict[str, np.ndarray] = {}
     parts: dict[str, list[torch.Tensor]] = {}
+
+    def keep(named: tuple[tuple[str, torch.Tensor], ...], chunk: torch.Tensor) -> None:
+        for key, value in named:
+            parts.setdefault(key, []).append(value.reshape(-1, *value.shape[chunk.dim() - 1:]))
+
     t, d = spec.topk, spec.sampled
     for chunk in chunks:
         if t is not None:
             ids, logp, tail = extract.topk_logprobs(chunk, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
-            for key, value in (("topk_ids", ids), ("topk_logp", logp), ("topk_tail", tail)):
-                parts.setdefault(key, []).append(value.reshape(-1, *value.shape[chunk.dim() - 1:]))
+            keep((("topk_ids", ids), ("topk_logp", logp), ("topk_tail", tail)), chunk)
+            if spec.tail_sample is not None:
+                keep(tuple(zip(("tail_ids", "tail_counts"), extract.tail_draws(
+                    chunk, ids, logp, spec.tail_sample.n_draws, t.temperature, tail_generator), strict=True)), chunk)
         if d is not None:
-            ids, counts = extract.sampled_draws(chunk, d.n_draws, d.temperature, generator)
-            for key, value in (("draw_ids", ids), ("draw_counts", counts)):
-                parts.setdefault(key, []).append(value.reshape(-1, *value.shape[chunk.dim() - 1:]))
+            keep(tuple(zip(("draw_ids", "draw_counts"), extract.sampled_draws(chunk, d.n_draws, d.temperature, generator),
+                           strict=True)), chunk)
     for key, values in parts.items():
         joined = torch.cat(values)
         out[key] = extract.to_numpy(joined.reshape(*batch_shape, *joined.shape[1:]))
@@ -151,8 +164,8 @@ def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = p
     teacher = teacher_for(config)
     writer = open_writer(config, teacher)
     writer.cleanup_stale()
-    write_teacher_files(writer, teacher)
     plans = plan_shards(config, teacher.tokenizer)
+    write_teacher_files(writer, teacher, plans[0].rows if plans else None, config.teacher.batch_size)
     retired = retire_stale_shards(writer, plans)
     todo = [p for p in plans if writer.committed(p.shard_id) is None]
     if progress:

@@ -9,9 +9,14 @@ Layer maps pair student layers with stored teacher layers:
 Hidden-state indices follow HF `hidden_states` (0 = embeddings, L = last layer); attention
 indices follow HF `attentions` (0 .. L-1), so depth = index + 1.
 
-Hidden states: MSE (mean over features) or cosine distance (1 - cos) per position, averaged over
-valid positions and then over layer pairs. When widths differ, each pair gets a learned
-Linear(d_student → d_teacher) owned by the loss.
+Hidden states: MSE (mean over features), standardised MSE `zmse`, or cosine distance (1 - cos)
+per position, averaged over valid positions and then over layer pairs. When widths differ, each
+pair gets a learned Linear(d_student → d_teacher) owned by the loss. `zmse` divides each feature's
+error by the teacher's std of that feature (per-dimension statistics of the stored layer, recorded
+by the teacher pass: teacher/hidden_stats): mean over d of ((h_s - h_t) / σ_t,d)², i.e. the MSE of
+both sides z-scored with the teacher's statistics. A student predicting the teacher's mean scores
+1, whatever the teacher's scale; with raw MSE a few outlier dimensions of the teacher (|h| in
+the hundreds where the rest is ~1) own the loss (~1,300× the KL on the offline teacher).
 
 Attention: per query row (valid[q]), KL(teacher ‖ student) or the squared error summed over keys,
 averaged over rows, mapped heads and layer pairs. Head map "mean" compares head-averaged
@@ -109,15 +114,30 @@ class HiddenLoss(KDLoss):
     def __init__(
         self,
         pairs: Sequence[tuple[int, int]],
-        metric: Literal["mse", "cosine"],
+        metric: Literal["mse", "cosine", "zmse"],
         student_width: int,
         teacher_width: int,
+        teacher_std: Mapping[int, Tensor] | None = None,
     ):
         super().__init__()
         if not pairs:
             raise LossConfigError("loss 'hidden': the layer map pairs no layers")
         self.pairs = tuple(pairs)
         self.metric = metric
+        if metric == "zmse":
+            if teacher_std is None:
+                raise LossConfigError("loss 'hidden' with metric zmse needs the teacher's hidden statistics")
+            scales = []
+            for _, t in self.pairs:
+                if t not in teacher_std:
+                    raise LossConfigError(f"loss 'hidden': no statistics for teacher layer {t} (have {sorted(teacher_std)})")
+                std = teacher_std[t].float()
+                if std.shape != (teacher_width,):
+                    raise LossConfigError(f"loss 'hidden': statistics of layer {t} have shape {tuple(std.shape)}, "
+                                          f"expected ({teacher_width},)")
+                # a constant feature (std 0) must not divide by zero: floor at 1e-3 of the median std
+                scales.append(1.0 / std.clamp_min(max(float(std.median()) * 1e-3, 1e-8)))
+            self.register_buffer("inv_std", torch.stack(scales), persistent=False)
         self.label = f"hidden_{metric}"
         self.fields = (*dict.fromkeys(f"hidden_{t}" for _, t in self.pairs), "valid")
         self.projections = (
@@ -141,6 +161,8 @@ class HiddenLoss(KDLoss):
             ht = batch_field(batch, f"hidden_{t}", self.label).to(hs.dtype)
             if self.metric == "mse":
                 per = (hs - ht).pow(2).mean(-1)
+            elif self.metric == "zmse":
+                per = ((hs - ht) * self.inv_std[i].to(hs.dtype)).pow(2).mean(-1)
             else:
                 per = 1.0 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-8)
             values.append(masked_mean(per, mask))

@@ -64,13 +64,24 @@ class SampledKDConfig(_Loss):
     temperature: float = Field(1.0, gt=0)  # must equal the store's sampling temperature
 
 
+class HybridKDConfig(_Loss):
+    """The hybrid sparsifier's loss over a `topk_tail_sample` store: exact coarsened forward KL over
+    the head + tail draws for the inside of the tail; see `pipeline.train.losses.hybrid`."""
+
+    name: Literal["hybrid_kd"]
+    temperature: float = Field(1.0, gt=0)  # must equal the store's top-k capture temperature
+    draws_per_step: int | None = Field(None, ge=1)  # None = every stored draw; fewer = rotate per epoch
+    seed: int = 0  # the rotation's permutation of each position's draws
+
+
 class CEConfig(_Loss):
     name: Literal["ce"]
 
 
 class HiddenConfig(_Loss):
     name: Literal["hidden"] = "hidden"
-    metric: Literal["mse", "cosine"] = "mse"
+    # zmse: MSE in the teacher's standardised space (per-dimension std from teacher/hidden_stats)
+    metric: Literal["mse", "cosine", "zmse"] = "mse"
     layer_map: LayerMapConfig = "uniform"  # or [[student_layer, teacher_layer], ...]
 
 
@@ -90,7 +101,8 @@ class FAKDConfig(_Loss):
 
     name: Literal["fakd"]
     output: OutputConfig = DistributionConfig(name="fkl")
-    hidden: HiddenConfig | None = HiddenConfig()
+    # standardised: raw MSE against the teacher's outlier dimensions was ~1,300× the KL
+    hidden: HiddenConfig | None = HiddenConfig(metric="zmse")
     attention: AttentionConfig | None = AttentionConfig()
 
 
@@ -108,10 +120,17 @@ class _Divergence(_Tempered):
 
 
 class _DualSpace(_Divergence):
+    """The defaults follow the authors' recipe (songmzhang/DSKD): see `pipeline.train.losses.dskd`."""
+
+    temperature: float = Field(2.0, gt=0)  # the authors' KD temperature, both spaces
+    retemper: bool = True  # τ = 2 against a cache captured at τ = 1: re-temper kept ids + tail
     s2t_weight: float = Field(1.0, ge=0)
     t2s_weight: float = Field(1.0, ge=0)
     t2s_ce_weight: float = Field(1.0, ge=0)
-    t2s_correct_only: bool = True
+    t2s_correct_only: bool = False
+    # (1 - kd_rate) · student CE + kd_rate · KD terms; null = KD terms only (add a `ce` loss yourself)
+    kd_rate: float | None = Field(0.5, ge=0, le=1)
+    projector_warmup_steps: int = Field(0, ge=0)  # train only the projections for this many steps
     teacher_layer: int | None = Field(None, ge=1)  # default: the deepest stored hidden layer
 
 
@@ -126,6 +145,8 @@ class CMAConfig(_DualSpace):
     see `pipeline.train.losses.cross_tokenizer`."""
 
     name: Literal["dskd_cma"]
+    t2s_correct_only: bool = True  # the authors' CMA: t2s KD only where the projected teacher is right
+    target_values: bool = True  # the authors' values: h_t / std + e_t(next) / std
 
 
 class XTokAlignConfig(_Divergence):
@@ -179,7 +200,7 @@ class MixConfig(_Loss):
 
 
 LossConfig = Annotated[
-    DistributionConfig | SampledKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
+    DistributionConfig | SampledKDConfig | HybridKDConfig | CEConfig | HiddenConfig | AttentionConfig | FAKDConfig | DSKDConfig
     | MultiTeacherConfig | AdversarialConfig | CMAConfig | XTokAlignConfig | MixConfig,
     Field(discriminator="name"),
 ]
@@ -188,6 +209,7 @@ MixConfig.model_rebuild()
 LOSS_CONFIGS: dict[str, type[BaseModel]] = {
     **{name: DistributionConfig for name in DIVERGENCE_PARAMS},
     "sampled_kd": SampledKDConfig,
+    "hybrid_kd": HybridKDConfig,
     "ce": CEConfig,
     "hidden": HiddenConfig,
     "attention": AttentionConfig,

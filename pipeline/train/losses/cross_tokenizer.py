@@ -25,13 +25,18 @@ teacher positions.
   embeddings that form queries and keys are detached: only the projections learn the alignment.
   Projections between equal widths start at the identity (`base.projection`): with a student
   whose embeddings start from the teacher's (same text), the first steps already attend from a
-  student token to the teacher tokens of the same text.
+  student token to the teacher tokens of the same text. The config defaults follow the authors'
+  recipe (songmzhang/DSKD, dual_space_kd_with_cross_model_attention.py; see `dskd` for the shared
+  part: kd_rate 0.5 with the student's CE as `cma_ce`, τ = 2, correct-only t2s KD), including their
+  values (`target_values`): the teacher's hidden states and the embeddings of its next tokens, each
+  divided by its tensor-wide std, so the t2s projection sees what it is asked to predict.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +62,7 @@ from pipeline.train.losses.coarse import (
     student_coarse,
     teacher_coarse,
 )
+from pipeline.train.losses.dskd import DualSpaceRecipe
 from pipeline.train.losses.output import TOPK_FIELDS, coarse_pair
 
 XTOK_FIELDS = (*TOPK_FIELDS[:-1], *STORE_FIELDS)
@@ -114,7 +120,8 @@ class CrossModelAttentionKD(KDLoss):
     def __init__(self, teacher_head: Tensor, teacher_embeddings: Tensor, student_width: int, teacher_layer: int,
                  divergence_name: str = "fkl", param: float | None = None, temperature: float = 1.0,
                  teacher_power: float = 1.0, s2t_weight: float = 1.0, t2s_weight: float = 1.0,
-                 t2s_ce_weight: float = 1.0, t2s_correct_only: bool = True):
+                 t2s_ce_weight: float = 1.0, t2s_correct_only: bool = True, kd_rate: float | None = None,
+                 projector_warmup_steps: int = 0, target_values: bool = False):
         super().__init__()
         d_t = int(teacher_head.shape[1])
         self.query = projection(2 * student_width, 2 * d_t)
@@ -129,6 +136,14 @@ class CrossModelAttentionKD(KDLoss):
         self.teacher_power = float(teacher_power)
         self.weights = (float(s2t_weight), float(t2s_weight), float(t2s_ce_weight))
         self.t2s_correct_only = t2s_correct_only
+        self.target_values = bool(target_values)
+        self.recipe = DualSpaceRecipe(kd_rate, projector_warmup_steps)
+
+    def get_extra_state(self) -> Any:
+        return self.recipe.state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self.recipe.load(state)
 
     def attention_scores(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Scores [B, L, T] of student queries against teacher keys, and where a pair may attend."""
@@ -150,9 +165,14 @@ class CrossModelAttentionKD(KDLoss):
         assert student.hidden_states is not None and student.output_head is not None
         scores, allowed = self.attention_scores(student, batch)
         s_head = student.output_head.detach().float()
+        warming = self.recipe.warming(self.training)
 
         # teacher → student: stored teacher hidden states mixed onto student positions
         h_t = batch_field(batch, f"hidden_{self.teacher_layer}", self.label).float()
+        if self.target_values:  # the authors' values: h_t / std + e_t(next token) / std
+            t_valid = batch[TEACHER_PREFIX + "valid"].bool()
+            t_next = _next(self.teacher_embeddings[batch[TEACHER_PREFIX + "input_ids"].long()])
+            h_t = h_t / _global_std(h_t, t_valid) + t_next / _global_std(t_next, t_valid)
         a_t2s = _softmax(scores, allowed)
         t2s_logits = F.linear(a_t2s @ self.t2s(h_t), s_head)[:, :-1]
         labels, mask = label_mask(batch)
@@ -168,16 +188,21 @@ class CrossModelAttentionKD(KDLoss):
 
         # student → teacher: student hidden states mixed onto teacher positions, teacher head
         a_s2t = _softmax(scores.transpose(1, 2), allowed.transpose(1, 2))
-        s2t_logits = F.linear(a_s2t @ self.s2t(student.hidden_states[-1].float()), self.teacher_head)
+        h_s = student.hidden_states[-1].float()
+        s2t_logits = F.linear(a_s2t @ self.s2t(h_s.detach() if warming else h_s), self.teacher_head)
         t_mask = batch[TEACHER_PREFIX + "valid"].bool() & allowed.any(1)
         teacher_view = {**batch, "valid": t_mask}
         lt, ls, live = coarse_pair(s2t_logits, teacher_view, self.temperature, self.teacher_power, self.label)
         s2t = masked_mean(self.divergence(lt, ls, live), t_mask)
 
-        w_s2t, w_t2s, w_ce = self.weights
-        total = w_s2t * s2t + w_t2s * t2s + w_ce * t2s_ce
         parts = {"cma_s2t": s2t, "cma_t2s": t2s, "cma_t2s_ce": t2s_ce}
-        return LossResult(total, {k: v.detach() for k, v in parts.items()})
+        return self.recipe.combine(parts, self.weights, student.logits, batch, warming, "cma_ce")
+
+
+def _global_std(x: Tensor, valid: Tensor) -> Tensor:
+    """One std over every valid position's features (the authors' tensor-wide `.std()`)."""
+    values = x[valid]
+    return values.std().clamp_min(1e-6) if values.numel() > 1 else torch.ones((), device=x.device)
 
 
 def _normalised(x: Tensor) -> Tensor:

@@ -14,9 +14,23 @@ The paper unifies the two models' output spaces with two learned projections:
   the full vocabulary. As in the authors' code, by default only positions where the projected
   teacher predicts the label count for that KD term (`t2s_correct_only`); the others add 0.
 
-total = s2t_weight · s2t + t2s_weight · t2s + t2s_ce_weight · t2s_ce. Projections between equal
-widths start at the identity (`base.projection`). The student's own CE is a
-separate `ce` loss in the mix. The same divergence and temperature τ serve both spaces; in the
+kd = s2t_weight · s2t + t2s_weight · t2s + t2s_ce_weight · t2s_ce. With `kd_rate` (the authors'
+recipe, the config default 0.5) the loss also holds the student's own next-token CE:
+total = (1 - kd_rate) · CE + kd_rate · kd (`dskd_ce` component); with kd_rate None, total = kd and
+the student's CE is a separate `ce` loss in the mix. Projections between equal widths start at the
+identity (`base.projection`).
+
+The recipe of the authors' code (songmzhang/DSKD, code/criterions/dual_space_kd.py and
+scripts/*/dskd_*.sh), which the config defaults follow: kd_rate 0.5, every KD term weight 1, the
+KD temperature 2.0 dividing the student's and the teacher's logits in both spaces (the t2s CE at
+τ = 1), forward KL in the teacher space whatever the divergence of the student space; t2s KD over
+every labelled position for DSKD (correct-only only in the CMA variant). Here τ = 2 re-tempers the
+cached teacher over its kept ids + tail (`retemper`, default true for dual-space losses). Not
+followed: the authors' projectors train at their own learning rate (1e-3 against the student's
+5e-4) and start from a random init; ours share the student's learning rate and start at the
+identity between equal widths. `projector_warmup_steps` (default 0, as in the authors' training
+loop; their code instead offers a projector-only pre-training run) trains only the projections
+for that many training steps: t2s KD off, s2t on detached student hidden states. The same divergence and temperature τ serve both spaces; in the
 teacher space τ follows the rules of the other top-k losses (store capture temperature, or
 `retemper`). Reductions: s2t over valid positions; t2s and t2s_ce over positions with a label
 (valid[t] and valid[t+1], t < T-1).
@@ -25,6 +39,7 @@ teacher space τ follows the rules of the other top-k losses (store capture temp
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +77,8 @@ class DualSpaceKD(KDLoss):
         t2s_weight: float = 1.0,
         t2s_ce_weight: float = 1.0,
         t2s_correct_only: bool = True,
+        kd_rate: float | None = None,
+        projector_warmup_steps: int = 0,
     ):
         super().__init__()
         teacher_width = int(teacher_head.shape[1])
@@ -76,6 +93,13 @@ class DualSpaceKD(KDLoss):
         self.teacher_power = float(teacher_power)
         self.weights = (float(s2t_weight), float(t2s_weight), float(t2s_ce_weight))
         self.t2s_correct_only = t2s_correct_only
+        self.recipe = DualSpaceRecipe(kd_rate, projector_warmup_steps)
+
+    def get_extra_state(self) -> Any:
+        return self.recipe.state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self.recipe.load(state)
 
     def _scaled(self, logits: Tensor) -> Tensor:
         return logits / self.temperature if self.temperature != 1.0 else logits
@@ -85,6 +109,9 @@ class DualSpaceKD(KDLoss):
             require(student, what, self.label)
         assert student.hidden_states is not None and student.output_head is not None
         h_s = student.hidden_states[-1].float()
+        warming = self.recipe.warming(self.training)
+        if warming:
+            h_s = h_s.detach()
 
         # teacher space: student hidden → teacher space → teacher head, KD against the cache
         s2t_logits = F.linear(self.s2t(h_s), self.teacher_head)
@@ -104,7 +131,42 @@ class DualSpaceKD(KDLoss):
             per = torch.where(t2s_logits.detach().argmax(-1) == labels, per, 0.0)
         t2s = masked_mean(per, mask)
 
-        w_s2t, w_t2s, w_ce = self.weights
-        total = w_s2t * s2t + w_t2s * t2s + w_ce * t2s_ce
         parts = {"dskd_s2t": s2t, "dskd_t2s": t2s, "dskd_t2s_ce": t2s_ce}
-        return LossResult(total, {k: v.detach() for k, v in parts.items()})
+        return self.recipe.combine(parts, self.weights, student.logits, batch, warming, "dskd_ce")
+
+
+class DualSpaceRecipe:
+    """What the dual-space losses share: the authors' kd_rate mix with the student's CE, and the
+    projector warm-up (a count of training forwards, kept in the loss's state dict)."""
+
+    def __init__(self, kd_rate: float | None, warmup_steps: int):
+        self.kd_rate = None if kd_rate is None else float(kd_rate)
+        self.warmup_steps = int(warmup_steps)
+        self.steps = 0
+
+    def state(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def load(self, state: Any) -> None:
+        self.steps = int(dict(state).get("steps", 0))
+
+    def warming(self, training: bool) -> bool:
+        """Whether this forward is a warm-up one (counts training forwards with gradients)."""
+        warming = self.steps < self.warmup_steps
+        if training and torch.is_grad_enabled():
+            self.steps += 1
+        return warming
+
+    def combine(self, parts: dict[str, Tensor], weights: tuple[float, float, float], logits: Tensor,
+                batch: Mapping[str, Tensor], warming: bool, ce_label: str) -> LossResult:
+        """parts: s2t, t2s, t2s_ce (in that order) → the weighted total (kd_rate: with the CE)."""
+        (s2t, t2s, t2s_ce), (w_s2t, w_t2s, w_ce) = parts.values(), weights
+        kd = w_s2t * s2t + (0.0 if warming else w_t2s) * t2s + w_ce * t2s_ce
+        components = {k: v.detach() for k, v in parts.items()}
+        if self.kd_rate is None:
+            return LossResult(kd, components)
+        labels, mask = label_mask(batch)
+        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        ce = masked_mean(ce, mask)
+        components[ce_label] = ce.detach()
+        return LossResult((1.0 - self.kd_rate) * ce + self.kd_rate * kd, components)

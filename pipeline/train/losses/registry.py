@@ -39,6 +39,7 @@ from pipeline.train.losses.config import (
     DSKDConfig,
     FAKDConfig,
     HiddenConfig,
+    HybridKDConfig,
     MixConfig,
     MultiTeacherConfig,
     SampledKDConfig,
@@ -48,6 +49,7 @@ from pipeline.train.losses.config import (
 )
 from pipeline.train.losses.cross_tokenizer import XTOK_FIELDS, CrossModelAttentionKD, TokenAlignKD
 from pipeline.train.losses.dskd import DualSpaceKD
+from pipeline.train.losses.hybrid import HYBRID_FIELDS, HybridKDLoss
 from pipeline.train.losses.multi import MultiTeacherLoss, multi_fields, resolve_weights
 from pipeline.train.losses.output import (
     CE_FIELDS,
@@ -136,6 +138,20 @@ def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims 
     return SampledKDLoss(cfg.temperature)
 
 
+def _build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    tail = store.spec.tail_sample
+    if tail is None:  # check_fields has named the missing tail fields already; a bare spec lands here
+        raise LossConfigError("loss 'hybrid_kd' needs a topk_tail_sample store (signals.tail_sample)")
+    if cfg.draws_per_step is not None and cfg.draws_per_step > tail.n_draws:
+        raise LossConfigError(f"loss 'hybrid_kd': draws_per_step {cfg.draws_per_step} > the store's "
+                              f"tail_sample.n_draws {tail.n_draws}")
+    captured = store.spec.topk.temperature if store.spec.topk is not None else 1.0
+    if abs(cfg.temperature - captured) > 1e-12:
+        raise LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
+                              f"temperature {captured} (its tail draws cannot be re-tempered); use temperature {captured}")
+    return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed)
+
+
 def _build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
     return CrossEntropyLoss()
 
@@ -145,7 +161,10 @@ def _build_hidden(cfg: HiddenConfig, store: StoreInfo, student: StudentDims | No
     stored = alignment.stored_layers(store.field_names, "hidden")
     width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
     pairs = alignment.resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "hidden")
-    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width)
+    std = None
+    if cfg.metric == "zmse":
+        std = {layer: s for layer, (_, s) in store.teacher_hidden_stats(cfg.name).items()}
+    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width, std)
 
 
 def _build_attention(cfg: AttentionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
@@ -183,6 +202,7 @@ def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) 
     return DualSpaceKD(
         head, dims.hidden_size, layer, cfg.divergence, cfg.divergence_param, cfg.temperature,
         _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight, cfg.t2s_correct_only,
+        cfg.kd_rate, cfg.projector_warmup_steps,
     )
 
 
@@ -192,7 +212,7 @@ def _build_cma(cfg: CMAConfig, store: StoreInfo, student: StudentDims | None) ->
     return CrossModelAttentionKD(
         head, store.teacher_embeddings(cfg.name), dims.hidden_size, layer, cfg.divergence, cfg.divergence_param,
         cfg.temperature, _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight,
-        cfg.t2s_correct_only,
+        cfg.t2s_correct_only, cfg.kd_rate, cfg.projector_warmup_steps, cfg.target_values,
     )
 
 
@@ -276,6 +296,8 @@ _DIST = {
 REGISTRY: dict[str, LossEntry] = {
     **{name: LossEntry(DistributionConfig, _build_distribution, _topk, text) for name, text in _DIST.items()},
     "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: SAMPLED_FIELDS, "CE against sampled teacher draws (unbiased)"),
+    "hybrid_kd": LossEntry(HybridKDConfig, _build_hybrid, lambda c, n: HYBRID_FIELDS,
+                           "top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient"),
     "ce": LossEntry(CEConfig, _build_ce, lambda c, n: CE_FIELDS, "hard-label next-token cross-entropy"),
     "hidden": LossEntry(HiddenConfig, _build_hidden, lambda c, n: (*alignment.hidden_fields(c.layer_map, n), "valid"), "hidden-state MSE / cosine"),
     "attention": LossEntry(AttentionConfig, _build_attention, lambda c, n: (*alignment.attention_fields(c.layer_map, n), "valid"), "attention KL / MSE"),

@@ -35,6 +35,8 @@ class StoreInfo:
     teacher_specs: tuple[StoreSpec, ...] = ()
     embeddings_loader: Callable[[], Tensor] | None = None  # cross-tokenizer: the teacher's input embeddings
     tokenizer_loader: Callable[[], Any] | None = None  # cross-tokenizer: the store's (teacher's) tokenizer
+    # normalised hidden alignment: {layer: (mean [d], std [d])} of the stored teacher hidden states
+    hidden_stats_loader: Callable[[], dict[int, tuple[Tensor, Tensor]]] | None = None
 
     @classmethod
     def joined(cls, readers: Sequence[Any]) -> StoreInfo:
@@ -55,7 +57,8 @@ class StoreInfo:
             return cls(store, tuple(f.name for f in fields_for_spec(store)))
         if hasattr(store, "read_teacher_tensors"):  # a StoreReader
             return cls(store.spec, tuple(store.field_names), lambda: _head(store), _teacher_layers(store),
-                       embeddings_loader=lambda: _embeddings(store), tokenizer_loader=lambda: _tokenizer(store))
+                       embeddings_loader=lambda: _embeddings(store), tokenizer_loader=lambda: _tokenizer(store),
+                       hidden_stats_loader=lambda: hidden_stats(store))
         if hasattr(store, "spec") and hasattr(store, "fields"):  # a StoreMeta
             return cls(store.spec, tuple(f.name for f in store.fields))
         raise TypeError(f"expected a StoreInfo, StoreReader, StoreMeta or StoreSpec, got {type(store).__name__}")
@@ -65,6 +68,10 @@ class StoreInfo:
 
     def teacher_embeddings(self, label: str) -> Tensor:
         return self._load(self.embeddings_loader, "input embeddings", "embeddings_loader", label)
+
+    def teacher_hidden_stats(self, label: str) -> dict[int, tuple[Tensor, Tensor]]:
+        return self._load(self.hidden_stats_loader, "hidden-state statistics (teacher/hidden_stats.safetensors)",
+                          "hidden_stats_loader", label)
 
     def teacher_tokenizer(self, label: str) -> Any:
         return self._load(self.tokenizer_loader, "tokenizer (teacher/tokenizer/)", "tokenizer_loader", label)
@@ -84,6 +91,32 @@ def _embeddings(reader: Any) -> Tensor:
     """Input embeddings: stored apart only when untied from the head."""
     tied = not reader.location.exists("teacher", "input_embeddings.safetensors")
     return _head(reader) if tied else torch.from_numpy(reader.read_teacher_tensors("input_embeddings")["weight"]).float()
+
+
+STATS_ROWS = 16  # rows of the first shard that stand in when a store has no teacher/hidden_stats
+
+
+def hidden_stats(reader: Any) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per stored hidden layer: the teacher pass's (mean, std) per dimension; for a store written
+    without them (older stores, bench stores), the same statistics of its first shard's rows."""
+    try:
+        raw = reader.read_teacher_tensors("hidden_stats")
+    except (FileNotFoundError, KeyError, OSError, ValueError, LookupError):
+        raw = None
+    layers = reader.spec.hidden.layers if reader.spec.hidden is not None else ()
+    if raw is not None and all(f"std_{layer}" in raw for layer in layers):
+        return {int(L): (torch.from_numpy(raw[f"mean_{L}"]).float(), torch.from_numpy(raw[f"std_{L}"]).float()) for L in layers}
+    shards = reader.shard_ids()
+    if not shards:
+        raise LossConfigError(f"store {reader.location.url!r} has no hidden statistics and no shard to compute them from")
+    names = [f"hidden_{L}" for L in layers]
+    rows = reader.read_shard(shards[0], [*names, "valid"])
+    valid = rows["valid"][:STATS_ROWS].astype(bool)
+    out = {}
+    for layer, name in zip(layers, names, strict=True):
+        h = torch.from_numpy(rows[name][:STATS_ROWS][valid]).double()
+        out[int(layer)] = (h.mean(0).float(), h.std(0, correction=0).float())
+    return out
 
 
 def _tokenizer(reader: Any) -> Any:

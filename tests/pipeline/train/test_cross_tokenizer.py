@@ -304,6 +304,30 @@ def test_cross_model_attention_stays_inside_documents_and_trains_its_projections
     assert hidden.grad.abs().sum() > 0
 
 
+def test_cross_model_attention_authors_recipe_values_and_student_ce():
+    """The authors' values (h_t / std + next-token teacher embeddings / std) and kd_rate: the total
+    is (1 - kd_rate) · student CE + kd_rate · (s2t + t2s + t2s_ce)."""
+    torch.manual_seed(1)
+    B, L, T, Vs, Vt, ds, dt = 2, 5, 6, 9, 12, 8, 10
+    batch = _crafted(2)
+    batch.update(
+        input_ids=torch.randint(0, Vs, (B, L)), doc_ids=torch.zeros(B, L, dtype=torch.long),
+        teacher_input_ids=torch.randint(0, Vt, (B, T)), teacher_valid=torch.ones(B, T, dtype=torch.bool),
+        teacher_doc_ids=torch.zeros(B, T, dtype=torch.long), hidden_2=100 * torch.randn(B, T, dt))
+    emb = torch.randn(Vt, dt)
+    plain = CrossModelAttentionKD(torch.randn(Vt, dt), emb, ds, 2)
+    recipe = CrossModelAttentionKD(plain.teacher_head, emb, ds, 2, kd_rate=0.5, target_values=True)
+    recipe.load_state_dict(plain.state_dict())
+    head = torch.randn(Vs, ds)
+    hidden = torch.randn(B, L, ds)
+    student = StudentOutputs(hidden @ head.T, (hidden, hidden), None, head)
+    a, b = plain(student, batch), recipe(student, batch)
+    assert b.components["cma_t2s_ce"] != a.components["cma_t2s_ce"]  # other values: the next-token embeddings
+    c = b.components
+    torch.testing.assert_close(b.total, 0.5 * c["cma_ce"] + 0.5 * (c["cma_s2t"] + c["cma_t2s"] + c["cma_t2s_ce"]))
+    assert torch.isfinite(b.total)
+
+
 def test_cross_model_attention_all_padding_is_zero():
     B, L, T, Vs, Vt, ds, dt = 1, 3, 4, 5, 12, 4, 6
     batch = _crafted(3, B=1, L=3, T=4)

@@ -58,9 +58,16 @@ def test_components_finite_and_projections_learn():
     assert isinstance(loss, DualSpaceKD) and loss.teacher_layer == LAYERS
     assert loss.fields == ("topk_ids", "topk_logp", "topk_tail", f"hidden_{LAYERS}", "input_ids", "valid")
     result = loss(student, batch)
-    assert set(result.components) == {"dskd_s2t", "dskd_t2s", "dskd_t2s_ce"}
+    assert set(result.components) == {"dskd_s2t", "dskd_t2s", "dskd_t2s_ce", "dskd_ce"}
     assert all(torch.isfinite(v) for v in result.components.values())
-    torch.testing.assert_close(result.total, sum(result.components.values()))
+    c = result.components  # the authors' recipe: (1 - kd_rate) CE + kd_rate (s2t + t2s + t2s_ce), kd_rate 0.5
+    torch.testing.assert_close(result.total, 0.5 * c["dskd_ce"] + 0.5 * (c["dskd_s2t"] + c["dskd_t2s"] + c["dskd_t2s_ce"]))
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["valid"][:, :-1] & batch["valid"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(student.logits[:, :-1][mask], labels[mask])
+    torch.testing.assert_close(c["dskd_ce"], ce.detach())
+    kd_only = build_loss({"name": "dskd", "kd_rate": None}, store(), StudentDims(2, D_S))(student, batch)
+    torch.testing.assert_close(kd_only.total, sum(kd_only.components.values()))
     result.total.backward()
     named = dict(loss.named_parameters())
     assert set(named) == {"s2t.weight", "s2t.bias", "t2s.weight", "t2s.bias"}  # the teacher head is a buffer
@@ -71,14 +78,15 @@ def test_components_finite_and_projections_learn():
 
 def test_student_head_is_detached_in_the_t2s_branch():
     batch, student, head = make()
-    loss = build_loss({"name": "dskd", "s2t_weight": 0, "t2s_weight": 0}, store(), StudentDims(2, D_S))
+    loss = build_loss({"name": "dskd", "s2t_weight": 0, "t2s_weight": 0, "kd_rate": None}, store(), StudentDims(2, D_S))
     loss(student, batch).total.backward()  # only t2s CE: trains the projection, not the student head
     assert head.grad is None or (head.grad == 0).all()
     assert loss.t2s.weight.grad.abs().sum() > 0
 
 
 def test_identity_setup_s2t_equals_plain_kd():
-    """Same width, projection = identity, teacher head = student head → s2t KD == fkl on the student."""
+    """Same width, projection = identity, teacher head = student head → s2t KD == fkl on the student
+    (at the recipe's τ = 2: the re-tempered cached teacher, power τc/τ = 0.5)."""
     batch, student, head = make(d_s=D_T, seed=1)
     w = head.detach().clone()
     loss = build_loss({"name": "dskd"}, store(head=w), StudentDims(2, D_T))
@@ -86,14 +94,17 @@ def test_identity_setup_s2t_equals_plain_kd():
         loss.s2t.weight.copy_(torch.eye(D_T))
         loss.s2t.bias.zero_()
     got = loss(student, batch).components["dskd_s2t"]
-    want = DistributionLoss("fkl")(student, batch).total
+    want = DistributionLoss("fkl", temperature=2.0, teacher_power=0.5)(student, batch).total
     torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("correct_only", [True, False])
-def test_t2s_terms_match_manual(correct_only):
+@pytest.mark.parametrize(("correct_only", "tau"), [(True, 1.0), (False, 1.0), (False, 2.0)])
+def test_t2s_terms_match_manual(correct_only, tau):
+    """t2s CE at τ = 1; t2s KD between the student and the projected teacher, both at τ (the
+    authors' code divides both logits by the KD temperature)."""
     batch, student, _ = make(seed=2)
-    loss = build_loss({"name": "dskd", "divergence": "rkl", "t2s_correct_only": correct_only}, store(), StudentDims(2, D_S))
+    loss = build_loss({"name": "dskd", "divergence": "rkl", "t2s_correct_only": correct_only, "temperature": tau},
+                      store(), StudentDims(2, D_S))
     z = (loss.t2s(batch[f"hidden_{LAYERS}"]) @ student.output_head.T).detach()
     right = torch.zeros(B, T - 1, dtype=torch.bool)
     right[:, ::2] = True  # the projected teacher predicts the label at even positions only
@@ -105,12 +116,29 @@ def test_t2s_terms_match_manual(correct_only):
         for t in range(T - 1):
             if not (batch["valid"][b, t] and batch["valid"][b, t + 1]):
                 continue
-            lp, lq = torch.log_softmax(z[b, t], -1), torch.log_softmax(student.logits[b, t], -1)
-            ce_terms.append(-lp[labels[b, t]])
+            ce_terms.append(-torch.log_softmax(z[b, t], -1)[labels[b, t]])
+            lp, lq = torch.log_softmax(z[b, t] / tau, -1), torch.log_softmax(student.logits[b, t] / tau, -1)
             kd = (lq.exp() * (lq - lp)).sum()  # rkl(target, student) = KL(student ‖ target)
             kd_terms.append(kd if (right[b, t] or not correct_only) else kd * 0)
     torch.testing.assert_close(result.components["dskd_t2s_ce"], torch.stack(ce_terms).mean().detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(result.components["dskd_t2s"], torch.stack(kd_terms).mean().detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_projector_warmup_trains_only_the_projections():
+    """For projector_warmup_steps training forwards the student gets only its CE (t2s KD off, s2t on
+    detached hidden states); then the full loss; the count survives the state dict."""
+    batch, student, head = make()
+    cfg = {"name": "dskd", "projector_warmup_steps": 1, "kd_rate": None, "t2s_ce_weight": 0}
+    loss = build_loss(cfg, store(), StudentDims(2, D_S))
+    loss(student, batch).total.backward()
+    grad = student.hidden_states[-1].grad
+    assert (grad is None or not grad.any()) and loss.s2t.weight.grad.abs().sum() > 0
+    assert loss.state_dict()["_extra_state"] == {"steps": 1}
+    resumed = build_loss(cfg, store(), StudentDims(2, D_S))
+    resumed.load_state_dict(loss.state_dict())
+    batch, student, head = make()
+    resumed(student, batch).total.backward()
+    assert student.hidden_states[-1].grad.abs().sum() > 0
 
 
 def test_dskd_all_padding_is_zero():

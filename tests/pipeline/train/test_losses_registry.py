@@ -38,7 +38,7 @@ from pipeline.train.losses import (
 V, T = 40, 6
 TOPK = StoreSpec(vocab_size=V, row_length=T, shard_rows=2, topk=TopKSpec(k=4, logp_step=0))
 SAMPLED = StoreSpec(vocab_size=V, row_length=T, shard_rows=2, sampled=SampledSpec(n_draws=4))
-ALL_NAMES = ["adversarial", "akl", "attention", "ce", "dskd", "dskd_cma", "fakd", "fkl", "hidden", "js", "mix", "multi_teacher",
+ALL_NAMES = ["adversarial", "akl", "attention", "ce", "dskd", "dskd_cma", "fakd", "fkl", "hidden", "hybrid_kd", "js", "mix", "multi_teacher",
              "rkl", "sampled_kd", "skl", "srkl", "tvd", "xtok_align"]
 
 

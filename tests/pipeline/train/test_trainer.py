@@ -364,7 +364,7 @@ def test_feature_alignment_trains(store, tiny_teacher_dir, tmp_path):
     trainer, before, after = _train_watching_loss_params(cfg)
     assert trainer.student.model.config._attn_implementation == "eager"  # attention maps need eager
     log = _log(tmp_path / "run")
-    assert len(log) == 3 and all(math.isfinite(e[k]) for e in log for k in ("hidden_mse", "attn_kl", "fkl", "loss"))
+    assert len(log) == 3 and all(math.isfinite(e[k]) for e in log for k in ("hidden_zmse", "attn_kl", "fkl", "loss"))
     assert all(not torch.equal(before[k], after[k]) for k in before)
     state = _checkpoint(tmp_path / "run")["loss"]
     assert any(".projections." in k for k in state)  # saved with the checkpoint
@@ -388,7 +388,7 @@ def test_online_teacher_runs_with_alignment_losses(store, tiny_teacher_dir, tmp_
                losses=[{"name": "fakd"}])
     train(cfg, progress=False)
     log = _log(tmp_path / "run")
-    assert len(log) == 2 and all(math.isfinite(e[k]) for e in log for k in ("hidden_mse", "attn_kl", "fkl"))
+    assert len(log) == 2 and all(math.isfinite(e[k]) for e in log for k in ("hidden_zmse", "attn_kl", "fkl"))
 
 
 def test_online_full_logits_trains_and_needs_an_online_teacher(store, tiny_teacher_dir, tmp_path):

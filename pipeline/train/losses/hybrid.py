@@ -1,0 +1,161 @@
+"""The hybrid sparsifier's loss (`hybrid_kd`): the exact top-k head plus sampled tail draws.
+
+A `topk_tail_sample` store keeps per position the exact top-k head (ids, log-probs over the full
+vocabulary, tail mass P_T, as a top-k store) and N draws from the teacher's tail distribution
+r_i = p_i / P_T over the ids the head does not keep (`tail_ids` + `tail_counts`). Forward KL splits
+exactly into the coarsened divergence over the head + one tail bucket (`coarse`, exact) and the
+inside of the tail, weighted by its mass:
+
+    KL(p ‖ q) = KL_coarse(p ‖ q) + P_T · KL(r ‖ s),     s_i = q_i / Q_T (the student's tail, renormalised)
+
+The draws give an unbiased estimate of the student-dependent part of the inside,
+E_{i~r}[-log s_i] = CE(r, s) = KL(r ‖ s) + H(r), so
+
+    loss = KL_coarse + P_T · Σ_j w_j (-log s_{id_j}),      E[loss] = KL(p ‖ q) + P_T · H(r)
+
+Its expectation (and that of its gradient) is the dense forward KL up to P_T·H(r), a constant of
+the teacher (the tail's entropy is not stored): like `sampled_kd`, the value sits above the KL;
+the gradient is unbiased for the dense one. Forward KL only (draws come from the teacher, so only
+expectations under p can be estimated). With k = V there is no tail and the loss is the dense KL.
+
+Reuse of fixed draws over epochs: the draws are fixed in the cache, so every epoch would see the
+same noisy target. With `draws_per_step` = m < N stored draws, each position uses m of its N draws
+per epoch: a fixed seeded permutation of its N draws (keyed by seed, sample id, position), read as a
+ring, epoch e taking slots e·m .. e·m+m-1 (mod N); the first N // m epochs see disjoint, hence
+independent, draws. The epoch of a row is the batch's `epoch` field when present, else the number
+of times this loss has trained on that sample id (saved in the loss's state dict, so a resumed run
+continues the rotation). See bench/hybrid_draws.py for the measured bias/variance of both.
+
+τ: the draws were taken at the top-k capture temperature, so `temperature` must equal it
+(re-tempering a sampled tail is not possible). Reduction: mean over valid positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.train.losses.base import (
+    KDLoss,
+    LossResult,
+    StudentOutputs,
+    batch_field,
+    compute_dtype,
+    kd_mask,
+    masked_mean,
+)
+from pipeline.train.losses.coarse import dense_log_probs, fkl
+from pipeline.train.losses.output import TEACHER_LOGP, TOPK_FIELDS, coarse_pair
+
+HYBRID_FIELDS = (*TOPK_FIELDS[:-1], "tail_ids", "tail_counts", "valid")
+
+
+class TailDrawError(ValueError):
+    """The tail draws of a batch are not what a `topk_tail_sample` store holds (a draw on a kept id,
+    negative counts, more draws than the store's n_draws); names the sample ids."""
+
+
+class HybridKDLoss(KDLoss):
+    label = "hybrid_kd"
+    fields = HYBRID_FIELDS
+
+    def __init__(self, stored_draws: int, temperature: float = 1.0, draws_per_step: int | None = None, seed: int = 0):
+        super().__init__()
+        self.stored_draws = int(stored_draws)
+        self.temperature = float(temperature)
+        self.draws_per_step = None if draws_per_step is None or draws_per_step >= stored_draws else int(draws_per_step)
+        self.seed = int(seed)
+        self.visits: dict[int, int] = {}
+
+    # the rotation's per-sample epoch counter travels with the loss's state dict (checkpoints)
+    def get_extra_state(self) -> Any:
+        return {"visits": dict(self.visits)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.visits = {int(k): int(v) for k, v in dict(state.get("visits", {})).items()}
+
+    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        logits = student.logits
+        mask = kd_mask(batch)
+        if TEACHER_LOGP in batch:  # online full-logit KD: the dense forward KL (k = V)
+            dtype = compute_dtype(logits)
+            dense = fkl(batch[TEACHER_LOGP].to(dtype), dense_log_probs(logits, self.temperature, dtype), None)
+            return self.result(masked_mean(dense, mask))
+        lt, ls, live = coarse_pair(logits, batch, self.temperature, 1.0, self.label)
+        head = fkl(lt, ls, live)
+        ids = batch_field(batch, "tail_ids", self.label).long()
+        counts = batch_field(batch, "tail_counts", self.label).long()
+        self._check(batch, ids, counts)
+        dtype = lt.dtype
+        weights, ids = self._weights(batch, ids, counts.to(dtype))  # [B,T,S] draw weights summing to 1 (or 0)
+        s = logits.to(dtype)
+        if self.temperature != 1.0:
+            s = s / self.temperature
+        log_q = s.gather(-1, ids) - torch.logsumexp(s, dim=-1, keepdim=True)
+        log_s = log_q - ls[..., -1:]  # renormalised over the student's tail
+        has_tail = live[..., -1] & (weights.sum(-1) > 0)
+        p_tail = torch.where(has_tail, lt[..., -1].exp(), 0.0)
+        inside = -(torch.where(weights > 0, weights * log_s, 0.0)).sum(-1)
+        value = head + p_tail * torch.where(has_tail, inside, 0.0)
+        return self.result(masked_mean(value, mask))
+
+    def _check(self, batch: Mapping[str, Tensor], ids: Tensor, counts: Tensor) -> None:
+        drawn = counts > 0
+        kept = torch.isfinite(batch["topk_logp"])
+        on_kept = ((ids[..., :, None] == batch["topk_ids"].long()[..., None, :]) & kept[..., None, :]).any(-1) & drawn
+        problems = {
+            "tail draws on kept (top-k) ids": on_kept.any(-1),
+            "negative tail counts": (counts < 0).any(-1),
+            f"more than the store's {self.stored_draws} tail draws": counts.sum(-1) > self.stored_draws,
+        }
+        for what, bad in problems.items():
+            if bool(bad.any()):
+                rows = bad.any(-1).nonzero().flatten().tolist()
+                where = batch["sample_id"][rows].tolist() if "sample_id" in batch else rows
+                raise TailDrawError(f"loss {self.label!r}: {what} at sample ids {where} "
+                                    "(tail_ids/tail_counts must come from the same topk_tail_sample store row as topk_ids)")
+
+    def _weights(self, batch: Mapping[str, Tensor], ids: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Per draw (unique id) weights: c_i / n, or the epoch's m-draw window of each position."""
+        total = counts.sum(-1, keepdim=True)
+        if self.draws_per_step is None:
+            return torch.where(total > 0, counts / total.clamp_min(1), 0.0), ids
+        m, n = self.draws_per_step, self.stored_draws
+        # expand unique ids + counts into n draw slots (sorted by id; slot j < total holds a draw)
+        slots = torch.arange(n, device=ids.device).expand(*ids.shape[:-1], n).contiguous()
+        owner = torch.searchsorted(counts.long().cumsum(-1).contiguous(), slots, right=True)
+        slot_ids = ids.gather(-1, owner.clamp_max(ids.shape[-1] - 1))
+        total = total.long()
+        filled = slots < total
+        rank = self._ranks(batch, ids.shape[0], ids.shape[1], n, ids.device)  # [B,T,n] a permutation of 0..n-1
+        epoch = self._epochs(batch).to(ids.device)[:, None, None]
+        ring = total.clamp_min(1)
+        # rank among the filled slots: filled slots keep their relative order in the permutation
+        order = torch.where(filled, rank, n + rank)
+        pos = order.argsort(-1).argsort(-1)
+        chosen = filled & (((pos - epoch * m) % ring) < torch.minimum(total, torch.tensor(m, device=ids.device)))
+        used = chosen.sum(-1, keepdim=True)
+        return torch.where(chosen, 1.0 / used.clamp_min(1).to(counts.dtype), 0.0), slot_ids
+
+    def _ranks(self, batch: Mapping[str, Tensor], rows: int, length: int, n: int, device: torch.device) -> Tensor:
+        sample_ids = batch_field(batch, "sample_id", self.label).tolist()
+        out = []
+        for sid in sample_ids:
+            digest = hashlib.sha256(f"hybrid:{self.seed}:{int(sid)}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            out.append(torch.rand(length, n, generator=g).argsort(-1))
+        return torch.stack(out).to(device) if out else torch.zeros(rows, length, n, dtype=torch.long, device=device)
+
+    def _epochs(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if "epoch" in batch:
+            return batch["epoch"].long().reshape(-1).expand(len(batch["sample_id"])).cpu()
+        sample_ids = [int(s) for s in batch_field(batch, "sample_id", self.label).tolist()]
+        epochs = torch.tensor([self.visits.get(s, 0) for s in sample_ids], dtype=torch.long)
+        if self.training and torch.is_grad_enabled():
+            for s in sample_ids:
+                self.visits[s] = self.visits.get(s, 0) + 1
+        return epochs
