@@ -58,9 +58,10 @@ def dask_cluster(tmp_path):
         return proc
 
     start(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "scheduler")
+    preload = str(Path(__file__).with_name("dask_preload.py"))
     workers = [start(["worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-                      "--name", f"w{i}", "--preload", str(Path(__file__).with_name("dask_preload.py"))], f"worker{i}")
-               for i in range(2)]
+                      "--name", f"w{i}", "--local-directory", str(tmp_path / f"dask{i}"), "--preload", preload],
+                     f"worker{i}") for i in range(2)]
     try:
         server.start()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
