@@ -65,9 +65,26 @@ def task_runner_for(cfg: CacheConfig):
 
         if r.dask_address:
             return DaskTaskRunner(address=r.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": r.workers, "threads_per_worker": 1, "processes": True})
+        # the workers report to this process's Prefect server (without it each would start its own)
+        env = {"PREFECT_API_URL": prefect_api_url()}
+        return DaskTaskRunner(cluster_kwargs={"n_workers": r.workers, "threads_per_worker": 1, "processes": True,
+                                              "env": env})
     # At least two threads so a shard's write overlaps the next shard's forward pass.
     return ThreadPoolTaskRunner(max_workers=max(2, r.workers))
+
+
+def prefect_api_url() -> str:
+    """PREFECT_API_URL, else the URL of this process's temporary server (started when not yet up),
+    the one Prefect itself would use for a flow here."""
+    from prefect.settings import PREFECT_API_URL
+
+    if url := PREFECT_API_URL.value():
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
 
 
 def cache_teacher(config: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,7 @@ _SHARD_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 TMP_PREFIX = ".tmp-"
 QUARANTINE_PREFIX = ".corrupt-"
 RETIRED_PREFIX = ".retired-"
+LOCAL_STAGE_PREFIX = "kdcache-stage@"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class StoreWriter:
             path = self.location.local_path(SHARDS_DIR, name)
             path.mkdir(parents=True)
             return path
-        return Path(tempfile.mkdtemp(prefix=f"kdcache-{shard_id}-"))
+        # object stores stage locally; the pid in the name lets cleanup_stale remove a killed writer's
+        return Path(tempfile.mkdtemp(prefix=f"{LOCAL_STAGE_PREFIX}{os.getpid()}@{shard_id}@"))
 
     def _record(
         self, shard_id: str, stage: Path, rows: Mapping[str, np.ndarray], n_rows: int, meta: Mapping[str, Any]
@@ -198,6 +200,8 @@ class StoreWriter:
             if _is_dead_local_writer(name, host) or _age_s(self.location, path) > max_age_s:
                 self.location.fs.rm(path, recursive=True)
                 removed.append(name)
+        if not self.location.is_local:
+            removed += _remove_dead_local_stages()
         return removed
 
     # ------------------------------------------------------------ teacher tensors
@@ -274,6 +278,27 @@ def _is_dead_local_writer(name: str, host: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _remove_dead_local_stages() -> list[str]:
+    """Local staging dirs (object-store writes) of writer processes on this host that are gone."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{LOCAL_STAGE_PREFIX}*"):
+        pid = path.name[len(LOCAL_STAGE_PREFIX):].split("@", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _age_s(location: Location, path: str) -> float:

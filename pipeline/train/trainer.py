@@ -2,8 +2,9 @@
 
 No teacher in memory (unless `online_teacher` asks for the online-KD baseline, which feeds the
 same losses from live teacher outputs: `online_teacher`). Under `torchrun` each rank streams its
-own part of the store (DDP, or FSDP2 with `parallel: fsdp`: `fsdp`). The config is `train_config`, checkpoints are `checkpoint`, the
-step log is `train_log`; this module builds a run and takes its steps.
+own part of the store (DDP, or FSDP2 with `parallel: fsdp`: `fsdp`). The config is
+`train_config`, checkpoints are `checkpoint`, the step log is `train_log`; this module builds a
+run and takes its steps.
 """
 
 from __future__ import annotations

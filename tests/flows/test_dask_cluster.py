@@ -58,9 +58,10 @@ def dask_cluster(tmp_path):
         return proc
 
     start(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "scheduler")
+    preload = str(Path(__file__).with_name("dask_preload.py"))
     workers = [start(["worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-                      "--name", f"w{i}", "--preload", str(Path(__file__).with_name("dask_preload.py"))], f"worker{i}")
-               for i in range(2)]
+                      "--name", f"w{i}", "--local-directory", str(tmp_path / f"dask{i}"), "--preload", preload],
+                     f"worker{i}") for i in range(2)]
     try:
         server.start()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
@@ -89,6 +90,19 @@ def _config(store: Path, teacher: Path, **over) -> dict:
 def _commits(url: str) -> dict[str, dict]:
     reader = StoreReader(url)
     return {sid: {k: (v.bytes, v.sha256) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
+
+
+def _task_run_states() -> list[str]:
+    """States of the cache-shard task runs of the latest cache-teacher flow run, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowRunFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_filter=FlowFilter(name={"any_": ["cache-teacher"]}),
+                                    sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+    return [r.state.type.value for r in runs if r.name.startswith("cache-shard")]
 
 
 def _kill_first_writer(shards: Path, pids: set[int], stop: threading.Event, killed: list) -> None:
@@ -128,6 +142,7 @@ def test_flow_on_a_dask_cluster_survives_a_killed_worker(dask_cluster, tmp_path,
     planned = summary["shards"]
     assert summary["shards_computed"] == planned > 2 and shard in StoreReader(str(store)).shard_ids()
     assert not list((store / "shards").glob(".corrupt-*"))  # nothing was committed twice over another commit
+    assert sorted(_task_run_states()) == ["COMPLETED"] * planned  # the workers reported to the flow's server
 
     straight = tmp_path / "straight.yaml"
     straight.write_text(yaml.safe_dump(_config(tmp_path / "straight", tiny_teacher_dir)))

@@ -163,9 +163,16 @@ def test_pass_killed_mid_upload_resumes_with_nothing_lost_or_doubled(s3, tmp_pat
     assert partial not in StoreReader(url).shard_ids()
     committed_before = _commits(url)
     assert committed_before
+    import tempfile
+
+    from kdstore.writer import LOCAL_STAGE_PREFIX
+
+    stages = list(Path(tempfile.gettempdir()).glob(f"{LOCAL_STAGE_PREFIX}{proc.pid}@*"))
+    assert stages  # the killed writer's local staging dir (object stores stage locally) ...
 
     assert main(["cache", str(cfg), "--no-flow"]) == 0  # resume in this process
     assert main(["verify", url]) == 0
+    assert not any(p.exists() for p in stages)  # ... removed by the resumed pass
     after = _commits(url)
     for sid, files in committed_before.items():
         assert after[sid] == files  # committed shards were not recomputed or rewritten

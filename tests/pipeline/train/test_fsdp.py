@@ -107,3 +107,29 @@ def test_fsdp_two_cpu_ranks_resume_bitwise(store, tiny_teacher_dir, tmp_path):
     assert first["loss"] > 0
     assert (tmp_path / "a" / "model" / "config.json").is_file()  # gathered and saved by rank 0
 
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import ConfigError
+    from pipeline.train.fsdp import shard_student
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+
+    class HeadLoss(torch.nn.Module):
+        needs = ("logits", "output_head")
+
+    class ProjectedLoss(torch.nn.Module):
+        needs = ("hidden_states",)
+
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match="output head"):
+        shard_student(model, HeadLoss())
+    with pytest.raises(ConfigError, match="parameters of their own"):
+        shard_student(model, ProjectedLoss())
+    with pytest.raises(ConfigError, match="no decoder layer class"):
+        shard_student(torch.nn.Linear(2, 2), torch.nn.Module())
