@@ -24,7 +24,7 @@ from pipeline.config import CacheConfig
 
 # Compressed/raw size of each stored field, measured on the offline teacher by bench/store.py
 # (top-k 64, pydoc text); used only for the estimate that `kdcache plan` prints.
-COMPRESSION_ESTIMATE = {"topk_ids": 0.9, "topk_logp": 0.25, "topk_tail": 0.95, "tokens": 0.4, "draws": 0.6, "tail_draws": 0.6,
+COMPRESSION_ESTIMATE = {"topk_ids": 0.9, "topk_logp": 0.25, "topk_tail": 0.95, "tokens": 0.4, "draws": 0.6, "tail_draws": 0.72,
                         "hidden": 0.93, "attn": 0.4, "text": 0.35, "loss_mask": 0.05}
 CHARS_PER_TOKEN = 4.0  # English prose, the teacher's BPE: the stored text's raw size
 
@@ -137,8 +137,10 @@ def field_bytes_per_token(spec: StoreSpec) -> tuple[dict[str, float], dict[str, 
             size = CHARS_PER_TOKEN  # one string per row, about this many UTF-8 bytes per token
         else:
             size = per_row * np.dtype(f.stored_dtype).itemsize / spec.row_length
-        if f.name in ("draw_ids", "draw_counts", "tail_ids", "tail_counts"):
-            size = size * 0.5 + (1.0 if f.name in ("draw_ids", "tail_ids") else 0.0)  # ~half the draws are unique
+        if f.name in ("draw_ids", "draw_counts"):
+            size = size * 0.5 + (1.0 if f.name == "draw_ids" else 0.0)  # ~half the draws are unique
+        if f.name == "tail_ids":  # a flat tail: nearly every tail draw is unique (bench/store.py)
+            size += 1.0  # ~half the draws are unique
         if spec.hidden is not None and spec.hidden.dtype == "int8" and f.name.startswith("hidden_"):
             size += 2.0  # the float16 per-token scale
         raw[f.group] = raw.get(f.group, 0.0) + size

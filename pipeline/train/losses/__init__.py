@@ -27,7 +27,7 @@ Building::
       - {name: hidden, weight: 0.1, metric: cosine, layer_map: [[2, 4], [4, 8]]}
 
 Registry names: fkl, rkl, js, skl, srkl, tvd, akl (top-k stores), sampled_kd (sampled stores),
-ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix,
+hybrid_kd (topk_tail_sample stores: exact top-k head + tail draws, see `hybrid`), ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix,
 multi_teacher (several stores joined by sample id: teacher i's fields are `t<i>/<field>`; build
 it with `StoreInfo.joined(readers)`), and adversarial (a discriminator with its own optimizer:
 call `auxiliary_steps(auxiliary_losses(loss), student, batch)` before the loss each step, and
