@@ -12,16 +12,21 @@ from typing import Any
 import torch
 
 from kdstore.spec import StoreSpec
-from pipeline.capture.teacher_pass import extract_signals
+from pipeline.capture.model_head import fusable_head
+from pipeline.capture.teacher_pass import chunked_logits, extract_signals
 from pipeline.train.losses.output import TEACHER_LOGP
 
 
 def online_teacher_fields(teacher: Any, spec: StoreSpec, input_ids: torch.Tensor, full_logits: bool) -> dict[str, torch.Tensor]:
+    model = teacher.model
+    # as the teacher pass does: the head per chunk of tokens, unless whole logits are wanted
+    chunked = not full_logits and (spec.topk is not None or spec.sampled is not None) and fusable_head(model) is None
     with torch.inference_mode():
-        result = teacher.model(input_ids=input_ids.to(teacher.device), use_cache=False,
-                               output_hidden_states=spec.hidden is not None,
-                               output_attentions=spec.attention is not None)
-        arrays = extract_signals(result, spec, None)
+        result = (model.get_decoder() if chunked else model)(
+            input_ids=input_ids.to(teacher.device), use_cache=False, output_hidden_states=spec.hidden is not None,
+            output_attentions=spec.attention is not None)
+        logits = chunked_logits(result.last_hidden_state, model.get_output_embeddings().weight) if chunked else None
+        arrays = extract_signals(result, spec, None, logits)
         captured = spec.topk.temperature if spec.topk is not None else 1.0
         full = torch.log_softmax(result.logits.float() / captured, dim=-1) if full_logits else None
     fields = {k: torch.from_numpy(v) for k, v in arrays.items()}  # outside inference mode: autograd may save them
