@@ -335,8 +335,10 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     samples: list[dict[str, str]] = []
     if cfg.generation is not None and store_names:
         if progress:
-            progress(f"greedy continuations of {cfg.generation.prompts} held-out prompts "
-                     f"({cfg.generation.prompt_tokens} + {cfg.generation.new_tokens} tokens)")
+            what = "replies to" if reader.spec.loss_mask else "continuations of"
+            progress(f"greedy {what} {cfg.generation.prompts} held-out prompts "
+                     f"({'up to ' if reader.spec.loss_mask else ''}{cfg.generation.prompt_tokens} + "
+                     f"{cfg.generation.new_tokens} tokens)")
         if reader.spec.loss_mask:
             scores, samples = chat_generation(reader, {n: models[n] for n in store_names}, store_tokenizer,
                                               cfg.generation, device)

@@ -21,7 +21,7 @@ from kdstore.join import check_aligned
 from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
 from pipeline.capture.model_head import LastHidden, fusable_head
-from pipeline.config import parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.train.checkpoint import CHECKPOINT, Resumable, load_checkpoint, save_checkpoint
 from pipeline.train.cross_tokenizer import STORE_FIELDS, retokenizer
 from pipeline.train.fsdp import save_sharded_student, shard_student
@@ -261,11 +261,11 @@ def check_loss_masks(reader: StoreReader, extra: list[StoreReader], cross: bool)
     a join of stores that disagree on having one."""
     if not reader.spec.loss_mask:
         if masked := [r.location.url for r in extra if r.spec.loss_mask]:
-            raise ValueError(f"store {masked[0]!r} has a chat loss_mask but the primary store {reader.location.url!r} "
+            raise ConfigError(f"store {masked[0]!r} has a chat loss_mask but the primary store {reader.location.url!r} "
                              "has none: list the chat store first so its mask applies to every teacher")
         return
     if cross:
-        raise ValueError(f"store {reader.location.url!r} is a chat store (a loss_mask over assistant tokens): a student "
+        raise ConfigError(f"store {reader.location.url!r} is a chat store (a loss_mask over assistant tokens): a student "
                          "with its own tokenizer cannot carry that mask over; use the teacher's tokenizer")
 
 
