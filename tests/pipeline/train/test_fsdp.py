@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from short_docs import cache_short_docs, write_short_docs
 
-from pipeline.capture.teacher_pass import run_cache
-from pipeline.config import CacheConfig, parse_config
 from pipeline.train.checkpoint import CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[3]
@@ -56,17 +54,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_teacher_dir) -> str:
     root = tmp_path_factory.mktemp("fsdp_store")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(1)
-    words = "a sharded student learns from cached teachers on two ranks of one small machine".split()
-    for i in range(2):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(150)) + ".")
-    cfg = parse_config({"store": str(root / "store"), "teacher": {"name": str(tiny_teacher_dir), "batch_size": 4},
-                        "corpus": {"kind": "files", "paths": [str(corpus)]}, "row_length": 32, "shard_rows": 4,
-                        "split": "all", "signals": {"topk": {"k": 8}}}, CacheConfig)
-    run_cache(cfg, progress=None)
-    return str(root / "store")
+    return str(cache_short_docs(root / "store", tiny_teacher_dir, write_short_docs(root), split="all"))
 
 
 def _log(out: Path) -> list[dict]:

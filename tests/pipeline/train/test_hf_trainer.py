@@ -4,15 +4,13 @@ kdcache's trainer on the same student, batches and loss; `StoreRows` is the stor
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from short_docs import cache_short_docs, write_short_docs
 
 from kdstore.reader import StoreReader
-from pipeline.capture.teacher_pass import run_cache
-from pipeline.config import CacheConfig, parse_config
 from pipeline.train.hf_trainer import KDCollator, KDTrainer, StoreRows, kd_fields
 from pipeline.train.losses import LossConfigError, MissingLossFieldError
 from pipeline.train.student import StudentConfig, build_student
@@ -24,17 +22,7 @@ LOSSES = [{"name": "fkl"}, {"name": "ce", "weight": 0.5}]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_teacher_dir) -> str:
     root = tmp_path_factory.mktemp("hf_store")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "the cat sat on a mat while code ran fast and students learned from teachers".split()
-    for i in range(2):
-        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(150)) + ".")
-    cfg = parse_config({"store": str(root / "store"), "teacher": {"name": str(tiny_teacher_dir), "batch_size": 4},
-                        "corpus": {"kind": "files", "paths": [str(corpus)]}, "row_length": 32, "shard_rows": 4,
-                        "split": "all", "signals": {"topk": {"k": 8}}}, CacheConfig)
-    run_cache(cfg, progress=None)
-    return str(root / "store")
+    return str(cache_short_docs(root / "store", tiny_teacher_dir, write_short_docs(root), split="all"))
 
 
 def _train_cfg(store: str, out: Path, teacher: Path, steps: int) -> TrainConfig:
