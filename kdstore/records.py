@@ -37,7 +37,7 @@ class StoreMeta:
 
     @classmethod
     def new(cls, spec: StoreSpec, provenance: Provenance) -> StoreMeta:
-        return cls(spec, provenance, fingerprint(spec, provenance), fields_for_spec(spec))
+        return cls(spec, provenance, fingerprint(spec, provenance), fields_for_spec(spec, FORMAT_VERSION))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -134,14 +134,23 @@ def _encode_draws(
     n_per_token = keep.sum(axis=-1).astype(np.uint8)
     n_per_row = n_per_token.reshape(len(ids), -1).sum(axis=1)
     offsets = np.concatenate([[0], np.cumsum(n_per_row)]).astype(np.int32)
-    flat_ids = _encode(ids_field, ids[keep]).astype(ids_field.stored_dtype)
-    flat_counts = _encode(counts_field, counts[keep]).astype(counts_field.stored_dtype)
+    slot = np.arange(ids.shape[-1]) < n_per_token[..., None]  # each token's draws, packed at its front
+    flat_ids = _encode_per_token(ids_field, ids, keep, slot)
+    flat_counts = _encode_per_token(counts_field, counts, keep, slot)
     n_field = _draw_count_field(ids_field)
     return [
         _fixed_list(n_per_token, n_field),
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids)),
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_counts)),
     ]
+
+
+def _encode_per_token(f: Field, padded: np.ndarray, keep: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """A ragged field's kept values, flat: packed at each token's front, encoded along the token's
+    draws (a delta runs within one token), then flattened."""
+    packed = np.zeros(padded.shape, dtype=padded.dtype)
+    packed[slot] = padded[keep]
+    return np.ascontiguousarray(_encode(f, packed)[slot], dtype=f.stored_dtype)
 
 
 def _encode_dense(f: Field, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -202,8 +211,10 @@ def _decode_draws(
     out = {}
     for f in wanted:
         flat = np.concatenate([b.column(f.name).values.to_numpy(zero_copy_only=False) for b in batches])
-        dest = np.zeros((n_rows, *f.shape), dtype=f.decoded_dtype)
-        dest[slot] = decode_chain(f.chain, flat)
+        packed = np.zeros((n_rows, *f.shape), dtype=f.stored_dtype)
+        packed[slot] = flat
+        dest = decode_chain(f.chain, packed).astype(f.decoded_dtype, copy=False)
+        dest[~slot] = 0  # padding decodes to id 0, count 0 whatever the chain
         out[f.name] = dest
     return out
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from kdstore.errors import SpecError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: byte-plane log-prob codes, delta-coded draw ids (kdstore.fields)
 
 SAMPLERS = ("topk", "topp_k")
 HIDDEN_DTYPES = ("float16", "bfloat16", "int8")

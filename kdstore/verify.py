@@ -173,7 +173,7 @@ def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
     if recomputed != meta.fingerprint:
         problems.append(Problem(None, STORE_JSON, f"fingerprint {meta.fingerprint} does not match its spec + provenance "
                                                   f"({recomputed}): the spec or provenance was altered"))
-    expected = {f.name: f for f in fields_for_spec(meta.spec)}
+    expected = {f.name: f for f in fields_for_spec(meta.spec, meta.format_version)}
     actual = {f.name: f for f in meta.fields}
     for name in sorted(expected.keys() | actual.keys()):
         if expected.get(name) != actual.get(name):

@@ -82,6 +82,7 @@ class StoreWriter:
                 f"{self.meta.fingerprint}; they differ in {_differences(existing, self.meta)}. "
                 "A different teacher, tokenizer, corpus or spec needs a new store."
             )
+        self.meta = existing  # an older format's store gets shards in its own layout
 
     # ------------------------------------------------------------ shards
 
@@ -146,6 +147,7 @@ class StoreWriter:
         return CommitRecord(
             shard_id=shard_id,
             fingerprint=self.meta.fingerprint,
+            format_version=self.meta.format_version,
             rows=n_rows,
             tokens=n_rows * self.meta.spec.row_length,
             valid_tokens=int(valid.sum()),

@@ -1,18 +1,20 @@
 """Held-out conversations of a chat store: prompts, reference responses, and scored replies.
 
-The DSKD protocol for instruction data: each model answers held-out prompts (greedy), and its
-answers are scored with ROUGE-L (and the other text metrics of `metrics.score_texts`) against
-the dataset's reference response and against the teacher's answer. A prompt is a held-out
-conversation up to its last assistant turn that fits the prompt budget, rendered with the store's
-chat template and its generation prompt; the reference is that assistant turn's content. Held-out = the validation
-side of the store's own split (`packing.is_validation` of `chat.split_key`), so no cached training
-row holds it. Perplexity over assistant tokens needs nothing here: the held-out rows carry their
-loss mask (`evaluate.heldout_rows`).
+The DSKD protocol for instruction data: each model answers held-out prompts (greedy, or sampled
+once per seed and averaged: `pipeline.evaluation.decoding`), and its answers are scored with
+ROUGE-L (and the other text metrics of `metrics.score_texts`) against the dataset's reference
+response and against the teacher's answer. A prompt is a held-out conversation up to its last
+assistant turn that fits the prompt budget, rendered with the store's chat template and its
+generation prompt; the reference is that assistant turn's content. Held-out = the validation side
+of the store's own split (`packing.is_validation` of `chat.split_key`), so no cached training row
+holds it. Perplexity over assistant tokens needs nothing here: the held-out rows carry their loss
+mask (`evaluate.heldout_rows`).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from pipeline.capture.corpus import list_corpus_files
 from pipeline.capture.packing import is_validation
 from pipeline.capture.shard_plan import corpus_source
 from pipeline.config import CacheConfig, CorpusConfig
-from pipeline.evaluation.metrics import score_texts
+from pipeline.evaluation.decoding import decode_runs, generate_options, scores_over_runs
 
 
 @dataclass(frozen=True)
@@ -90,25 +92,26 @@ def _prompt(messages: list[dict[str, str]], tokenizer: Any, template: str | None
 
 @torch.inference_mode()
 def chat_generation_metrics(models: dict[str, Any], tokenizer: Any, prompts: list[ChatPrompt], new_tokens: int,
-                            device: torch.device, teacher: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
-    """Greedy replies of every model to every prompt (stopping at the template's end of turn =
-    the tokenizer's eos), scored against the reference and, beside it, the teacher's reply."""
-    texts: dict[str, list[str]] = {}
-    for name, model in models.items():
-        replies = []
-        for p in prompts:
-            ids = torch.tensor([p.ids], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, num_beams=1, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.eos_token_id, top_p=None, top_k=None, temperature=None)
-            replies.append(tokenizer.decode(out[0, len(p.ids):].cpu(), skip_special_tokens=True).strip())
-        texts[name] = replies
-    references = [p.reference for p in prompts]
-    scores: dict[str, dict[str, Any]] = {}
-    for name, hyp in texts.items():
-        scores[name] = {"vs_reference": score_texts(hyp, references)}
-        if teacher in texts and name != teacher:
-            scores[name]["vs_teacher"] = score_texts(hyp, texts[teacher])
+                            device: torch.device, teacher: str, seeds: Sequence[int] = ()
+                            ) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+    """Every model's replies to every prompt (stopping at the template's end of turn = the
+    tokenizer's eos), greedy or once per seed, scored against the reference and, beside it, the
+    teacher's reply of the same run; scores are averaged over the runs, samples are the first run's."""
+    runs: list[dict[str, list[str]]] = []
+    for seed in decode_runs(seeds):
+        texts: dict[str, list[str]] = {}
+        for name, model in models.items():
+            options = generate_options(seed)
+            replies = []
+            for p in prompts:
+                ids = torch.tensor([p.ids], device=device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                     **options)
+                replies.append(tokenizer.decode(out[0, len(p.ids):].cpu(), skip_special_tokens=True).strip())
+            texts[name] = replies
+        runs.append(texts)
+    scores = scores_over_runs(runs, [p.reference for p in prompts], teacher)
     samples = [{"prompt": tokenizer.decode(p.ids, skip_special_tokens=False), "reference": p.reference,
-                **{name: texts[name][i] for name in texts}} for i, p in enumerate(prompts)]
+                **{name: runs[0][name][i] for name in runs[0]}} for i, p in enumerate(prompts)]
     return scores, samples

@@ -9,7 +9,7 @@ once per batch, so per-token metrics are paired:
   the same document (the token after a document's EOS is not predictable from it);
 * KL(teacher ‖ model) over the full vocabulary and top-1 agreement with the teacher's argmax;
 * expected calibration error of the top-1 prediction against the real next token;
-* greedy continuations of held-out prompts scored against the teacher's continuations and the
+* greedy (or seeded, sampled) continuations of held-out prompts scored against the teacher's continuations and the
   real text (BLEU, chrF, TER, ROUGE-L, CER; `pipeline.evaluation.metrics`);
 * bits per UTF-8 byte of the predicted text, the one figure comparable across tokenizers.
 
@@ -36,7 +36,8 @@ from pydantic import Field
 
 from kdstore.reader import StoreReader
 from pipeline.config import CacheConfig, CorpusConfig, Strict
-from pipeline.evaluation.metrics import calibration_bins, expected_calibration_error, score_texts
+from pipeline.evaluation.decoding import decode_runs, describe, generate_options, scores_over_runs
+from pipeline.evaluation.metrics import calibration_bins, expected_calibration_error
 
 TEACHER = "teacher"
 
@@ -46,6 +47,9 @@ class GenerationConfig(Strict):
     prompt_tokens: int = Field(32, ge=1)  # chat stores: the longest prompt (conversation so far) taken
     new_tokens: int = Field(32, ge=1)
     reference_tokens: int | None = Field(None, ge=1)  # chat stores: only references (responses) up to this long
+    # none: greedy; else one sampled reply per seed (temperature 1, top-p 1), scores averaged over
+    # the seeds (the DSKD protocol: seeds 10, 20, 30, 40, 50)
+    seeds: list[int] = []
 
 
 class EvalConfig(Strict):
@@ -274,7 +278,8 @@ def prompt_windows(rows: HeldOut, prompt_tokens: int, new_tokens: int, count: in
 @torch.inference_mode()
 def generation_metrics(models: dict[str, Any], tokenizer: Any, rows: HeldOut, cfg: GenerationConfig,
                        device: torch.device) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
-    """Greedy continuations per model, scored against the real text and the teacher's."""
+    """Continuations per model (greedy, or once per seed), scored against the real text and the
+    teacher's continuation of the same run; scores are averaged over the runs."""
     windows = prompt_windows(rows, cfg.prompt_tokens, cfg.new_tokens, cfg.prompts)
     if not windows:
         raise EvalError(f"no held-out document has {cfg.prompt_tokens + cfg.new_tokens} tokens for a prompt + "
@@ -282,20 +287,18 @@ def generation_metrics(models: dict[str, Any], tokenizer: Any, rows: HeldOut, cf
     prompts = torch.tensor(np.stack([rows.input_ids[r, t:t + cfg.prompt_tokens] for r, t in windows]))
     real = [tokenizer.decode(rows.input_ids[r, t + cfg.prompt_tokens:t + cfg.prompt_tokens + cfg.new_tokens],
                              skip_special_tokens=True) for r, t in windows]
-    texts: dict[str, list[str]] = {}
-    for name, model in models.items():
-        out = model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
-                             max_new_tokens=cfg.new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.eos_token_id, top_p=None, top_k=None, temperature=None)
-        texts[name] = tokenizer.batch_decode(out[:, cfg.prompt_tokens:].cpu(), skip_special_tokens=True)
-    scores: dict[str, dict[str, Any]] = {}
-    for name, hyp in texts.items():
-        scores[name] = {"vs_reference": score_texts(hyp, real)}
-        if TEACHER in texts and name != TEACHER:
-            scores[name]["vs_teacher"] = score_texts(hyp, texts[TEACHER])
+    runs: list[dict[str, list[str]]] = []
+    for seed in decode_runs(cfg.seeds):
+        texts: dict[str, list[str]] = {}
+        for name, model in models.items():
+            out = model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                                 max_new_tokens=cfg.new_tokens, pad_token_id=tokenizer.eos_token_id,
+                                 **generate_options(seed))
+            texts[name] = tokenizer.batch_decode(out[:, cfg.prompt_tokens:].cpu(), skip_special_tokens=True)
+        runs.append(texts)
     samples = [{"prompt": tokenizer.decode(prompts[i], skip_special_tokens=True), "reference": real[i],
-                **{name: texts[name][i] for name in texts}} for i in range(len(windows))]
-    return scores, samples
+                **{name: runs[0][name][i] for name in runs[0]}} for i in range(len(windows))]
+    return scores_over_runs(runs, real, TEACHER), samples
 
 
 def chat_generation(reader: StoreReader, models: dict[str, Any], tokenizer: Any, cfg: GenerationConfig,
@@ -306,7 +309,7 @@ def chat_generation(reader: StoreReader, models: dict[str, Any], tokenizer: Any,
     if not prompts:
         raise EvalError(f"no held-out conversation of store {reader.location.url!r} has a prompt of at most "
                         f"{cfg.prompt_tokens} tokens; raise generation.prompt_tokens")
-    return chat_generation_metrics(models, tokenizer, prompts, cfg.new_tokens, device, TEACHER)
+    return chat_generation_metrics(models, tokenizer, prompts, cfg.new_tokens, device, TEACHER, cfg.seeds)
 
 
 def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
@@ -336,7 +339,8 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     if cfg.generation is not None and store_names:
         if progress:
             what = "replies to" if reader.spec.loss_mask else "continuations of"
-            progress(f"greedy {what} {cfg.generation.prompts} held-out prompts "
+            how = f"sampled ({len(cfg.generation.seeds)} seeds)" if cfg.generation.seeds else "greedy"
+            progress(f"{how} {what} {cfg.generation.prompts} held-out prompts "
                      f"({'up to ' if reader.spec.loss_mask else ''}{cfg.generation.prompt_tokens} + "
                      f"{cfg.generation.new_tokens} tokens)")
         if reader.spec.loss_mask:
@@ -350,5 +354,6 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     return {"store": cfg.store, "chat": bool(reader.spec.loss_mask),
             "heldout_tokens": int(rows.loss_mask.sum()) if rows.loss_mask is not None else rows.tokens, "heldout_rows": len(rows.input_ids),
             "baseline": cfg.baseline, "models": results, "samples": samples,
+            "decoding": describe(cfg.generation.seeds) if cfg.generation is not None else None,
             "own_tokenizer": sorted(n for n in models if n not in store_names),
             "paths": {TEACHER: cfg.teacher, **cfg.models}}

@@ -105,11 +105,12 @@ def write_report(result: Mapping[str, Any], out: str | Path, *, title: str = "kd
         md += [preamble, ""]
     md += [f"Held-out: {result['heldout_tokens']:,} tokens ({result['heldout_rows']} rows of the store's validation "
            "documents). Perplexity is per token inside documents; KL(teacher ‖ model) over the full vocabulary; "
-           "ECE of the top-1 prediction in percentage points; generation: greedy continuations, "
+           f"ECE of the top-1 prediction in percentage points; generation ({result.get('decoding') or 'greedy'}): "
+           "continuations, "
            "BLEU/chrF/TER (sacrebleu), ROUGE-L (rouge-score), CER (jiwer).", ""]
     if result.get("chat"):
         md += ["Chat store: every per-token metric counts the assistant's tokens only (the store's loss mask); "
-               "generation = greedy replies to held-out conversation prompts (up to the last assistant turn), "
+               "generation = replies to held-out conversation prompts (up to the last assistant turn), "
                "scored against the reference response and the teacher's reply.", ""]
     if result.get("own_tokenizer"):
         md += [f"Models with their own tokenizer ({', '.join(result['own_tokenizer'])}) are scored on the same documents "

@@ -18,7 +18,7 @@ def test_chat_demo_flow_tiny(tmp_path, tiny_teacher_dir, capsys):
     corpus = write_chat_corpus(tmp_path)
     out = tmp_path / "chat_demo"
     result = chat_demo_flow(str(out), tokens=1024, steps=2, eval_tokens=512, teacher=str(tiny_teacher_dir),
-                            paths=[str(corpus)], train_overrides={"student.num_layers": 1, "batch_size": 1})
+                            paths=[str(corpus)], train_overrides={"student.layers": [1], "batch_size": 1})
     printed = capsys.readouterr().out
     assert "of them the assistant's" not in printed and "are the assistant's (the loss mask)" in printed
     summary = json.loads((out / "summary.json").read_text())

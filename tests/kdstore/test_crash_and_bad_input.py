@@ -30,7 +30,7 @@ from kdstore.errors import (
 )
 from kdstore.reader import StoreReader
 from kdstore.records import RECORD_SHA256, record_checksum
-from kdstore.spec import AttentionSpec, HiddenSpec, Provenance, StoreSpec, TopKSpec, fingerprint
+from kdstore.spec import FORMAT_VERSION, AttentionSpec, HiddenSpec, Provenance, StoreSpec, TopKSpec, fingerprint
 from kdstore.verify import verify_store
 from kdstore.writer import StoreWriter
 
@@ -103,7 +103,7 @@ def test_newer_format_version_is_refused(tmp_path, rows_for, provenance, spec_wi
     data["format_version"] += 1
     (tmp_path / "store.json").write_text(json.dumps(data))
     for open_it in (StoreReader, lambda url: StoreWriter(url, spec, provenance), verify_store):
-        with pytest.raises(FormatVersionError, match="format version 2"):
+        with pytest.raises(FormatVersionError, match=f"format version {FORMAT_VERSION + 1}"):
             open_it(str(tmp_path))
 
 

@@ -13,6 +13,7 @@ import pyarrow.ipc
 import pytest
 import torch
 
+from kdstore.codecs import Delta
 from kdstore.errors import MissingFieldError
 from kdstore.reader import StoreReader
 from kdstore.spec import AttentionSpec, HiddenSpec, SampledSpec, StoreSpec, TopKSpec
@@ -337,10 +338,16 @@ def test_plain_pyarrow_and_zarr_read_every_file(tmp_path, rows_for, provenance):
         assert tokens["columns"]["input_ids"]["codecs"] == ["cast"]
         assert tokens["columns"]["input_ids"]["sum"] == int(rows["input_ids"].sum())
         logp = out["arrow"][f"shards/{shard_id}/topk_logp.arrow"]["columns"]["topk_logp"]
-        assert logp["codecs"] == ["log_quant", "delta"]
+        assert logp["codecs"] == ["log_quant", "delta", "byte_planes"]
         draws = out["arrow"][f"shards/{shard_id}/draws.arrow"]["columns"]
         assert draws["draw_counts"]["sum"] == int(rows["draw_counts"].sum())
-        assert draws["draw_ids"]["sum"] == int(rows["draw_ids"].sum())
+        # each token's draw ids are packed at its front and delta-coded within the token (uint16)
+        ids, kept = rows["draw_ids"], rows["draw_counts"] > 0
+        slot = np.arange(ids.shape[-1]) < kept.sum(-1)[..., None]
+        packed = np.zeros(ids.shape, np.uint16)
+        packed[slot] = ids[kept]
+        assert draws["draw_ids"]["codecs"] == ["cast", "delta"]
+        assert draws["draw_ids"]["sum"] == int(Delta().encode(packed)[slot].astype(np.int64).sum())
         dense = {k.split("/")[-1]: v for k, v in out["zarr"].items() if k.startswith(f"shards/{shard_id}/")}
         assert dense["hidden_0"] == {"shape": [3, 5, 4], "dtype": "int8", "codecs": ["int8_rowscale"]}
         assert dense["hidden_0_scale"]["shape"] == [3, 5]
@@ -356,6 +363,7 @@ def test_arrow_field_metadata_holds_the_codec_chain(tmp_path, rows_for, provenan
     assert meta["codecs"] == [
         {"name": "log_quant", "configuration": {"step": spec.topk.logp_step, "dtype": "uint16"}},
         {"name": "delta", "configuration": {}},
+        {"name": "byte_planes", "configuration": {}},
     ]
     store_json = json.loads((tmp_path / "store.json").read_text())
     assert {f["name"]: f["codecs"] for f in store_json["fields"]}["topk_logp"] == meta["codecs"]
@@ -383,3 +391,43 @@ def test_memory_store_write_read_verify(memory_url, rows_for, provenance, spec_w
     assert report.ok and report.shards_checked == 3, report.problems
     writer.write_teacher_tensors("head", {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
     np.testing.assert_array_equal(reader.read_teacher_tensors("head")["w"], np.arange(6).reshape(2, 3))
+
+
+def test_a_format_1_store_still_reads_verifies_and_grows_in_its_own_layout(tmp_path, rows_for, provenance):
+    """Format 2 changed the top-k log-prob and draw-id chains; a store written in format 1 keeps
+    its layout (store.json's), verifies against format 1's, and new shards are written in it."""
+    from kdstore.fields import fields_for_spec
+    from kdstore.records import STORE_JSON_INDENT, StoreMeta, json_bytes
+
+    spec = StoreSpec(vocab_size=1000, row_length=6, shard_rows=2, topk=TopKSpec(k=3), sampled=SampledSpec(n_draws=4))
+    new = StoreMeta.new(spec, provenance)
+    old = fields_for_spec(spec, 1)
+    assert old != new.fields
+    (tmp_path / "store.json").write_bytes(json_bytes(StoreMeta(spec, provenance, new.fingerprint, old, 1).to_json(),
+                                                     STORE_JSON_INDENT))
+    first = rows_for(spec, 2, seed=1)
+    writer = StoreWriter(tmp_path, spec, provenance)
+    assert writer.meta.format_version == 1 and writer.meta.fields == old
+    writer.write_shard("a", first)
+    schema = pyarrow.ipc.open_file(str(tmp_path / "shards/a/topk_logp.arrow")).schema
+    assert [c["name"] for c in json.loads(schema.field("topk_logp").metadata[b"kdcache_field"])["codecs"]] == [
+        "log_quant", "delta"]
+    got = StoreReader(tmp_path).read_shard("a")
+    for name in ("topk_ids", "draw_ids", "draw_counts"):
+        np.testing.assert_array_equal(got[name], first[name], err_msg=name)
+    report = verify_store(str(tmp_path))
+    assert report.ok, report
+
+
+def test_draw_ids_in_any_order_round_trip(tmp_path, provenance):
+    """Draw ids are delta-coded within each token; ids out of order (or a token whose ids wrap
+    the uint16 range) still come back exactly."""
+    spec = StoreSpec(vocab_size=49152, row_length=3, shard_rows=1, sampled=SampledSpec(n_draws=4))
+    ids = np.array([[[49151, 3, 40000, 0], [7, 0, 0, 0], [0, 0, 0, 0]]])
+    counts = np.array([[[1, 2, 1, 0], [4, 0, 0, 0], [0, 0, 0, 0]]])
+    rows = {"sample_id": np.array([1]), "input_ids": np.zeros((1, 3), np.int64), "doc_ids": np.zeros((1, 3), np.int32),
+            "valid": np.ones((1, 3), bool), "draw_ids": ids, "draw_counts": counts}
+    StoreWriter(tmp_path, spec, provenance).write_shard("x", rows)
+    got = StoreReader(tmp_path).read_shard("x", ["draw_ids", "draw_counts"])
+    np.testing.assert_array_equal(got["draw_ids"], ids)
+    np.testing.assert_array_equal(got["draw_counts"], counts)

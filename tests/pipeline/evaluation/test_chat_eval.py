@@ -1,5 +1,6 @@
 """Evaluation of a chat store: perplexity over the held-out assistant tokens (against a dense
-reference), and greedy replies to held-out prompts scored against references and the teacher."""
+reference), and replies (greedy, or sampled per seed) to held-out prompts scored against the
+references and the teacher's replies."""
 
 from __future__ import annotations
 
@@ -63,3 +64,33 @@ def test_assistant_token_perplexity_and_replies(chat_store, tiny_teacher_dir, ot
     corpus = [json.loads(line)["messages"] for line in Path(reader.meta.provenance.corpus["paths"][0]).open()]
     held = [c for c in corpus if is_validation(split_key(c), 0.25)]
     assert [p.reference for p in prompts] == [c[-1]["content"] for c in held][:3]
+
+
+def test_sampled_replies_are_seeded_paired_and_averaged(chat_store, tiny_teacher_dir, other_student):
+    """Seeds: the same seeds give the same replies; a copy of the teacher samples the teacher's
+    replies (the same seed before every model); the scores are the per-seed scores' mean."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluation.chat_eval import chat_generation_metrics
+    from pipeline.evaluation.metrics import score_texts
+
+    reader = StoreReader(str(chat_store))
+    tokenizer = store_tokenizer(reader)
+    prompts = heldout_prompts(reader, tokenizer, 3, 64)
+    models = {name: AutoModelForCausalLM.from_pretrained(path).eval()
+              for name, path in ((TEACHER, tiny_teacher_dir), ("same", tiny_teacher_dir), ("other", other_student))}
+
+    def replies(seeds):
+        return chat_generation_metrics(models, tokenizer, prompts, 8, torch.device("cpu"), TEACHER, seeds)
+
+    scores, samples = replies([10, 20])
+    again, samples_again = replies([10, 20])
+    assert samples == samples_again and scores == again
+    assert [s["same"] for s in samples] == [s[TEACHER] for s in samples]
+    greedy = replies([])[1]
+    assert any(s["other"] != g["other"] for s, g in zip(samples, greedy, strict=True))
+    per_seed = [replies([seed])[1] for seed in (10, 20)]
+    references = [p.reference for p in prompts]
+    expected = [score_texts([s["other"] for s in run], references)["rougeL"] for run in per_seed]
+    assert scores["other"]["vs_reference"]["rougeL"] == pytest.approx(sum(expected) / 2, abs=1e-9)
+    assert per_seed[0] == samples  # the samples shown are the first seed's
