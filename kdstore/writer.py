@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import save as safetensors_save
 
 from kdstore.errors import FingerprintMismatchError, ShardDataError, StoreError
-from kdstore.fields import check_rows
+from kdstore.fields import check_rows, fields_for_spec
 from kdstore.location import Location
 from kdstore.records import (
     COMMIT_JSON,
@@ -82,6 +82,10 @@ class StoreWriter:
                 f"{self.meta.fingerprint}; they differ in {_differences(existing, self.meta)}. "
                 "A different teacher, tokenizer, corpus or spec needs a new store."
             )
+        if existing.fields != fields_for_spec(existing.spec, existing.format_version):
+            raise StoreError(f"store {self.location.url!r}: store.json's field layout is not what its spec and "
+                             f"format version {existing.format_version} imply (altered); `kdcache verify` names "
+                             "the fields. No shard was written.")
         self.meta = existing  # an older format's store gets shards in its own layout
 
     # ------------------------------------------------------------ shards

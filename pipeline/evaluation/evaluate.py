@@ -9,8 +9,8 @@ once per batch, so per-token metrics are paired:
   the same document (the token after a document's EOS is not predictable from it);
 * KL(teacher ‖ model) over the full vocabulary and top-1 agreement with the teacher's argmax;
 * expected calibration error of the top-1 prediction against the real next token;
-* greedy (or seeded, sampled) continuations of held-out prompts scored against the teacher's continuations and the
-  real text (BLEU, chrF, TER, ROUGE-L, CER; `pipeline.evaluation.metrics`);
+* greedy (or seeded, sampled) continuations of held-out prompts scored against the teacher's
+  continuations and the real text (BLEU, chrF, TER, ROUGE-L, CER; `pipeline.evaluation.metrics`);
 * bits per UTF-8 byte of the predicted text, the one figure comparable across tokenizers.
 
 A chat store (one with a `loss_mask`): every per-token metric counts the assistant's tokens only
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kdstore.reader import StoreReader
 from pipeline.config import CacheConfig, CorpusConfig, Strict
@@ -50,6 +50,13 @@ class GenerationConfig(Strict):
     # none: greedy; else one sampled reply per seed (temperature 1, top-p 1), scores averaged over
     # the seeds (the DSKD protocol: seeds 10, 20, 30, 40, 50)
     seeds: list[int] = []
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"generation.seeds {seeds}: a repeated seed repeats its run; give distinct seeds")
+        return seeds
 
 
 class EvalConfig(Strict):
@@ -339,8 +346,7 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     if cfg.generation is not None and store_names:
         if progress:
             what = "replies to" if reader.spec.loss_mask else "continuations of"
-            how = f"sampled ({len(cfg.generation.seeds)} seeds)" if cfg.generation.seeds else "greedy"
-            progress(f"{how} {what} {cfg.generation.prompts} held-out prompts "
+            progress(f"{describe(cfg.generation.seeds)}: {what} {cfg.generation.prompts} held-out prompts "
                      f"({'up to ' if reader.spec.loss_mask else ''}{cfg.generation.prompt_tokens} + "
                      f"{cfg.generation.new_tokens} tokens)")
         if reader.spec.loss_mask:

@@ -431,3 +431,19 @@ def test_draw_ids_in_any_order_round_trip(tmp_path, provenance):
     got = StoreReader(tmp_path).read_shard("x", ["draw_ids", "draw_counts"])
     np.testing.assert_array_equal(got["draw_ids"], ids)
     np.testing.assert_array_equal(got["draw_counts"], counts)
+
+
+def test_a_store_json_with_an_altered_layout_is_refused_by_the_writer(tmp_path, rows_for, provenance, spec_with):
+    """The writer adopts store.json's layout (an older format keeps its own), but not one that its
+    spec and format version do not imply: it refuses before writing, and what is there stays."""
+    from kdstore.errors import StoreError
+
+    spec = spec_with()
+    StoreWriter(tmp_path, spec, provenance).write_shard("a", rows_for(spec, 1))
+    data = json.loads((tmp_path / "store.json").read_text())
+    logp = next(f for f in data["fields"] if f["name"] == "topk_logp")
+    logp["codecs"] = logp["codecs"][:2]  # byte_planes dropped from a format-2 store
+    (tmp_path / "store.json").write_text(json.dumps(data, indent=2))
+    with pytest.raises(StoreError, match="field layout is not what its spec and format version 2 imply"):
+        StoreWriter(tmp_path, spec, provenance)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["a"]

@@ -20,7 +20,7 @@ from flows.cli import main
 from kdstore.reader import StoreReader
 from kdstore.summary import summarize, topk_bytes_by_k
 from pipeline.capture.teacher_files import store_tokenizer
-from pipeline.config import parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.evaluation.evaluate import (
     TEACHER,
     EvalConfig,
@@ -85,6 +85,22 @@ def test_student_identical_to_teacher_has_kl_zero_and_agreement_one(store, tiny_
     assert same["ece"] == pytest.approx(teacher["ece"], abs=1e-9)
     gen = same["generation"]["vs_teacher"]
     assert gen["bleu"] == pytest.approx(100.0) and gen["cer"] == 0.0 and gen["chrf"] == pytest.approx(100.0)
+
+
+def test_sampled_continuations_are_seeded_paired_and_distinct_from_greedy(store, tiny_teacher_dir, other_student,
+                                                                           tmp_path):
+    models = {"same": str(tiny_teacher_dir), "other": str(other_student)}
+    seeded = {"prompts": 3, "prompt_tokens": 8, "new_tokens": 8, "seeds": [1, 2]}
+    first = evaluate(_cfg(store, tmp_path, tiny_teacher_dir, models, generation=seeded), progress=None)
+    again = evaluate(_cfg(store, tmp_path, tiny_teacher_dir, models, generation=seeded), progress=None)
+    greedy = evaluate(_cfg(store, tmp_path, tiny_teacher_dir, models), progress=None)
+    assert first["samples"] == again["samples"]
+    assert first["models"]["other"]["generation"] == again["models"]["other"]["generation"]
+    assert [s["same"] for s in first["samples"]] == [s[TEACHER] for s in first["samples"]]  # one seed, both models
+    assert first["samples"] != greedy["samples"]
+    assert first["decoding"].startswith("sampled") and greedy["decoding"] == "greedy"
+    with pytest.raises(ConfigError, match="generation.seeds.*repeated seed"):
+        _cfg(store, tmp_path, tiny_teacher_dir, models, generation={**seeded, "seeds": [3, 3]})
 
 
 def test_metrics_match_a_dense_reference(store, tiny_teacher_dir, other_student, tmp_path):
