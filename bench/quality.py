@@ -16,12 +16,13 @@ tail draws), online_full (the reference: forward KL against the resident teacher
 distribution), feature_align (fakd, hidden states in the standardised space), dskd (the authors'
 recipe), ce_foreign_tokenizer / cross_tokenizer_baseline / cross_tokenizer_cma (a student with
 its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from the topk64
-student), adversarial. `--fakd-sweep h:a,...` adds feature_align variants with those hidden /
+student), adversarial. `--variant NAME:BASE:JSON` (repeatable) adds a run of BASE with JSON merged
+into its first loss's config: a sweep. `--fakd-sweep h:a,...` adds feature_align variants with those hidden /
 attention weights.
 
-Presets: `cpu` (default; 3-layer student, 2 epochs), `--quick` (8,192 cached tokens, 2 epochs,
-ce, topk64, hybrid: ≤ 10 min here), `--device cuda` (6-layer student, 8 epochs, 16k held-out
-tokens). Converged means the CE student's held-out perplexity improved by < 2 % over the last
+Presets: `cpu` (default; the 6 layers greedy pruning keeps, 2 epochs, bf16 autocast on this AMX
+CPU), `--quick` (8,192 cached tokens, 2 epochs, ce, topk64, hybrid: ≤ 10 min here), `--device
+cuda` (12 pruned layers, 8 epochs, 16k held-out tokens). Converged means the CE student's held-out perplexity improved by < 2 % over the last
 quarter of its run (`ce_last_quarter_improvement`), or rose (overfitting, reported).
 
 Prints a table and, as its last line, one JSON object: ppl, ece, bytes_per_token, curve,
@@ -109,7 +110,8 @@ def train_method(name: str, spec: dict[str, Any], store: str, out: Path, preset:
         student["tokenizer"] = str(tokenizer)
     cfg = TrainConfig(store=store, out=str(out), student=student, extra_stores=extra, batch_size=preset.batch_size,
                       steps=steps, lr=preset.lr, warmup_steps=max(1, steps // 20), seed=args.seed,
-                      checkpoint_every=10**9, log_every=10**9, device=args.device, tensorboard=False, **method)
+                      checkpoint_every=10**9, log_every=10**9, device=args.device, tensorboard=False,
+                      bf16=False if args.fp32 else "auto", **method)
     started, cpu0 = time.perf_counter(), time.process_time()
     trainer = Trainer(cfg)
     model, tok = trainer.student.model, trainer.student.tokenizer
@@ -174,6 +176,19 @@ def quarter_improvement(curve: list[list[float]]) -> float | None:
     return (q[1] - curve[-1][1]) / q[1]
 
 
+def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """NAME:BASE:JSON → (name, base method, loss parameters); a bad one exits with one line."""
+    name, _, rest = text.partition(":")
+    base, _, params = rest.partition(":")
+    try:
+        loaded = json.loads(params)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"--variant {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
+    if not name or name in table or base not in table or not isinstance(loaded, dict):
+        sys.exit(f"--variant {text!r}: want NEW_NAME:BASE:{{...}} with BASE one of {', '.join(table)}")
+    return name, base, loaded
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Held-out quality of students trained several epochs from the cache.")
     p.add_argument("--quick", action="store_true", help="8,192 cached tokens, 2 epochs, ce,topk64,hybrid (≤ 10 min)")
@@ -181,9 +196,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int)
     p.add_argument("--eval-points", type=int)
     p.add_argument("--fakd-sweep", default="", help="hidden:attention weights of extra feature_align runs, e.g. 0.5:0.1,1:0.5")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:BASE:JSON",
+                   help='another run of method BASE with JSON merged into its first loss, e.g. '
+                        'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52} (repeatable: a sweep)')
     p.add_argument("--teacher", default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp32", action="store_true", help="student steps in float32 (default: bfloat16 autocast on CUDA and AMX CPUs)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", help="keep students, curves and the PNG here (default: a temporary folder)")
     return p.parse_args()
@@ -200,8 +219,15 @@ def main() -> None:
         h, a = (float(x) for x in pair.split(":"))
         table[f"feature_align_h{h:g}_a{a:g}"] = {"store": "full", "losses": [feature_align(preset, h, a)]}
         STORE_FIELDS[f"feature_align_h{h:g}_a{a:g}"] = STORE_FIELDS["feature_align"]
+    variants = []
+    for text in args.variant:
+        name, base, params = parse_variant(text, table)
+        table[name] = {**table[base], "losses": [{**table[base]["losses"][0], **params}, *table[base]["losses"][1:]]}
+        STORE_FIELDS[name], variants = STORE_FIELDS[base], [*variants, name]
+        if base in COUNTERPART:
+            COUNTERPART[name] = COUNTERPART[base]
     chosen = [m.strip() for m in args.methods.split(",")] if args.methods else list(preset.methods or table)
-    chosen += [m for m in table if m.startswith("feature_align_h") and m not in chosen]
+    chosen += [m for m in table if (m.startswith("feature_align_h") or m in variants) and m not in chosen]
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         sys.exit(f"unknown methods {unknown}; known: {', '.join(table)}")
@@ -243,12 +269,11 @@ def main() -> None:
     final = evaluate(EvalConfig(store=stores["full"], out=str(root / "eval"), models={m: str(root / m / "model") for m in chosen},
                                 baseline="ce" if "ce" in chosen else None, teacher=args.teacher,
                                 max_tokens=preset.eval_tokens, generation=None, device=args.device), progress=log)
-    report(args, preset, chosen, trained, final, stores, steps, rows, same_batches, root, started)
+    report(args, preset, table, chosen, trained, final, stores, steps, rows, same_batches, root, started)
 
 
-def report(args, preset, chosen, trained, final, stores, steps, rows, same_batches, root, started) -> None:
+def report(args, preset, table, chosen, trained, final, stores, steps, rows, same_batches, root, started) -> None:
     models = final["models"]
-    table = methods(preset)
     bpt = {m: round(field_bytes(stores.get(m, stores[table[m]["store"]] if m in table else stores["full"]),
                                 STORE_FIELDS[m]), 1) for m in chosen}
     curves = {m: trained[m]["curve"] for m in chosen}

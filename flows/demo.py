@@ -2,8 +2,8 @@
 
 A Prefect flow `kdcache-demo` runs, as sub-flows: `cache-teacher` (the embedded
 SmolLM2-135M-Instruct teacher over the built-in pydoc corpus, train split), `train-student` twice
-(the same student made of 6 of the teacher's 30 layers, once with KD from the cache alone, once
-with cross-entropy only: the baseline), and `evaluate` (teacher, KD student and baseline on the
+(the same student made of 6 of the teacher's 30 layers, chosen by greedy pruning, once with KD
+from the cache alone, once with cross-entropy only: the baseline), and `evaluate` (teacher, KD student and baseline on the
 held-out documents), which writes the report folder. A second run reuses the cache and the
 trained students and says so; the evaluation is re-run (it is cheap).
 """
@@ -24,7 +24,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 TRAIN_CONFIG = CONFIGS / "train_demo.yaml"
 EVAL_CONFIG = CONFIGS / "eval_demo.yaml"
-DEFAULT_TOKENS = 16_384
+DEFAULT_TOKENS = 32_768
 BASELINE_LOSSES = [{"name": "ce"}]
 
 

@@ -7,6 +7,8 @@ With `online_full_logits` the distribution losses get the teacher's whole distri
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,6 +17,17 @@ from kdstore.spec import StoreSpec
 from pipeline.capture.model_head import fusable_head
 from pipeline.capture.teacher_pass import chunked_logits, extract_signals
 from pipeline.train.losses.output import TEACHER_LOGP
+
+
+def online_spec(spec: StoreSpec, loss_fields: Iterable[str]) -> StoreSpec:
+    """The store's spec less the signals no loss reads: a resident teacher then computes neither
+    hidden states, attention maps (eager attention) nor draws that every step would throw away."""
+    read = set(loss_fields)
+    uses = {prefix: any(f.startswith(prefix) for f in read) for prefix in ("hidden_", "attn_", "draw_", "tail_")}
+    return dataclasses.replace(spec, hidden=spec.hidden if uses["hidden_"] else None,
+                               attention=spec.attention if uses["attn_"] else None,
+                               sampled=spec.sampled if uses["draw_"] else None,
+                               tail_sample=spec.tail_sample if uses["tail_"] else None)
 
 
 def online_teacher_fields(teacher: Any, spec: StoreSpec, input_ids: torch.Tensor, full_logits: bool) -> dict[str, torch.Tensor]:

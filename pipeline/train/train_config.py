@@ -37,7 +37,9 @@ class TrainConfig(Strict):
     # and a resumed run with threads unset takes the recorded count, computing bit for bit what
     # the straight run would have. Unset on a new run: torch's default (cores or OMP_NUM_THREADS).
     threads: int | None = Field(None, ge=1)
-    bf16: bool | None = None  # default: on for CUDA
+    # bfloat16 autocast. None: on for CUDA. "auto": also on a CPU with AMX tiles (native bf16
+    # matmuls: 1.6-2x fp32 on this machine's Xeon; without them bf16 is emulated, slower)
+    bf16: bool | Literal["auto"] | None = None
     compile: bool = False
     # under torchrun: ddp (a whole student per rank) or fsdp (FSDP2 fully_shard: parameters,
     # gradients and optimizer state sharded over the ranks; see pipeline/train/fsdp.py)

@@ -39,7 +39,7 @@ from pipeline.train.losses import (
     fold_loss_mask,
     required_fields,
 )
-from pipeline.train.online_teacher import online_teacher_fields
+from pipeline.train.online_teacher import online_spec, online_teacher_fields
 from pipeline.train.student import build_student
 from pipeline.train.train_config import TrainConfig, lr_factor
 from pipeline.train.train_log import TrainLog, progress_line
@@ -117,7 +117,8 @@ class Trainer:
         if cfg.online_teacher:
             from pipeline.capture.pass_setup import get_teacher
 
-            attention = self.reader.spec.attention is not None  # eager attention to extract the maps
+            self.online_spec = online_spec(self.reader.spec, self.loss.fields)
+            attention = self.online_spec.attention is not None  # eager attention to extract the maps
             self.teacher = get_teacher(cfg.online_teacher, None, str(self.device), "auto", attention, False)
         self.resumable = Resumable(model, self.loss, self.optimizer, self.scheduler, self.aux_losses, self.loader,
                                    sharded=self.sharded)
@@ -172,7 +173,7 @@ class Trainer:
             batch = next(batches)
             sample_ids += batch["sample_id"].tolist()
             if self.teacher is not None:
-                batch.update(online_teacher_fields(self.teacher, self.reader.spec, batch["input_ids"],
+                batch.update(online_teacher_fields(self.teacher, self.online_spec, batch["input_ids"],
                                                    cfg.online_full_logits))
             if self.retokenize is not None:
                 batch = self.retokenize(batch)
@@ -220,6 +221,9 @@ class Trainer:
                 p.grad.div_(self.world)
 
     def _bf16(self) -> bool:
+        if self.cfg.bf16 == "auto":
+            amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+            return self.device.type == "cuda" or (self.device.type == "cpu" and bool(amx()))
         return self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
 
     def train(self, progress: bool = True) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class CoarseTerm:
 
 @dataclass(frozen=True, eq=False)
 class SparseCETerm:
-    """-Σ_j w_j log q(id_j) per token: ids [N, m] (long), targets w [N, m] (0 = none), `token_weight` [N]."""
+    """-Σ_j w_j log q(id_j) + offset per token: ids [N, m] (long), targets w [N, m] (0 = none),
+    `token_weight` [N], `offset` [N] (a constant of the teacher, no gradient; None = 0)."""
 
     label: str
     weight: float
@@ -65,6 +66,7 @@ class SparseCETerm:
     ids: Tensor
     targets: Tensor
     token_weight: Tensor
+    offset: Tensor | None = None
 
 
 Term = CoarseTerm | SparseCETerm
@@ -169,6 +171,8 @@ def _group(z: Tensor, temperature: float, terms: list[Term], idx: Tensor, values
             targets = term.targets.index_select(0, idx).to(s.dtype)
             lq = s.gather(-1, ids) - lse
             per = -(targets * lq).sum(-1)
+            if term.offset is not None:
+                per = per + term.offset.index_select(0, idx).to(s.dtype)
             values[slot] += torch.where(tw != 0, per, 0.0) @ tw
             wt = targets * (tw * term.weight)[:, None]
             scale += wt.sum(-1, keepdim=True)

@@ -47,9 +47,11 @@ from pipeline.train.losses.base import (
     compute_dtype,
     kd_mask,
     masked_mean,
+    mean_weights,
 )
-from pipeline.train.losses.coarse import dense_log_probs, fkl
-from pipeline.train.losses.output import TEACHER_LOGP, TOPK_FIELDS, coarse_pair
+from pipeline.train.losses.coarse import coarse_live, dense_log_probs, fkl, teacher_coarse
+from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term
+from pipeline.train.losses.output import TEACHER_LOGP, TOPK_FIELDS, coarse_pair, fused_result
 
 HYBRID_FIELDS = (*TOPK_FIELDS[:-1], "tail_ids", "tail_counts", "valid")
 
@@ -62,6 +64,7 @@ class TailDrawError(ValueError):
 class HybridKDLoss(KDLoss):
     label = "hybrid_kd"
     fields = HYBRID_FIELDS
+    fusable = True
 
     def __init__(self, stored_draws: int, temperature: float = 1.0, draws_per_step: int | None = None, seed: int = 0):
         super().__init__()
@@ -79,6 +82,9 @@ class HybridKDLoss(KDLoss):
         self.visits = {int(k): int(v) for k, v in dict(state.get("visits", {})).items()}
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if student.logits is None:
+            fused = fused_result(self, student, batch)  # "hybrid_kd#2": positions without draws
+            return self.result(fused.total)
         logits = student.logits
         mask = kd_mask(batch)
         if TEACHER_LOGP in batch:  # online full-logit KD: the dense forward KL (k = V)
@@ -102,6 +108,33 @@ class HybridKDLoss(KDLoss):
         inside = -(torch.where(weights > 0, weights * log_s, 0.0)).sum(-1)
         value = head + p_tail * torch.where(has_tail, inside, 0.0)
         return self.result(masked_mean(value, mask))
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
+        """The loss as one sparse CE where a position has draws: KL_coarse + P_T · Σ_j w_j (-log s_j)
+        = -Σ_kept p_i log q_i - P_T Σ_j w_j log q_j + Σ_buckets p log p (log Q_T cancels), the last
+        sum an offset without gradient; the coarsened KL alone where it has none (k = V)."""
+        logp = batch_field(batch, "topk_logp", self.label)
+        mask = kd_mask(batch)
+        live = coarse_live(logp, mask, vocab_size)
+        lt = teacher_coarse(logp, batch_field(batch, "topk_tail", self.label), live, dtype)
+        top_ids = batch_field(batch, "topk_ids", self.label).long()
+        ids = batch_field(batch, "tail_ids", self.label).long()
+        counts = batch_field(batch, "tail_counts", self.label).long()
+        self._check(batch, ids, counts)
+        weights, ids = self._weights(batch, ids, counts.to(dtype))
+        drawn = (live[..., -1] & (weights.sum(-1) > 0)).reshape(-1)
+        p = torch.where(live, lt.exp(), 0.0)
+        targets = torch.cat([p[..., :-1], p[..., -1:] * weights], -1).flatten(0, -2)
+        offset = torch.where(live, p * lt, 0.0).sum(-1).reshape(-1)
+        token_weight = mean_weights(mask, dtype)
+        terms: list[Term] = [SparseCETerm(self.label, weight, self.temperature, torch.cat([top_ids, ids], -1).flatten(0, -2),
+                                          torch.where(drawn[:, None], targets, 0.0), torch.where(drawn, token_weight, 0.0),
+                                          offset)]
+        undrawn = mask.reshape(-1) & ~drawn
+        if bool(undrawn.any()):
+            terms.append(CoarseTerm(self.label, weight, fkl, self.temperature, top_ids.flatten(0, -2), lt.flatten(0, -2),
+                                    live.flatten(0, -2), torch.where(undrawn, token_weight, 0.0)))
+        return terms
 
     def _check(self, batch: Mapping[str, Tensor], ids: Tensor, counts: Tensor) -> None:
         drawn = counts > 0

@@ -117,6 +117,27 @@ def test_exact_at_k_equal_v():
     assert torch.allclose(g1, g2, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("k,stored,per_step", [(4, 8, None), (4, 12, 3), (V, 8, None)])
+def test_fused_matches_unfused_values_and_gradients(k, stored, per_step):
+    """The fused path (last hidden + head, no logits: one sparse CE where a position has draws,
+    the coarsened KL where it has none) against the logits path, float64, atol 1e-10."""
+    teacher = _teacher(11)
+    batch = _batch(teacher, k, stored, 2)
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(B, T, 6, generator=g, dtype=torch.float64)
+    head = torch.randn(V, 6, generator=g, dtype=torch.float64)
+    config = {"name": "hybrid_kd", **({"draws_per_step": per_step} if per_step else {})}
+    results = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        loss = build_loss(config, _spec(k, stored))
+        out = StudentOutputs(None, output_head=w, last_hidden=h) if fused else StudentOutputs(h @ w.T)
+        value = loss(out, {**batch, "epoch": torch.tensor(1)}).total
+        results.append((value.detach(), *torch.autograd.grad(value, (h, w))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 def test_rotation_uses_disjoint_windows_that_average_to_all_draws():
     """N = 4m stored draws, m per step: four epochs use each stored draw exactly once, so their
     mean equals the all-draws loss; the epoch counter survives the state dict."""

@@ -383,12 +383,40 @@ def test_dual_space_kd_trains(store, tiny_teacher_dir, tmp_path):
 
 
 def test_online_teacher_runs_with_alignment_losses(store, tiny_teacher_dir, tmp_path):
-    """The online teacher extracts every signal of the store's spec (hidden and attention too)."""
+    """The online teacher extracts the signals of the store's spec the losses read (hidden and
+    attention here)."""
     cfg = _cfg(store, tmp_path / "run", tiny_teacher_dir, steps=2, online_teacher=str(tiny_teacher_dir),
                losses=[{"name": "fakd"}])
     train(cfg, progress=False)
     log = _log(tmp_path / "run")
     assert len(log) == 2 and all(math.isfinite(e[k]) for e in log for k in ("hidden_zmse", "attn_kl", "fkl"))
+
+
+def test_bf16_auto_follows_the_cpu_and_trains(store, tiny_teacher_dir, tmp_path):
+    """bf16 "auto": autocast on CUDA and on CPUs with AMX tiles; a bf16 run trains to finite
+    losses that differ from float32's; any other string is refused, naming the key."""
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    auto = Trainer(parse_config(_cfg(store, tmp_path / "auto", tiny_teacher_dir, bf16="auto"), TrainConfig))
+    assert auto._bf16() is amx
+    for mode in (True, False):
+        train(_cfg(store, tmp_path / str(mode), tiny_teacher_dir, steps=2, bf16=mode), progress=False)
+    bf16, fp32 = (_log(tmp_path / str(mode)) for mode in (True, False))
+    assert all(math.isfinite(e["loss"]) for e in bf16) and bf16[0]["loss"] != fp32[0]["loss"]
+    with pytest.raises(Exception, match="bf16"):
+        parse_config(_cfg(store, tmp_path / "x", tiny_teacher_dir, bf16="maybe"), TrainConfig)
+
+
+def test_online_spec_keeps_only_the_signals_the_losses_read(store):
+    from pipeline.train.losses import required_fields
+    from pipeline.train.online_teacher import online_spec
+
+    spec = StoreReader(store).spec
+    assert spec.hidden is not None and spec.attention is not None  # the fixture store holds both
+    names = StoreReader(store).field_names
+    plain = online_spec(spec, required_fields([{"name": "fkl"}], names))
+    assert plain.hidden is None and plain.attention is None and plain.topk == spec.topk
+    fakd = online_spec(spec, required_fields([{"name": "fakd"}], names))
+    assert fakd.hidden == spec.hidden and fakd.attention == spec.attention
 
 
 def test_online_full_logits_trains_and_needs_an_online_teacher(store, tiny_teacher_dir, tmp_path):
