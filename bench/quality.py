@@ -71,6 +71,7 @@ from pipeline.evaluation.evaluate import (  # noqa: E402
     token_bytes,
     token_metrics,
 )
+from pipeline.train.losses import LossConfigError, parse_loss_config  # noqa: E402
 from pipeline.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 ROW = 256
@@ -186,6 +187,10 @@ def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, dict[str,
         sys.exit(f"--variant {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
     if not name or name in table or base not in table or not isinstance(loaded, dict):
         sys.exit(f"--variant {text!r}: want NEW_NAME:BASE:{{...}} with BASE one of {', '.join(table)}")
+    try:  # refused here, before any method trains, not when its turn comes
+        parse_loss_config({**table[base]["losses"][0], **loaded}, f"--variant {name}")
+    except LossConfigError as exc:
+        sys.exit(str(exc))
     return name, base, loaded
 
 

@@ -112,6 +112,7 @@ class Trainer:
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
+        self.bf16 = self._bf16()
         self.out = Path(cfg.out)
         self.teacher = None
         if cfg.online_teacher:
@@ -179,7 +180,7 @@ class Trainer:
                 batch = self.retokenize(batch)
                 components["truncated_tokens"] = components.get("truncated_tokens", 0.0) + float(batch.pop("truncated_tokens"))
             batch = fold_loss_mask({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16())
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
             sync = self._average_grads if self.world > 1 else None
             try:
                 with autocast:
@@ -221,6 +222,7 @@ class Trainer:
                 p.grad.div_(self.world)
 
     def _bf16(self) -> bool:
+        """Whether steps run under bfloat16 autocast (resolved once, at start-up)."""
         if self.cfg.bf16 == "auto":
             amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
             return self.device.type == "cuda" or (self.device.type == "cpu" and bool(amx()))

@@ -83,8 +83,8 @@ class HybridKDLoss(KDLoss):
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
         if student.logits is None:
-            fused = fused_result(self, student, batch)  # "hybrid_kd#2": positions without draws
-            return self.result(fused.total)
+            # one component, as unfused: the terms of positions with and without draws summed
+            return self.result(fused_result(self, student, batch).total)
         logits = student.logits
         mask = kd_mask(batch)
         if TEACHER_LOGP in batch:  # online full-logit KD: the dense forward KL (k = V)

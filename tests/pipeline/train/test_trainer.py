@@ -397,7 +397,7 @@ def test_bf16_auto_follows_the_cpu_and_trains(store, tiny_teacher_dir, tmp_path)
     losses that differ from float32's; any other string is refused, naming the key."""
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     auto = Trainer(parse_config(_cfg(store, tmp_path / "auto", tiny_teacher_dir, bf16="auto"), TrainConfig))
-    assert auto._bf16() is amx
+    assert auto.bf16 is amx
     for mode in (True, False):
         train(_cfg(store, tmp_path / str(mode), tiny_teacher_dir, steps=2, bf16=mode), progress=False)
     bf16, fp32 = (_log(tmp_path / str(mode)) for mode in (True, False))
