@@ -17,7 +17,7 @@ distribution), feature_align (fakd, hidden states in the standardised space), ds
 recipe), ce_foreign_tokenizer / cross_tokenizer_baseline / cross_tokenizer_cma (a student with
 its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from the topk64
 student), adversarial. `--variant NAME:BASE:JSON` (repeatable) adds a run of BASE with JSON merged
-into its first loss's config: a sweep. `--fakd-sweep h:a,...` adds feature_align variants with those hidden /
+into its first loss's config (a JSON list: BASE's losses replaced): a sweep. `--fakd-sweep h:a,...` adds feature_align variants with those hidden /
 attention weights.
 
 Presets: `cpu` (default; the 6 layers greedy pruning keeps, 2 epochs, bf16 autocast on this AMX
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -177,21 +178,32 @@ def quarter_improvement(curve: list[list[float]]) -> float | None:
     return (q[1] - curve[-1][1]) / q[1]
 
 
-def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """NAME:BASE:JSON → (name, base method, loss parameters); a bad one exits with one line."""
+def largest_rise(curve: list[list[float]]) -> tuple[float, int, int] | None:
+    """(rise as a fraction, tokens before, tokens after) of the largest held-out perplexity rise
+    between two consecutive evaluations after the first, or None if it never rose."""
+    rises = [((b[1] - a[1]) / a[1], int(a[0]), int(b[0])) for a, b in itertools.pairwise(curve[1:]) if b[1] > a[1]]
+    return max(rises) if rises else None
+
+
+def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    """NAME:BASE:JSON → (name, base method, its losses): a JSON object is merged into BASE's first
+    loss, a JSON list replaces BASE's losses; a bad one exits with one line."""
     name, _, rest = text.partition(":")
     base, _, params = rest.partition(":")
     try:
         loaded = json.loads(params)
     except json.JSONDecodeError as exc:
         sys.exit(f"--variant {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
-    if not name or name in table or base not in table or not isinstance(loaded, dict):
-        sys.exit(f"--variant {text!r}: want NEW_NAME:BASE:{{...}} with BASE one of {', '.join(table)}")
+    if not name or name in table or base not in table or not isinstance(loaded, dict | list) or not loaded:
+        sys.exit(f"--variant {text!r}: want NEW_NAME:BASE:{{...}} or NEW_NAME:BASE:[losses] with BASE one of "
+                 f"{', '.join(table)}")
+    base_losses = table[base]["losses"]
+    losses = loaded if isinstance(loaded, list) else [{**base_losses[0], **loaded}, *base_losses[1:]]
     try:  # refused here, before any method trains, not when its turn comes
-        parse_loss_config({**table[base]["losses"][0], **loaded}, f"--variant {name}")
+        parse_loss_config(losses, f"--variant {name}")
     except LossConfigError as exc:
         sys.exit(str(exc))
-    return name, base, loaded
+    return name, base, losses
 
 
 def parse_args() -> argparse.Namespace:
@@ -203,7 +215,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fakd-sweep", default="", help="hidden:attention weights of extra feature_align runs, e.g. 0.5:0.1,1:0.5")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:BASE:JSON",
                    help='another run of method BASE with JSON merged into its first loss, e.g. '
-                        'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52} (repeatable: a sweep)')
+                        'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52}, or a JSON list of losses '
+                        'replacing its own (repeatable: a sweep)')
     p.add_argument("--teacher", default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -226,8 +239,8 @@ def main() -> None:
         STORE_FIELDS[f"feature_align_h{h:g}_a{a:g}"] = STORE_FIELDS["feature_align"]
     variants = []
     for text in args.variant:
-        name, base, params = parse_variant(text, table)
-        table[name] = {**table[base], "losses": [{**table[base]["losses"][0], **params}, *table[base]["losses"][1:]]}
+        name, base, losses = parse_variant(text, table)
+        table[name] = {**table[base], "losses": losses}
         STORE_FIELDS[name], variants = STORE_FIELDS[base], [*variants, name]
         if base in COUNTERPART:
             COUNTERPART[name] = COUNTERPART[base]
@@ -310,9 +323,13 @@ def report(args, preset, table, chosen, trained, final, stores, steps, rows, sam
             if name != "online_full" and not table.get(name, {}).get("own_tokenizer"):
                 print(f"- {name}: " + ", ".join(f"{p[1] / o[1]:.3f}" for p, o in zip(curves[name], online, strict=True)))
     ce_q = quarter_improvement(curves["ce"]) if "ce" in curves else None
+    ce_rise = largest_rise(curves["ce"]) if "ce" in curves else None
     if ce_q is not None:
         verdict = "converged" if 0 <= ce_q < 0.02 else ("rising: overfitting" if ce_q < 0 else "not converged")
         print(f"\nCE last-quarter improvement: {100 * ce_q:.2f} % ({verdict})")
+    if ce_rise is not None:
+        print(f"CE held-out perplexity rose {100 * ce_rise[0]:.1f} % between {ce_rise[1]:,} and {ce_rise[2]:,} "
+              "student tokens (overfitting)")
     targets: dict[str, Any] = {}
     for name in chosen:
         base = COUNTERPART.get(name, "ce")
@@ -337,6 +354,8 @@ def report(args, preset, table, chosen, trained, final, stores, steps, rows, sam
         "bytes_per_token": bpt,
         "curve": {m: [[int(x), round(y, 3)] for x, y in c] for m, c in curves.items()},
         "ce_last_quarter_improvement": None if ce_q is None else round(ce_q, 5),
+        "ce_largest_rise": None if ce_rise is None else {"fraction": round(ce_rise[0], 5), "from_tokens": ce_rise[1],
+                                                          "to_tokens": ce_rise[2]},
         "bits_per_byte": {m: round(models[m]["bits_per_byte"], 4) for m in ["teacher", *chosen]},
         "kl_to_teacher": {m: round(models[m]["kl_to_teacher"], 5) for m in chosen if "kl_to_teacher" in models[m]},
         "targets": targets, "all_targets_pass": all(t["pass"] for t in targets.values()),

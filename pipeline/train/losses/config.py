@@ -49,10 +49,15 @@ class DistributionConfig(_Tempered):
     alpha: float | None = Field(None, gt=0, lt=1)  # skl, srkl: skew (default 0.1)
     beta: float | None = Field(None, gt=0, lt=1)  # js: mixture weight (default 0.5 = JS)
     mu: float | None = Field(None, gt=0, le=1)  # akl: head threshold (default 0.5)
+    # fkl at τ = 1: weight of the next token as a free draw inside the teacher's tail (1 = unbiased)
+    label_tail: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _params(self) -> DistributionConfig:
         _check_param(self.name, self.__dict__, "")
+        if self.label_tail and (self.name != "fkl" or self.temperature != 1.0):
+            raise ValueError(f"label_tail applies to fkl at temperature 1 only (the labels are draws of the data), "
+                             f"not to {self.name!r} at temperature {self.temperature}")
         return self
 
     def param(self) -> float | None:
@@ -72,6 +77,7 @@ class HybridKDConfig(_Loss):
     temperature: float = Field(1.0, gt=0)  # must equal the store's top-k capture temperature
     draws_per_step: int | None = Field(None, ge=1)  # None = every stored draw; fewer = rotate per epoch
     seed: int = 0  # the rotation's permutation of each position's draws
+    label_tail: float = Field(0.0, ge=0, le=1)  # share of the inside of the tail the next token estimates
 
 
 class CEConfig(_Loss):

@@ -26,6 +26,12 @@ independent, draws. The epoch of a row is the batch's `epoch` field when present
 of times this loss has trained on that sample id (saved in the loss's state dict, so a resumed run
 continues the rotation). See bench/hybrid_draws.py for the measured bias/variance of both.
 
+`label_tail` = λ ∈ [0, 1]: the next token as one more, free, draw (see `output.DistributionLoss`):
+where it falls outside the head, 1[y ∉ K]·(-log s_y) estimates P_T·CE(r, s) too (the data drawn
+from a calibrated teacher), so loss = KL_coarse + (1-λ)·P_T·Σ_j w_j (-log s_j) + λ·1[y ∉ K]·(-log s_y)
+keeps the same expectation; the label is a sample the store never has to hold, and a fresh one at
+every position that no fixed draw repeats.
+
 τ: the draws were taken at the top-k capture temperature, so `temperature` must equal it
 (re-tempering a sampled tail is not possible). Reduction: mean over valid positions.
 """
@@ -51,7 +57,15 @@ from pipeline.train.losses.base import (
 )
 from pipeline.train.losses.coarse import coarse_live, dense_log_probs, fkl, teacher_coarse
 from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term
-from pipeline.train.losses.output import TEACHER_LOGP, TOPK_FIELDS, coarse_pair, fused_result
+from pipeline.train.losses.output import (
+    CE_FIELDS,
+    TEACHER_LOGP,
+    TOPK_FIELDS,
+    coarse_pair,
+    fused_result,
+    next_token_in_tail,
+    student_tail_log_mass,
+)
 
 HYBRID_FIELDS = (*TOPK_FIELDS[:-1], "tail_ids", "tail_counts", "valid")
 
@@ -66,13 +80,19 @@ class HybridKDLoss(KDLoss):
     fields = HYBRID_FIELDS
     fusable = True
 
-    def __init__(self, stored_draws: int, temperature: float = 1.0, draws_per_step: int | None = None, seed: int = 0):
+    def __init__(self, stored_draws: int, temperature: float = 1.0, draws_per_step: int | None = None, seed: int = 0,
+                 label_tail: float = 0.0):
         super().__init__()
         self.stored_draws = int(stored_draws)
         self.temperature = float(temperature)
         self.draws_per_step = None if draws_per_step is None or draws_per_step >= stored_draws else int(draws_per_step)
         self.seed = int(seed)
         self.visits: dict[int, int] = {}
+        self.label_tail = float(label_tail)
+        if not 0 <= self.label_tail <= 1 or (self.label_tail and self.temperature != 1.0):
+            raise ValueError(f"loss {self.label!r}: label_tail {label_tail} must lie in [0, 1], at temperature 1 "
+                             f"(the labels are draws of the data at τ = 1)")
+        self.fields = (*HYBRID_FIELDS, *CE_FIELDS) if self.label_tail else HYBRID_FIELDS
 
     # the rotation's per-sample epoch counter travels with the loss's state dict (checkpoints)
     def get_extra_state(self) -> Any:
@@ -106,7 +126,11 @@ class HybridKDLoss(KDLoss):
         has_tail = live[..., -1] & (weights.sum(-1) > 0)
         p_tail = torch.where(has_tail, lt[..., -1].exp(), 0.0)
         inside = -(torch.where(weights > 0, weights * log_s, 0.0)).sum(-1)
-        value = head + p_tail * torch.where(has_tail, inside, 0.0)
+        value = head + (1 - self.label_tail) * p_tail * torch.where(has_tail, inside, 0.0)
+        if self.label_tail:
+            labels, in_tail = next_token_in_tail(batch, live, self.label)
+            log_qy = s.gather(-1, labels[..., None])[..., 0] - torch.logsumexp(s, dim=-1)
+            value = value + self.label_tail * torch.where(in_tail & has_tail, ls[..., -1] - log_qy, 0.0)
         return self.result(masked_mean(value, mask))
 
     def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
@@ -124,12 +148,25 @@ class HybridKDLoss(KDLoss):
         weights, ids = self._weights(batch, ids, counts.to(dtype))
         drawn = (live[..., -1] & (weights.sum(-1) > 0)).reshape(-1)
         p = torch.where(live, lt.exp(), 0.0)
-        targets = torch.cat([p[..., :-1], p[..., -1:] * weights], -1).flatten(0, -2)
+        lam = self.label_tail
+        targets = torch.cat([p[..., :-1], (1 - lam) * p[..., -1:] * weights], -1)
+        ids = torch.cat([top_ids, ids], -1)
         offset = torch.where(live, p * lt, 0.0).sum(-1).reshape(-1)
         token_weight = mean_weights(mask, dtype)
-        terms: list[Term] = [SparseCETerm(self.label, weight, self.temperature, torch.cat([top_ids, ids], -1).flatten(0, -2),
-                                          torch.where(drawn[:, None], targets, 0.0), torch.where(drawn, token_weight, 0.0),
-                                          offset)]
+        tail_coef = None
+        if lam:
+            # the label joins the sparse CE; log Q_T then keeps λ·(1[y ∉ K] - P_T) of its coefficient
+            labels, in_tail = next_token_in_tail(batch, live, self.label)
+            in_tail = in_tail & drawn.view_as(in_tail)
+            targets = torch.cat([targets, (lam * in_tail.to(dtype))[..., None]], -1)
+            ids = torch.cat([ids, labels[..., None]], -1)
+            tail_coef = torch.where(drawn.view_as(in_tail), lam * (in_tail.to(dtype) - p[..., -1]), 0.0).reshape(-1)
+        terms: list[Term] = [SparseCETerm(self.label, weight, self.temperature, ids.flatten(0, -2),
+                                          torch.where(drawn[:, None], targets.flatten(0, -2), 0.0),
+                                          torch.where(drawn, token_weight, 0.0), offset)]
+        if tail_coef is not None and bool((tail_coef != 0).any()):
+            terms.append(CoarseTerm(self.label, weight, student_tail_log_mass, 1.0, top_ids.flatten(0, -2),
+                                    lt.flatten(0, -2), live.flatten(0, -2), tail_coef * token_weight))
         undrawn = mask.reshape(-1) & ~drawn
         if bool(undrawn.any()):
             terms.append(CoarseTerm(self.label, weight, fkl, self.temperature, top_ids.flatten(0, -2), lt.flatten(0, -2),

@@ -92,25 +92,46 @@ class DistributionLoss(KDLoss):
     Per position: the divergence of the coarsened distributions (exact; the dense divergence when
     k = V). Reduction: mean over positions with valid[t]. No τ² factor: fold one into `weight`
     if wanted. `teacher_power` = τc/τ when re-tempering, else 1.
+
+    `label_tail` (forward KL at τ = 1 only): the next token as a free draw from the inside of the
+    tail. Forward KL = KL_coarse + P_T · KL(r ‖ s) (r, s: teacher and student renormalised over
+    the ids not kept, as in `hybrid`), and the coarse part leaves the inside untaught. The label y
+    is a sample of the data, which the teacher models: where y is not kept,
+    E_y[1[y ∉ K] · (-log s_y)] = Σ_{i ∉ K} p_i (-log s_i) = P_T · CE(r, s) when the teacher is
+    calibrated, so the loss adds label_tail · 1[y ∉ K] · (-log q_y + log Q_T), from the tokens the
+    store already holds (no bytes). Exact at k = V (no tail: nothing is added).
     """
 
-    fields = TOPK_FIELDS
     fusable = True
 
-    def __init__(self, name: str, param: float | None = None, temperature: float = 1.0, teacher_power: float = 1.0):
+    def __init__(self, name: str, param: float | None = None, temperature: float = 1.0, teacher_power: float = 1.0,
+                 label_tail: float = 0.0):
         super().__init__()
         self.label = name
         self.divergence = divergence(name, param)
         self.temperature = float(temperature)
         self.teacher_power = float(teacher_power)
+        self.label_tail = float(label_tail)
+        if self.label_tail and (name != "fkl" or temperature != 1.0 or teacher_power != 1.0):
+            raise ValueError(f"loss {name!r}: label_tail estimates forward KL at τ = 1 (the labels are draws of "
+                             f"the data at τ = 1); got {name} at temperature {temperature}")
+        self.fields = (*TOPK_FIELDS, *CE_FIELDS) if self.label_tail else TOPK_FIELDS
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
         if student.logits is None:
-            return fused_result(self, student, batch)
+            result = fused_result(self, student, batch)
+            return self.result(result.total) if self.label_tail else result
         if TEACHER_LOGP in batch:
             return self.result(masked_mean(self.dense(student.logits, batch[TEACHER_LOGP]), kd_mask(batch)))
         lt, ls, live = coarse_pair(student.logits, batch, self.temperature, self.teacher_power, self.label)
-        return self.result(masked_mean(self.divergence(lt, ls, live), kd_mask(batch)))
+        value = self.divergence(lt, ls, live)
+        if self.label_tail:
+            labels, in_tail = next_token_in_tail(batch, live, self.label)
+            s = student.logits.to(ls.dtype)
+            log_q = s.gather(-1, labels[..., None])[..., 0] - torch.logsumexp(s, dim=-1)
+            value = value + self.label_tail * torch.where(in_tail, ls[..., -1] - log_q, 0.0)
+        return self.result(masked_mean(value, kd_mask(batch)))
+
 
     def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
         logp = batch_field(batch, "topk_logp", self.label)
@@ -119,8 +140,20 @@ class DistributionLoss(KDLoss):
         lt = retemper(teacher_coarse(logp, batch_field(batch, "topk_tail", self.label), live, dtype), live,
                       self.teacher_power)
         ids = batch_field(batch, "topk_ids", self.label).long()
-        return [CoarseTerm(self.label, weight, self.divergence, self.temperature, ids.flatten(0, -2),
-                           lt.flatten(0, -2), live.flatten(0, -2), mean_weights(mask, dtype))]
+        terms: list[Term] = [CoarseTerm(self.label, weight, self.divergence, self.temperature, ids.flatten(0, -2),
+                                        lt.flatten(0, -2), live.flatten(0, -2), mean_weights(mask, dtype))]
+        if not self.label_tail:
+            return terms
+        labels, in_tail = next_token_in_tail(batch, live, self.label)
+        if bool(in_tail.any()):
+            # -log q_y as a sparse CE, + log Q_T as a coarse "divergence" over the same kept ids
+            tw = torch.where(in_tail.reshape(-1), mean_weights(mask, dtype), 0.0)
+            w = weight * self.label_tail
+            ys = labels.reshape(-1, 1)
+            terms += [SparseCETerm(f"{self.label}_label_tail", w, 1.0, ys, torch.ones(ys.shape, dtype=dtype, device=ys.device), tw),
+                      CoarseTerm(f"{self.label}_label_tail", w, student_tail_log_mass, 1.0, ids.flatten(0, -2),
+                                 lt.flatten(0, -2), live.flatten(0, -2), tw)]
+        return terms
 
     def dense(self, logits: Tensor, teacher_logp: Tensor) -> Tensor:
         """Per-position divergence against the teacher's full distribution (online full-logit
@@ -130,6 +163,21 @@ class DistributionLoss(KDLoss):
         if self.teacher_power != 1.0:
             lt = torch.log_softmax(lt * self.teacher_power, dim=-1)
         return self.divergence(lt, dense_log_probs(logits, self.temperature, dtype), None)
+
+
+def next_token_in_tail(batch: Mapping[str, Tensor], live: Tensor, label: str) -> tuple[Tensor, Tensor]:
+    """The next token of each position [B,T] (0 where none), and where it is counted (a label and
+    a KD position) and falls in the teacher's tail: not a live kept id, the tail bucket live."""
+    labels, mask = label_mask(batch)
+    labels, mask = F.pad(labels, (0, 1)), F.pad(mask, (0, 1)) & kd_mask(batch)
+    ids = batch_field(batch, "topk_ids", label).long()
+    kept = ((ids == labels[..., None]) & live[..., :-1]).any(-1)
+    return labels, mask & ~kept & live[..., -1]
+
+
+def student_tail_log_mass(lt: Tensor, ls: Tensor, live: Tensor) -> Tensor:
+    """log Q_T per position (0 where the tail bucket is dead): a `CoarseTerm` divergence."""
+    return torch.where(live[..., -1], ls[..., -1], 0.0)
 
 
 class SampledKDLoss(KDLoss):

@@ -130,7 +130,7 @@ def _dims(student: StudentDims | None, label: str) -> StudentDims:
 
 
 def _build_distribution(cfg: DistributionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, _capture_power(cfg, store, cfg.name))
+    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, _capture_power(cfg, store, cfg.name), cfg.label_tail)
 
 
 def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
@@ -149,7 +149,7 @@ def _build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: StudentDims | 
     if abs(cfg.temperature - captured) > 1e-12:
         raise LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
                               f"temperature {captured} (its tail draws cannot be re-tempered); use temperature {captured}")
-    return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed)
+    return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed, cfg.label_tail)
 
 
 def _build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
@@ -281,7 +281,7 @@ class LossEntry:
 
 
 def _topk(cfg: Any, names: Sequence[str]) -> tuple[str, ...]:
-    return TOPK_FIELDS
+    return (*TOPK_FIELDS, *CE_FIELDS) if getattr(cfg, "label_tail", 0) else TOPK_FIELDS
 
 
 _DIST = {
@@ -296,7 +296,7 @@ _DIST = {
 REGISTRY: dict[str, LossEntry] = {
     **{name: LossEntry(DistributionConfig, _build_distribution, _topk, text) for name, text in _DIST.items()},
     "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: SAMPLED_FIELDS, "CE against sampled teacher draws (unbiased)"),
-    "hybrid_kd": LossEntry(HybridKDConfig, _build_hybrid, lambda c, n: HYBRID_FIELDS,
+    "hybrid_kd": LossEntry(HybridKDConfig, _build_hybrid, lambda c, n: (*HYBRID_FIELDS, *CE_FIELDS) if c.label_tail else HYBRID_FIELDS,
                            "top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient"),
     "ce": LossEntry(CEConfig, _build_ce, lambda c, n: CE_FIELDS, "hard-label next-token cross-entropy"),
     "hidden": LossEntry(HiddenConfig, _build_hidden, lambda c, n: (*alignment.hidden_fields(c.layer_map, n), "valid"), "hidden-state MSE / cosine"),
