@@ -11,7 +11,7 @@ built-in corpus (~107k tokens; the stores are built once and reused across runs,
 steps, drawn as learning curves (held-out perplexity vs student tokens) in one PNG, and the final
 models get the full evaluation (ECE, KL to the teacher, top-1 agreement, bits/byte).
 
-Methods (`bench/quality_methods.py`): ce, topk64 (label_tail 1), sample12, hybrid (topk_tail_sample: top-16 + 8
+Methods (`bench/quality_methods.py`): ce, topk64 (label_tail 0.5), sample12, hybrid (topk_tail_sample: top-16 + 8
 tail draws), online_full (the reference: forward KL against the resident teacher's full
 distribution), feature_align (fakd, hidden states in the standardised space), dskd (the authors'
 recipe), ce_foreign_tokenizer / cross_tokenizer_baseline / cross_tokenizer_cma (a student with
