@@ -130,7 +130,11 @@ def _dims(student: StudentDims | None, label: str) -> StudentDims:
 
 
 def _build_distribution(cfg: DistributionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, _capture_power(cfg, store, cfg.name), cfg.label_tail)
+    power = _capture_power(cfg, store, cfg.name)
+    if cfg.label_tail and power != 1.0:
+        raise LossConfigError(f"loss {cfg.name!r}: label_tail needs the cached teacher at temperature 1 (the labels "
+                              f"are draws at τ = 1), and this store's top-k was captured at τ = {power:g}")
+    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, power, cfg.label_tail)
 
 
 def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
@@ -281,7 +285,7 @@ class LossEntry:
 
 
 def _topk(cfg: Any, names: Sequence[str]) -> tuple[str, ...]:
-    return (*TOPK_FIELDS, *CE_FIELDS) if getattr(cfg, "label_tail", 0) else TOPK_FIELDS
+    return (*TOPK_FIELDS, *CE_FIELDS) if cfg.label_tail else TOPK_FIELDS
 
 
 _DIST = {

@@ -106,6 +106,10 @@ def test_bad_config_is_refused_naming_label_tail():
                 {"name": "fkl", "label_tail": -1.0}):
         with pytest.raises(LossConfigError, match="label_tail"):
             build_loss(bad, _spec(4))
+    # a store captured at τ = 2, re-tempered to 1: the cached teacher is not the labels' distribution
+    hot = StoreSpec(vocab_size=V, row_length=T, shard_rows=4, topk=TopKSpec(k=4, logp_step=0.0, temperature=2.0))
+    with pytest.raises(LossConfigError, match="label_tail needs the cached teacher at temperature 1"):
+        build_loss({"name": "fkl", "label_tail": 1.0, "retemper": True}, hot)
 
 
 def _hybrid_batch(k: int, stored: int, seed: int):
