@@ -64,6 +64,7 @@ from quality_methods import (  # noqa: E402
 )
 
 from kdstore.reader import StoreReader  # noqa: E402
+from kdstore.spec import DRAW_SCHEMES  # noqa: E402
 from kdstore.summary import summarize  # noqa: E402
 from pipeline.evaluation.evaluate import (  # noqa: E402
     EvalConfig,
@@ -206,6 +207,17 @@ def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, list[dict
     return name, base, losses
 
 
+def draws_method(pair: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`N:SCHEME` → method sample{N}_{SCHEME} (plain sampled_kd) and its store's sampled signal."""
+    n, _, scheme = pair.partition(":")
+    if not n.isdigit() or not 1 <= int(n) <= 255 or scheme not in DRAW_SCHEMES:
+        sys.exit(f"--draws-sweep {pair!r}: want N:SCHEME with N in [1, 255] and SCHEME one of {DRAW_SCHEMES}")
+    name = f"sample{int(n)}_{scheme}"
+    table[name] = {"store": name, "losses": [{"name": "sampled_kd"}]}
+    STORE_FIELDS[name] = STORE_FIELDS["sample12"]
+    return name, {"n_draws": int(n), "scheme": scheme}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Held-out quality of students trained several epochs from the cache.")
     p.add_argument("--quick", action="store_true", help="8,192 cached tokens, 2 epochs, ce,topk64,hybrid (≤ 10 min)")
@@ -213,6 +225,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int)
     p.add_argument("--eval-points", type=int)
     p.add_argument("--fakd-sweep", default="", help="hidden:attention weights of extra feature_align runs, e.g. 0.5:0.1,1:0.5")
+    p.add_argument("--draws-sweep", default="", metavar="N:SCHEME,...",
+                   help="extra sampled_kd runs, each from its own store of N draws per token taken by SCHEME "
+                        "(multinomial or systematic), e.g. 12:multinomial,48:systematic")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:BASE:JSON",
                    help='another run of method BASE with JSON merged into its first loss, e.g. '
                         'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52}, or a JSON list of losses '
@@ -237,7 +252,11 @@ def main() -> None:
         h, a = (float(x) for x in pair.split(":"))
         table[f"feature_align_h{h:g}_a{a:g}"] = {"store": "full", "losses": [feature_align(preset, h, a)]}
         STORE_FIELDS[f"feature_align_h{h:g}_a{a:g}"] = STORE_FIELDS["feature_align"]
-    variants = []
+    draw_stores = {}
+    for pair in filter(None, args.draws_sweep.split(",")):
+        name, store = draws_method(pair, table)
+        draw_stores[name] = store
+    variants = list(draw_stores)
     for text in args.variant:
         name, base, losses = parse_variant(text, table)
         table[name] = {**table[base], "losses": losses}
@@ -251,7 +270,7 @@ def main() -> None:
         sys.exit(f"unknown methods {unknown}; known: {', '.join(table)}")
     chosen = with_dependencies(chosen, table)
     started = time.perf_counter()
-    configs = store_configs(preset, args.teacher)
+    configs = store_configs(preset, args.teacher, draw_stores)
     stores = {key: cached_store(f"quality-{preset.name}-{key}", configs[key])
               for key in sorted({table[m]["store"] for m in chosen} | {"full"})}
     rows = sum(StoreReader(stores["full"]).read_shard(s, ["sample_id"])["sample_id"].size

@@ -21,6 +21,9 @@ from kdstore.errors import SpecError
 FORMAT_VERSION = 2  # 2: byte-plane log-prob codes, delta-coded draw ids (kdstore.fields)
 
 SAMPLERS = ("topk", "topp_k")
+# how n draws per token are taken: independent (multinomial), or n evenly spaced points through
+# the CDF from one uniform offset (systematic: every count is floor or ceil of n·p, still unbiased)
+DRAW_SCHEMES = ("multinomial", "systematic")
 HIDDEN_DTYPES = ("float16", "bfloat16", "int8")
 ATTENTION_DTYPES = ("uint8", "uint16")
 
@@ -51,16 +54,19 @@ class TopKSpec:
 
 @dataclass(frozen=True)
 class SampledSpec:
-    """Random-sampling KD (arXiv 2503.16870): `n_draws` draws per token, unique ids + counts."""
+    """Random-sampling KD (arXiv 2503.16870): `n_draws` draws per token, unique ids + counts,
+    taken by `scheme` (DRAW_SCHEMES)."""
 
     n_draws: int
     temperature: float = 1.0
     seed: int = 0
+    scheme: str = "multinomial"
 
     def __post_init__(self) -> None:
         _numbers(self, "sampled", ints=("n_draws", "seed"), floats=("temperature",))
         _require(1 <= self.n_draws <= 255, f"sampled.n_draws must be in [1, 255], got {self.n_draws}")
         _require(self.temperature > 0, "sampled.temperature must be > 0")
+        _require(self.scheme in DRAW_SCHEMES, f"sampled.scheme must be one of {DRAW_SCHEMES}, got {self.scheme!r}")
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,13 @@ class TailSampleSpec:
 
     n_draws: int
     seed: int = 0
+    scheme: str = "multinomial"
 
     def __post_init__(self) -> None:
         _numbers(self, "tail_sample", ints=("n_draws", "seed"))
         _require(1 <= self.n_draws <= 255, f"tail_sample.n_draws must be in [1, 255], got {self.n_draws}")
+        _require(self.scheme in DRAW_SCHEMES,
+                 f"tail_sample.scheme must be one of {DRAW_SCHEMES}, got {self.scheme!r}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,9 @@ class StoreSpec:
             del data["loss_mask"]
         if self.tail_sample is None:  # added later still: absent = None keeps older fingerprints
             del data["tail_sample"]
+        for key in ("sampled", "tail_sample"):  # likewise the draw scheme: absent = multinomial
+            if data.get(key) is not None and data[key]["scheme"] == "multinomial":
+                del data[key]["scheme"]
         return data
 
     @classmethod

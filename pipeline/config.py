@@ -77,6 +77,7 @@ class SampledConfig(Strict):
     n_draws: int = Field(12, ge=1, le=255)
     temperature: float = Field(1.0, gt=0)
     seed: int = 0
+    scheme: Literal["multinomial", "systematic"] = "multinomial"
 
     def to_spec(self) -> SampledSpec:
         return SampledSpec(**self.model_dump())
@@ -88,6 +89,7 @@ class TailSampleConfig(Strict):
 
     n_draws: int = Field(8, ge=1, le=255)
     seed: int = 0
+    scheme: Literal["multinomial", "systematic"] = "multinomial"
 
     def to_spec(self) -> TailSampleSpec:
         return TailSampleSpec(**self.model_dump())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 TOKEN_CHUNK = 2048
+CDF_CHUNK = 128  # tokens per float64 cumulative sum of systematic draws (128 × 152k × 8 B = 156 MB)
 SMALL_TAIL = 1e-3  # below this the tail is summed from the dropped ids (exact), above it 1 - Σ kept
 
 
@@ -56,15 +57,33 @@ def topk_logprobs(
     )
 
 
+def draw(probs: torch.Tensor, n_draws: int, generator: torch.Generator | None, scheme: str) -> torch.Tensor:
+    """[N, V] probabilities → [N, n_draws] ids. Either scheme makes count/n_draws an unbiased
+    estimate of every probability p. multinomial: independent draws, count variance n·p(1-p).
+    systematic: one uniform offset u per row and the points (i + u)/n through the CDF, so every
+    count is floor or ceil of n·p (variance at most 1/4): the head is near exact, and the tail
+    still gets draws with probability n·p."""
+    if scheme == "multinomial":
+        return torch.multinomial(probs, n_draws, replacement=True, generator=generator)
+    offsets = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    points = (torch.arange(n_draws, device=probs.device, dtype=torch.float64) + offsets) / n_draws
+    out = []
+    for start in range(0, probs.shape[0], CDF_CHUNK):
+        cdf = probs[start : start + CDF_CHUNK].double().cumsum(-1)
+        out.append(torch.searchsorted(cdf, points[start : start + CDF_CHUNK] * cdf[:, -1:], right=True))
+    return torch.cat(out).clamp_max(probs.shape[-1] - 1)
+
+
 def sampled_draws(
-    logits: torch.Tensor, n_draws: int, temperature: float, generator: torch.Generator
+    logits: torch.Tensor, n_draws: int, temperature: float, generator: torch.Generator | None,
+    scheme: str = "multinomial",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n_draws draws per token → unique ids [..., n_draws] and counts (0 = padding, at the end)."""
     flat = logits.reshape(-1, logits.shape[-1])
     ids_out, counts_out = [], []
     for start in range(0, flat.shape[0], TOKEN_CHUNK):
         probs = torch.softmax(flat[start : start + TOKEN_CHUNK].float() / temperature, dim=-1)
-        draws = torch.multinomial(probs, n_draws, replacement=True, generator=generator)
+        draws = draw(probs, n_draws, generator, scheme)
         ids, counts = unique_counts(draws)
         ids_out.append(ids)
         counts_out.append(counts)
@@ -74,7 +93,7 @@ def sampled_draws(
 
 def tail_draws(
     logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor, n_draws: int, temperature: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, scheme: str = "multinomial",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The hybrid's tail: n_draws draws per token from the teacher (at `temperature`) renormalised
     over the ids the head does not keep (kept = finite `topk_logp` slots: top-p padding belongs to
@@ -93,8 +112,7 @@ def tail_draws(
         probs = torch.softmax(masked, dim=-1)
         empty = ~torch.isfinite(probs).all(-1) | (probs.sum(-1) <= 0)
         probs = torch.where(empty[:, None], 1.0 / V, probs)  # any valid row: its draws are dropped below
-        draws = torch.multinomial(probs, n_draws, replacement=True, generator=generator)
-        uniq, counts = unique_counts(draws)
+        uniq, counts = unique_counts(draw(probs, n_draws, generator, scheme))
         counts = torch.where(empty[:, None], 0, counts)
         ids_out.append(torch.where(counts > 0, uniq, 0))
         counts_out.append(counts)

@@ -114,12 +114,12 @@ def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | N
         if t is not None:
             ids, logp, tail = extract.topk_logprobs(chunk, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
             keep((("topk_ids", ids), ("topk_logp", logp), ("topk_tail", tail)), chunk)
-            if spec.tail_sample is not None:
-                keep(tuple(zip(("tail_ids", "tail_counts"), extract.tail_draws(
-                    chunk, ids, logp, spec.tail_sample.n_draws, t.temperature, tail_generator), strict=True)), chunk)
+            if (ts := spec.tail_sample) is not None:
+                tail_ids = extract.tail_draws(chunk, ids, logp, ts.n_draws, t.temperature, tail_generator, ts.scheme)
+                keep(tuple(zip(("tail_ids", "tail_counts"), tail_ids, strict=True)), chunk)
         if d is not None:
-            keep(tuple(zip(("draw_ids", "draw_counts"), extract.sampled_draws(chunk, d.n_draws, d.temperature, generator),
-                           strict=True)), chunk)
+            draws = extract.sampled_draws(chunk, d.n_draws, d.temperature, generator, d.scheme)
+            keep(tuple(zip(("draw_ids", "draw_counts"), draws, strict=True)), chunk)
     for key, values in parts.items():
         joined = torch.cat(values)
         out[key] = extract.to_numpy(joined.reshape(*batch_shape, *joined.shape[1:]))

@@ -502,6 +502,16 @@ def test_spec_dict_round_trip_keeps_the_fingerprint(spec_with, provenance):
     assert fingerprint(same, provenance) == fingerprint(spec, provenance)
 
 
+def test_draw_scheme_keeps_older_fingerprints_and_round_trips(provenance):
+    multinomial = StoreSpec.from_dict({**BASE, "topk": {"k": 4}, "sampled": {"n_draws": 4}, "tail_sample": {"n_draws": 2}})
+    assert "scheme" not in multinomial.to_dict()["sampled"] and "scheme" not in multinomial.to_dict()["tail_sample"]
+    systematic = StoreSpec.from_dict({**BASE, "topk": {"k": 4}, "sampled": {"n_draws": 4, "scheme": "systematic"},
+                                      "tail_sample": {"n_draws": 2}})
+    assert systematic.sampled.scheme == "systematic"
+    assert StoreSpec.from_dict(json.loads(json.dumps(systematic.to_dict()))) == systematic
+    assert fingerprint(systematic, provenance) != fingerprint(multinomial, provenance)
+
+
 @pytest.mark.parametrize(
     ("data", "named"),
     [
@@ -549,6 +559,8 @@ def test_provenance_unknown_key_is_named():
         ({**BASE, "topk": {"k": 4, "temperature": "hot"}}, "temperature"),
         ({**BASE, "sampled": {"n_draws": 0}}, "n_draws"),
         ({**BASE, "sampled": {"n_draws": 256}}, "n_draws"),
+        ({**BASE, "sampled": {"n_draws": 4, "scheme": "stratified"}}, "sampled.scheme"),
+        ({**BASE, "topk": {"k": 4}, "tail_sample": {"n_draws": 4, "scheme": 1}}, "tail_sample.scheme"),
         ({**BASE, "hidden": {"layers": [], "width": 8}}, "hidden.layers"),
         ({**BASE, "hidden": {"layers": [1, 1], "width": 8}}, "duplicates"),
         ({**BASE, "hidden": {"layers": ["x"], "width": 8}}, "hidden.layers"),

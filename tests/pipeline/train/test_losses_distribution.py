@@ -271,14 +271,16 @@ def test_sampled_kd_equals_exact_formula_on_crafted_input():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
-def test_sampled_kd_is_unbiased_for_the_teacher_cross_entropy():
+@pytest.mark.parametrize("scheme", ["multinomial", "systematic"])
+def test_sampled_kd_is_unbiased_for_the_teacher_cross_entropy(scheme):
     """Mean of the estimator over N independent positions vs CE(p, q): |diff| < 5 standard
-    errors (SE estimated from the per-position values); gradients within 6 SE too."""
+    errors (SE estimated from the per-position values, floored for systematic draws, whose
+    spread can be tiny); gradients within 6 multinomial SE too."""
     N, n_draws, vocab = 6000, 8, 50
     g = torch.Generator().manual_seed(1)
     teacher_logits = 1.5 * torch.randn(vocab, generator=g, dtype=torch.float64)
     student_logits = torch.randn(vocab, generator=g, dtype=torch.float64)
-    ids, counts = extract.sampled_draws(teacher_logits.float().expand(1, N, vocab), n_draws, 1.0, g)
+    ids, counts = extract.sampled_draws(teacher_logits.float().expand(1, N, vocab), n_draws, 1.0, g, scheme)
     batch = {"valid": torch.ones(1, N, dtype=torch.bool), "draw_ids": ids.int(), "draw_counts": counts.int()}
     x = student_logits.clone().requires_grad_(True)
     total = SampledKDLoss()(StudentOutputs(x.expand(1, N, vocab)), batch).total
@@ -286,8 +288,8 @@ def test_sampled_kd_is_unbiased_for_the_teacher_cross_entropy():
     p, lq = torch.softmax(teacher_logits, -1), torch.log_softmax(student_logits, -1)
     ce = -(p * lq).sum()
     per_position = -((counts.double() / n_draws) * lq[ids.long()]).sum(-1)[0]
-    se = per_position.std() / math.sqrt(N)
-    assert abs(total.item() - ce.item()) < 5 * se.item()
+    se = per_position.std().item() / math.sqrt(N) + 1e-4
+    assert abs(total.item() - ce.item()) < 5 * se
     grad_se = math.sqrt(p.max().item() / (N * n_draws))
     torch.testing.assert_close(x.grad, torch.softmax(student_logits, -1) - p, atol=6 * grad_se, rtol=0)
 

@@ -46,3 +46,20 @@ def test_convergence_figures_of_a_curve():
     rise, before, after = quality.largest_rise(curve)
     assert (before, after) == (107264, 133888) and abs(rise - 15.5 / 113.0) < 1e-12
     assert quality.largest_rise([[0, 9.0], [1, 5.0], [2, 4.0]]) is None
+
+
+def test_draws_sweep_adds_a_store_and_a_method_and_refuses_bad_pairs():
+    quality = _quality()
+    preset = quality.PRESETS["cpu"]
+    table = quality.methods(preset)
+    name, sampled = quality.draws_method("48:systematic", table)
+    assert name == "sample48_systematic" and sampled == {"n_draws": 48, "scheme": "systematic"}
+    assert table[name] == {"store": name, "losses": [{"name": "sampled_kd"}]}
+    configs = quality.store_configs(preset, "default", {name: sampled})
+    assert configs[name]["signals"] == {"sampled": sampled}
+    assert configs[name]["corpus"] == configs["full"]["corpus"] and configs[name]["split"] == "train"
+    assert quality.parse_variant('x:sample48_systematic:{"weight": 0.9}', table)[2] == [
+        {"name": "sampled_kd", "weight": 0.9}]
+    for bad in ("48", "0:systematic", "256:multinomial", "x:systematic", "12:stratified"):
+        with pytest.raises(SystemExit, match="want N:SCHEME"):
+            quality.draws_method(bad, table)
