@@ -115,8 +115,8 @@ def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | N
             ids, logp, tail = extract.topk_logprobs(chunk, t.k, t.temperature, t.top_p if t.sampler == "topp_k" else None)
             keep((("topk_ids", ids), ("topk_logp", logp), ("topk_tail", tail)), chunk)
             if (ts := spec.tail_sample) is not None:
-                tail_ids = extract.tail_draws(chunk, ids, logp, ts.n_draws, t.temperature, tail_generator, ts.scheme)
-                keep(tuple(zip(("tail_ids", "tail_counts"), tail_ids, strict=True)), chunk)
+                inside_tail = extract.tail_draws(chunk, ids, logp, ts.n_draws, t.temperature, tail_generator, ts.scheme)
+                keep(tuple(zip(("tail_ids", "tail_counts"), inside_tail, strict=True)), chunk)
         if d is not None:
             draws = extract.sampled_draws(chunk, d.n_draws, d.temperature, generator, d.scheme)
             keep(tuple(zip(("draw_ids", "draw_counts"), draws, strict=True)), chunk)
