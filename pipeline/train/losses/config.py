@@ -67,6 +67,14 @@ class DistributionConfig(_Tempered):
 class SampledKDConfig(_Loss):
     name: Literal["sampled_kd"]
     temperature: float = Field(1.0, gt=0)  # must equal the store's sampling temperature
+    # at τ = 1: share of the once-drawn ids' weight the next token takes (see losses.hybrid)
+    label_tail: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _label_tail(self) -> SampledKDConfig:
+        if self.label_tail and self.temperature != 1.0:
+            raise ValueError(f"label_tail needs temperature 1 (the labels are draws of the data), got {self.temperature}")
+        return self
 
 
 class HybridKDConfig(_Loss):

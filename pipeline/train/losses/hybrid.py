@@ -34,6 +34,16 @@ every position that no fixed draw repeats.
 
 τ: the draws were taken at the top-k capture temperature, so `temperature` must equal it
 (re-tempering a sampled tail is not possible). Reduction: mean over valid positions.
+
+`sampled_kd` with `label_tail` (`SampledTailKDLoss`) reads a sampled store's draws as a hybrid
+row: the ids drawn twice or more are the head, with c/N as the teacher's probability, and the ids
+drawn once are the tail draws, their number over N the tail mass. Plain sampled KD is exactly
+this split (same gradient: -Σ (c/N) log q regrouped), so label_tail = λ only moves λ of the
+once-drawn ids' weight to the next token where it falls outside that head; the head counts and
+the tail's mass stay the teacher's. Once-drawn ids are the noisy part of 12 draws: each stands
+for 1/N of the mass, while its p is mostly far smaller. Unbiased where no id has N·p in [1, 2)
+(under systematic draws the ids with p < 1/N are exactly those drawn at most once), and like the
+label_tail of top-k, it assumes a calibrated teacher.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import torch
 from torch import Tensor
 
 from pipeline.train.losses.base import (
+    TARGET_MASK,
     KDLoss,
     LossResult,
     StudentOutputs,
@@ -59,6 +70,7 @@ from pipeline.train.losses.coarse import coarse_live, dense_log_probs, fkl, teac
 from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term
 from pipeline.train.losses.output import (
     CE_FIELDS,
+    SAMPLED_FIELDS,
     TEACHER_LOGP,
     TOPK_FIELDS,
     coarse_pair,
@@ -229,3 +241,49 @@ class HybridKDLoss(KDLoss):
             for s in sample_ids:
                 self.visits[s] = self.visits.get(s, 0) + 1
         return epochs
+
+
+class SampledTailKDLoss(HybridKDLoss):
+    """`sampled_kd` with `label_tail`: the hybrid's loss over a sampled row (`sampled_as_hybrid`)."""
+
+    label = "sampled_kd"
+
+    def __init__(self, stored_draws: int, label_tail: float):
+        super().__init__(stored_draws, label_tail=label_tail)
+        self.fields = (*SAMPLED_FIELDS, *CE_FIELDS)
+
+    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+        if student.logits is None:
+            return self.result(fused_result(self, student, batch).total)
+        return super().forward(student, sampled_as_hybrid(batch, self.label))
+
+    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
+        return super().fused_terms(sampled_as_hybrid(batch, self.label), weight, vocab_size, dtype)
+
+
+def sampled_as_hybrid(batch: Mapping[str, Tensor], label: str) -> dict[str, Tensor]:
+    """A sampled batch with the fields of a topk_tail_sample one: head = ids drawn ≥ 2 times
+    (log c/N), tail mass = once-drawn ids / N, tail draws = the once-drawn ids; positions without
+    draws leave the target mask."""
+    counts = batch_field(batch, "draw_counts", label).long()
+    ids = batch_field(batch, "draw_ids", label).long()
+    total = counts.sum(-1, keepdim=True)
+    head, once = counts >= 2, counts == 1
+    # dead head slots need distinct ids outside the head (the student's tail is a scatter over
+    # the slots: a repeated id there counts its gradient twice). At most n/2 ids are drawn twice,
+    # so n + n/2 + 1 candidates leave n free ones.
+    n = ids.shape[-1]
+    candidates = torch.arange(n + n // 2 + 1, device=ids.device)
+    taken = (candidates[:, None] == torch.where(head, ids, -1)[..., None, :]).any(-1)
+    free = torch.argsort(taken.to(torch.uint8), dim=-1, stable=True)[..., :n]  # free candidates, ascending
+    share = counts.double() / total.clamp_min(1)  # log(c/N) exact in any compute dtype ([B,T,n]: small)
+    drawn = total[..., 0] > 0
+    return {
+        **batch,
+        "topk_ids": torch.where(head, ids, free),
+        "topk_logp": torch.where(head, share.log(), float("-inf")),
+        "topk_tail": once.sum(-1).double() / total[..., 0].clamp_min(1),
+        "tail_ids": torch.where(once, ids, 0),
+        "tail_counts": once.long(),
+        TARGET_MASK: drawn & batch[TARGET_MASK].bool() if TARGET_MASK in batch else drawn,
+    }

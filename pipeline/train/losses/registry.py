@@ -49,7 +49,7 @@ from pipeline.train.losses.config import (
 )
 from pipeline.train.losses.cross_tokenizer import XTOK_FIELDS, CrossModelAttentionKD, TokenAlignKD
 from pipeline.train.losses.dskd import DualSpaceKD
-from pipeline.train.losses.hybrid import HYBRID_FIELDS, HybridKDLoss
+from pipeline.train.losses.hybrid import HYBRID_FIELDS, HybridKDLoss, SampledTailKDLoss
 from pipeline.train.losses.multi import MultiTeacherLoss, multi_fields, resolve_weights
 from pipeline.train.losses.output import (
     CE_FIELDS,
@@ -139,6 +139,8 @@ def _build_distribution(cfg: DistributionConfig, store: StoreInfo, student: Stud
 
 def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
     _capture_power(cfg, store, cfg.name, "sampled")
+    if cfg.label_tail:
+        return SampledTailKDLoss(store.spec.sampled.n_draws if store.spec.sampled else 255, cfg.label_tail)
     return SampledKDLoss(cfg.temperature)
 
 
@@ -299,7 +301,8 @@ _DIST = {
 }
 REGISTRY: dict[str, LossEntry] = {
     **{name: LossEntry(DistributionConfig, _build_distribution, _topk, text) for name, text in _DIST.items()},
-    "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: SAMPLED_FIELDS, "CE against sampled teacher draws (unbiased)"),
+    "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: (*SAMPLED_FIELDS, *CE_FIELDS) if c.label_tail else SAMPLED_FIELDS,
+                           "CE against sampled teacher draws (unbiased)"),
     "hybrid_kd": LossEntry(HybridKDConfig, _build_hybrid, lambda c, n: (*HYBRID_FIELDS, *CE_FIELDS) if c.label_tail else HYBRID_FIELDS,
                            "top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient"),
     "ce": LossEntry(CEConfig, _build_ce, lambda c, n: CE_FIELDS, "hard-label next-token cross-entropy"),

@@ -4,21 +4,12 @@ before any method trains."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[3] / "bench"
+from bench_modules import load_bench
 
 
 def _quality():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quality")
 
 
 def test_variant_merges_into_the_base_loss_and_refuses_bad_ones():
