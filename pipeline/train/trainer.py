@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,10 @@ class Trainer:
             return self.device.type == "cuda" or (self.device.type == "cpu" and bool(amx()))
         return self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
 
-    def train(self, progress: bool = True) -> dict[str, Any]:
+    def train(self, progress: bool = True, on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
+        """Train to `cfg.steps`; `on_step(trainer, record)` runs after every step (an evaluation hook:
+        held-out scoring every N steps, early stopping by raising), with the step's log record."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.student.model.train()
@@ -250,6 +254,8 @@ class Trainer:
                 log.record(last, sample_ids)
                 if progress and self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     print(progress_line(last, cfg.steps), flush=True)
+                if on_step is not None:
+                    on_step(self, last)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
