@@ -98,11 +98,18 @@ def chunked_logits(hidden: torch.Tensor, head: torch.Tensor) -> Iterator[torch.T
 
 def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | None,
                     logits: Any = None, tail_generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
-    """The store arrays of one batch. `logits`: [B,T,V] chunks in token order (default: the
-    result's whole logits); top-k and draws are taken chunk by chunk, then reshaped to [B,T,..]."""
+    """The store arrays of one batch (`extract_tensors`, moved to the host)."""
+    return {k: extract.to_numpy(v) for k, v in extract_tensors(result, spec, generator, logits, tail_generator).items()}
+
+
+def extract_tensors(result: Any, spec: StoreSpec, generator: torch.Generator | None,
+                    logits: Any = None, tail_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The store fields of one batch as tensors on the teacher's device. `logits`: [B,T,V] chunks in
+    token order (default: the result's whole logits); top-k and draws are taken chunk by chunk,
+    then reshaped to [B,T,..]."""
     chunks = [result.logits] if logits is None else logits
     batch_shape = (result.logits if logits is None else result.last_hidden_state).shape[:2]
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, torch.Tensor] = {}
     parts: dict[str, list[torch.Tensor]] = {}
 
     def keep(named: tuple[tuple[str, torch.Tensor], ...], chunk: torch.Tensor) -> None:
@@ -122,15 +129,15 @@ def extract_signals(result: Any, spec: StoreSpec, generator: torch.Generator | N
             keep(tuple(zip(("draw_ids", "draw_counts"), draws, strict=True)), chunk)
     for key, values in parts.items():
         joined = torch.cat(values)
-        out[key] = extract.to_numpy(joined.reshape(*batch_shape, *joined.shape[1:]))
+        out[key] = joined.reshape(*batch_shape, *joined.shape[1:])
     if spec.hidden is not None:
         for layer in spec.hidden.layers:
-            out[f"hidden_{layer}"] = extract.to_numpy(result.hidden_states[layer].float())
+            out[f"hidden_{layer}"] = result.hidden_states[layer].float()
     if spec.attention is not None:
         a = spec.attention
         for layer in a.layers:
             for suffix, value in extract.attention_rows(result.attentions[layer], a.heads, a.topk).items():
-                out[f"attn_{layer}{suffix}"] = extract.to_numpy(value)
+                out[f"attn_{layer}{suffix}"] = value
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from kdstore.spec import StoreSpec
 from pipeline.capture.model_head import fusable_head
-from pipeline.capture.teacher_pass import chunked_logits, extract_signals
+from pipeline.capture.teacher_pass import chunked_logits, extract_tensors
 from pipeline.train.losses.output import TEACHER_LOGP
 
 
@@ -31,18 +31,18 @@ def online_spec(spec: StoreSpec, loss_fields: Iterable[str]) -> StoreSpec:
 
 
 def online_teacher_fields(teacher: Any, spec: StoreSpec, input_ids: torch.Tensor, full_logits: bool) -> dict[str, torch.Tensor]:
+    """The fields the store would hold for this batch, left on the teacher's device (no host round
+    trip). no_grad, not inference_mode: autograd may save these tensors in the student's backward."""
     model = teacher.model
     # as the teacher pass does: the head per chunk of tokens, unless whole logits are wanted
     chunked = not full_logits and (spec.topk is not None or spec.sampled is not None) and fusable_head(model) is None
-    with torch.inference_mode():
+    with torch.no_grad():
         result = (model.get_decoder() if chunked else model)(
-            input_ids=input_ids.to(teacher.device), use_cache=False, output_hidden_states=spec.hidden is not None,
-            output_attentions=spec.attention is not None)
+            input_ids=input_ids.to(teacher.device, non_blocking=True), use_cache=False,
+            output_hidden_states=spec.hidden is not None, output_attentions=spec.attention is not None)
         logits = chunked_logits(result.last_hidden_state, model.get_output_embeddings().weight) if chunked else None
-        arrays = extract_signals(result, spec, None, logits)
-        captured = spec.topk.temperature if spec.topk is not None else 1.0
-        full = torch.log_softmax(result.logits.float() / captured, dim=-1) if full_logits else None
-    fields = {k: torch.from_numpy(v) for k, v in arrays.items()}  # outside inference mode: autograd may save them
-    if full is not None:
-        fields[TEACHER_LOGP] = full.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+        fields = extract_tensors(result, spec, None, logits)
+        if full_logits:
+            captured = spec.topk.temperature if spec.topk is not None else 1.0
+            fields[TEACHER_LOGP] = torch.log_softmax(result.logits.float() / captured, dim=-1)
     return fields
