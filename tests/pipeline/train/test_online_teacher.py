@@ -11,8 +11,8 @@ from pipeline.capture.pass_setup import open_writer, teacher_for
 from pipeline.capture.shard_plan import plan_shards
 from pipeline.capture.teacher_pass import compute_shard
 from pipeline.config import CacheConfig, parse_config
-from pipeline.train.online_teacher import online_teacher_fields
 from pipeline.train.losses.output import TEACHER_LOGP
+from pipeline.train.online_teacher import online_teacher_fields
 
 
 def test_online_fields_stay_on_device_and_match_the_pass(tmp_path, tiny_teacher_dir, monkeypatch):
