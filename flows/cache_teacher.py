@@ -2,7 +2,10 @@
 
 The thread runner (default) runs two shards at once so one shard's write overlaps the next
 one's forward pass (the device itself is taken by one shard at a time); a Dask runner fans
-shards out over a LocalCluster or a scheduler address. The flow's result is the store summary,
+shards out over a LocalCluster or a scheduler address (with `runner.devices`, each worker process
+on a GPU of its own); the processes runner runs one task per device, each a process pinned to it
+over its share of the shards (`pipeline.capture.processes`). A failed task does not stop the
+others: what they commit stays, and the first error is raised once all have ended. The flow's result is the store summary,
 also published as a markdown artifact.
 """
 
@@ -16,14 +19,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from pipeline.capture.devices import check_runner_devices
+from pipeline.capture.pass_setup import release_teachers
+from pipeline.capture.processes import gather, groups, run_group
 from pipeline.capture.shard_plan import ShardPlan
 from pipeline.capture.teacher_pass import (
     cache_shard,
@@ -33,21 +41,54 @@ from pipeline.capture.teacher_pass import (
 from pipeline.config import CacheConfig, ConfigError, parse_config
 
 
-@task(name="cache-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE)
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """No retry for what a retry cannot mend: a config or device error (out of memory at this
+    batch size, a missing device), whose message says what to change."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="cache-shard", retries=2, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=retry_unless_user_error)
 def cache_shard_task(config: CacheConfig, plan: ShardPlan) -> dict[str, Any]:
     return cache_shard(config, plan)
+
+
+@task(name="cache-device", retries=1, retry_delay_seconds=2, cache_policy=NONE, retry_condition_fn=retry_unless_user_error)
+def cache_group_task(config: CacheConfig, device: int | None, plans: list[ShardPlan]) -> list[dict[str, Any]]:
+    """One worker process (pinned to `device`) over its share of the shards."""
+    return run_group(config, device, plans)
 
 
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def cache_teacher_flow(config: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
+    check_runner_devices(cfg)
     pass_plan = prepare_pass(cfg)
+    plans, todo, retired = pass_plan.plans, pass_plan.todo, pass_plan.retired
+    if cfg.runner.kind == "processes" or cfg.runner.devices:
+        del pass_plan
+        release_teachers()  # the worker processes load their own copies, on the same devices
     pass_started = time.perf_counter()  # the rate counts the pass, not the one-time set-up
-    futures = [cache_shard_task.submit(cfg, p) for p in pass_plan.todo]
-    computed = [r for r in (f.result() for f in futures) if not r["skipped"]]
+    if cfg.runner.kind == "processes":
+        futures = [cache_group_task.submit(cfg, device, group) for device, group in groups(cfg, todo)]
+        wait(futures)
+        computed = gather([f.result for f in futures])
+        by_worker = Counter(r["worker"] for r in computed)
+    else:
+        by_worker = None
+        futures = [cache_shard_task.submit(cfg, p) for p in todo]
+        wait(futures)
+        computed = [r for r in gather([lambda f=f: [f.result()] for f in futures]) if not r["skipped"]]
     done = time.perf_counter()
-    summary = pass_summary(cfg.store, pass_plan.plans, computed, pass_plan.retired, done - started, done - pass_started)
+    summary = pass_summary(cfg.store, plans, computed, retired, done - started, done - pass_started)
+    if by_worker is not None:
+        summary["shards_by_worker"] = dict(sorted(by_worker.items()))
     artifact_id = create_markdown_artifact(markdown=summary_markdown(summary), key="kdcache-store-summary",
                                            description="kdcache teacher pass")
     return {**summary, "artifact_id": str(artifact_id)}
@@ -67,8 +108,11 @@ def task_runner_for(cfg: CacheConfig):
             return DaskTaskRunner(address=r.dask_address)
         # the workers report to this process's Prefect server (without it each would start its own)
         env = {"PREFECT_API_URL": prefect_api_url()}
-        return DaskTaskRunner(cluster_kwargs={"n_workers": r.workers, "threads_per_worker": 1, "processes": True,
+        # with runner.devices, one worker per device: each claims its own (pipeline.capture.devices)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": r.processes, "threads_per_worker": 1, "processes": True,
                                               "env": env})
+    if r.kind == "processes":  # a thread per worker process, which does the work
+        return ThreadPoolTaskRunner(max_workers=r.processes)
     # At least two threads so a shard's write overlaps the next shard's forward pass.
     return ThreadPoolTaskRunner(max_workers=max(2, r.workers))
 
@@ -90,6 +134,7 @@ def prefect_api_url() -> str:
 def cache_teacher(config: dict[str, Any]) -> dict[str, Any]:
     """Run the flow with the task runner the config asks for."""
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
+    check_runner_devices(cfg)
     check_cluster_api(cfg)
     flow_ = cache_teacher_flow.with_options(task_runner=task_runner_for(cfg))
     return flow_(cfg.model_dump())

@@ -7,7 +7,7 @@ The models here are the only schema; `configs/*.yaml` hold values only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,10 +22,22 @@ class Strict(BaseModel):
 class TeacherConfig(Strict):
     name: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; a folder; a .gguf; a hub name
     revision: str | None = None
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda when there is one, else cpu), cpu, cuda, cuda:N
     dtype: str = "auto"
     batch_size: int = Field(8, ge=1)
     trust_remote_code: bool = False
+    # a teacher bigger than one GPU: passed to from_pretrained ("auto", "balanced", "sequential", or
+    # {module name: device}); the model is spread over the devices, teacher.device is not used
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: dict[int | str, int | str] | None = None  # with device_map: {0: "70GiB", "cpu": "200GiB"}
+
+    @model_validator(mode="after")
+    def _placement(self) -> TeacherConfig:
+        if self.device_map is not None and self.device != "auto":
+            raise ValueError(f"teacher.device_map places the model: leave teacher.device at auto, not {self.device!r}")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("teacher.max_memory applies with teacher.device_map only")
+        return self
 
 
 class ChatConfig(Strict):
@@ -131,10 +143,33 @@ class SignalsConfig(Strict):
 
 
 class RunnerConfig(Strict):
-    kind: Literal["thread", "dask"] = "thread"
+    """thread: shards in this process; dask: Dask workers (a LocalCluster, or `dask_address`);
+    processes: one process per device (or `workers` processes on CPU), the shards divided among them.
+    `devices` (CUDA indices; kind processes or dask): one worker per device, each pinned to its own."""
+
+    kind: Literal["thread", "dask", "processes"] = "thread"
     workers: int = Field(1, ge=1)
     dask_address: str | None = None  # a scheduler address; None with kind=dask = a LocalCluster
     retries: int = Field(2, ge=0)
+    devices: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _devices(self) -> RunnerConfig:
+        if self.devices is None:
+            return self
+        if self.kind == "thread":
+            raise ValueError("runner.devices needs kind 'processes' or 'dask' (one worker process per device)")
+        if not self.devices or len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"runner.devices {self.devices}: give distinct device indices, at least one")
+        if self.workers not in (1, len(self.devices)):
+            raise ValueError(f"runner.workers {self.workers} with runner.devices {self.devices}: one worker per device "
+                             "(leave workers out)")
+        return self
+
+    @property
+    def processes(self) -> int:
+        """How many worker processes: one per device, else `workers`."""
+        return len(self.devices) if self.devices else self.workers
 
 
 class CacheConfig(Strict):
@@ -152,6 +187,15 @@ class CacheConfig(Strict):
     zstd_level: int = Field(1, ge=1, le=22)
 
     @model_validator(mode="after")
+    def _placement(self) -> CacheConfig:
+        if self.runner.devices and self.teacher.device_map is not None:
+            raise ValueError("runner.devices runs a whole teacher on each device; teacher.device_map spreads one "
+                             "teacher over several: use one or the other")
+        if self.runner.devices and not self.teacher.device.startswith(("auto", "cuda")):
+            raise ValueError(f"runner.devices are CUDA devices: teacher.device {self.teacher.device!r} must be auto or cuda")
+        return self
+
+    @model_validator(mode="after")
     def _chat_signals(self) -> CacheConfig:
         if self.corpus.kind == "chat" and self.signals.text:
             raise ValueError("signals.text is not available for chat corpora (students with another tokenizer "
@@ -161,6 +205,11 @@ class CacheConfig(Strict):
 
 class ConfigError(ValueError):
     """A config file is missing, not YAML, or does not validate (names file and key)."""
+
+
+class DeviceError(ConfigError):
+    """A device the config names is missing, a device_map does not fit, or the pass ran out of
+    device memory; the message names the key to change."""
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -7,6 +7,8 @@ mode can load a teacher and size a store without the forward loop.
 
 from __future__ import annotations
 
+import gc
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from kdstore.errors import StoreError
 from kdstore.spec import Provenance, StoreSpec
 from kdstore.writer import StoreWriter
+from pipeline.capture.devices import check_device, worker_device
 from pipeline.config import CacheConfig
 
 
@@ -31,8 +34,10 @@ class Teacher:
 
 
 @lru_cache(maxsize=2)
-def get_teacher(name: str, revision: str | None, device: str, dtype: str, attention: bool, trust_remote_code: bool) -> Teacher:
-    """Load once per process (flow tasks on the same worker share it)."""
+def get_teacher(name: str, revision: str | None, device: str, dtype: str, attention: bool, trust_remote_code: bool,
+                placement: str | None = None) -> Teacher:
+    """Load once per process (flow tasks on the same worker share it). `placement`: JSON of
+    {device_map, max_memory} for a teacher spread over several devices (a string: cache key)."""
     from transformers.utils import logging as hf_logging
 
     from pipeline.capture.teacher import load_teacher, model_facts
@@ -40,13 +45,16 @@ def get_teacher(name: str, revision: str | None, device: str, dtype: str, attent
 
     hf_logging.disable_progress_bar()
     source = resolve_teacher(name)  # a kdcache student's run folder → its model/ (self-distillation)
+    spread = json.loads(placement) if placement else {}
     loaded = load_teacher(
         source,
         revision=revision,
-        device=None if device == "auto" else device,
+        device=None if device == "auto" else str(check_device(device)),
         dtype=None if dtype == "auto" else dtype,
         attn_implementation="eager" if attention else None,
         trust_remote_code=trust_remote_code,
+        device_map=spread.get("device_map"),
+        max_memory=spread.get("max_memory"),
     )
     provenance = {
         # A local path is machine-specific: keep a folder name; the digests identify the teacher.
@@ -56,12 +64,24 @@ def get_teacher(name: str, revision: str | None, device: str, dtype: str, attent
         "tokenizer_sha256": loaded.digests.tokenizer_sha256,
     }
     model = loaded.model
-    return Teacher(model, loaded.tokenizer, model_facts(model), provenance, next(model.parameters()).device)
+    # with a device_map the inputs go where the embeddings are
+    return Teacher(model, loaded.tokenizer, model_facts(model), provenance, model.get_input_embeddings().weight.device)
 
 
 def teacher_for(config: CacheConfig) -> Teacher:
     t = config.teacher
-    return get_teacher(t.name, t.revision, t.device, t.dtype, config.signals.attention is not None, t.trust_remote_code)
+    placement = json.dumps({"device_map": t.device_map, "max_memory": t.max_memory}) if t.device_map is not None else None
+    return get_teacher(t.name, t.revision, worker_device(config), t.dtype, config.signals.attention is not None,
+                       t.trust_remote_code, placement)
+
+
+def release_teachers() -> None:
+    """Free the teachers this process loaded (the flow's set-up copy, before worker processes load
+    theirs on the same devices)."""
+    get_teacher.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build_spec(config: CacheConfig, facts: dict[str, Any]) -> StoreSpec:

@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+from pipeline.capture.devices import check_fits, check_placement
+from pipeline.config import DeviceError
+
 DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = ("default", "smollm2-135m-instruct")
@@ -309,11 +312,15 @@ def load_teacher(
     trust_remote_code: bool = False,
     revision: str | None = None,
     cache_dir: Path | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> LoadedTeacher:
     """Load a teacher for inference: ``"default"`` (or ``"smollm2-135m-instruct"``), a local
     model folder, a ``.gguf`` file (or a folder plus ``gguf_file``), or a hub name (online, or
     already in the HF cache). GGUF teachers are converted once into ``cache_dir`` (see
     :func:`cache_root`). Device: cuda when available, else cpu; dtype: bf16 on cuda, else fp32.
+    ``device_map`` (and ``max_memory``) go to ``from_pretrained`` for a teacher spread over several
+    devices; one that leaves modules on disk is refused (:func:`devices.check_fits`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -364,12 +371,33 @@ def load_teacher(
                               "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if device_map is not None:
+        model = _load_spread(folder, kwargs, device_map, max_memory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise OSError(f"could not load the teacher's tokenizer from {folder}: {e}") from e
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     digests = TeacherDigests(weights_sha, tokenizer_digest(tokenizer))
     return LoadedTeacher(model, tokenizer, name, revision, digests, Path(folder))
+
+
+def _load_spread(folder: Path, kwargs: dict[str, Any], device_map: Any, max_memory: Any) -> Any:
+    """from_pretrained with a device_map: indices checked first, failures and spills as one line."""
+    from transformers import AutoModelForCausalLM
+
+    check_placement(device_map, max_memory)
+    if max_memory is not None:
+        max_memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, max_memory=max_memory, **kwargs)
+    except (ValueError, RuntimeError, AssertionError, torch.OutOfMemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeviceError(f"teacher.device_map {device_map!r}: {first}") from None
+    check_fits(model, device_map)
+    return model

@@ -29,6 +29,7 @@ from kdstore.spec import StoreSpec
 from kdstore.summary import summarize
 from kdstore.writer import StoreWriter
 from pipeline.capture import extract
+from pipeline.capture.devices import is_out_of_memory, out_of_memory
 from pipeline.capture.model_head import fusable_head
 from pipeline.capture.pass_setup import Teacher, open_writer, teacher_for
 from pipeline.capture.shard_plan import ShardPlan, plan_shards
@@ -48,27 +49,32 @@ def compute_shard(teacher: Teacher, spec: StoreSpec, plan: ShardPlan, batch_size
     rows = plan.rows
     n = len(rows.sample_ids)
     out: dict[str, list[np.ndarray]] = {}
-    generator = None
+    model = teacher.model
+    head = model.get_output_embeddings().weight
+    generator = None  # on the head's device: where the draws are taken (the last one under a device_map)
     if spec.sampled is not None:
-        generator = _generator(teacher.device, f"{spec.sampled.seed}:{plan.shard_id}")
+        generator = _generator(head.device, f"{spec.sampled.seed}:{plan.shard_id}")
     tail_generator = None
     if spec.tail_sample is not None:  # its own stream: adding tail draws never changes the sampled ones
-        tail_generator = _generator(teacher.device, f"tail:{spec.tail_sample.seed}:{plan.shard_id}")
+        tail_generator = _generator(head.device, f"tail:{spec.tail_sample.seed}:{plan.shard_id}")
     want_hidden = spec.hidden is not None
     want_attn = spec.attention is not None
-    model = teacher.model
     chunked = chunked and (spec.topk is not None or spec.sampled is not None) and fusable_head(model) is None
     forward = model.get_decoder() if chunked else model
     for start in range(0, n, batch_size):
         ids = torch.from_numpy(rows.input_ids[start : start + batch_size].astype(np.int64)).to(teacher.device)
-        with torch.inference_mode():
-            result = forward(
-                input_ids=ids, output_hidden_states=want_hidden, output_attentions=want_attn, use_cache=False
-            )
-            head = model.get_output_embeddings().weight
-            logits = chunked_logits(result.last_hidden_state, head) if chunked else None
-            for name, value in extract_signals(result, spec, generator, logits, tail_generator).items():
-                out.setdefault(name, []).append(value)
+        try:
+            with torch.inference_mode():
+                result = forward(
+                    input_ids=ids, output_hidden_states=want_hidden, output_attentions=want_attn, use_cache=False
+                )
+                logits = chunked_logits(result.last_hidden_state, head) if chunked else None
+                for name, value in extract_signals(result, spec, generator, logits, tail_generator).items():
+                    out.setdefault(name, []).append(value)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if is_out_of_memory(exc):
+                raise out_of_memory(plan.shard_id, batch_size, teacher.device) from None
+            raise
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     arrays.update(
         sample_id=rows.sample_ids.astype(np.int64),
