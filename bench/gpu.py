@@ -173,14 +173,15 @@ def idle_share(teacher: Teacher, spec: StoreSpec, plans: list[ShardPlan], batch:
     with profile(activities=activities) as prof:
         with record_function("kdcache_pass"):
             kdcache_pass(teacher, spec, plans, batch, store)
-    events = prof.events()
-    window = next(e for e in events if e.name == "kdcache_pass")
-    lo, hi = window.time_range.start, window.time_range.end
-    if cuda:
-        spans = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == "kdcache_pass" and e.device_type() == DeviceType.CPU)
+    lo, hi = window.start_ns(), window.end_ns()
+    if cuda:  # kernels, copies and sets on the device (not the annotation's own device-side span)
+        spans = [(e.start_ns(), e.end_ns()) for e in events if e.device_type() == DeviceType.CUDA
+                 and e.name() != "kdcache_pass" and not e.is_user_annotation()]
     else:
-        spans = [(e.time_range.start, e.time_range.end) for e in events
-                 if e.thread == window.thread and e is not window and e.name.startswith("aten::")]
+        spans = [(e.start_ns(), e.end_ns()) for e in events if e.device_type() == DeviceType.CPU
+                 and e.start_thread_id() == window.start_thread_id() and e.name().startswith("aten::")]
     if not spans:
         return None
     return 1.0 - busy_union(spans, lo, hi) / max(hi - lo, 1e-9)
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.reps, args.warmup, args.steps, args.student_batch, args.num_workers = 1, 1, 2, 2, 0
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     shapes, sizes = (SMOKE_SHAPES, SMOKE) if args.smoke else (SHAPES, FULL)
