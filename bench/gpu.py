@@ -291,13 +291,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=2, help="student steps before timing")
     parser.add_argument("--steps", type=int, default=6, help="timed student steps per mode")
     parser.add_argument("--student-batch", type=int, default=8, help="rows per student step")
-    parser.add_argument("--num-workers", type=int, default=2, help="KDLoader workers")
+    parser.add_argument("--num-workers", type=int, default=None, help="KDLoader workers (default 2; --smoke: 0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 peak (default: by name)")
     parser.add_argument("--skip-8b", action="store_true", help="the 1B shape only")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
-        args.reps, args.warmup, args.steps, args.student_batch, args.num_workers = 1, 1, 2, 2, 0
+        args.reps, args.warmup, args.steps, args.student_batch = 1, 1, 2, 2
+    if args.num_workers is None:
+        args.num_workers = 0 if args.smoke else 2
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
