@@ -1,6 +1,6 @@
 """Several devices on one machine (`runner.kind: processes`): one process per device, each pinned
 to its own GPU (`runner.devices`), or `runner.workers` processes on CPU; the shards still to
-compute are divided among them in turn.
+compute are divided among them in turn. The `cache-teacher` flow runs one task per process.
 
 Each process is started fresh (spawn: no CUDA state or threads copied from the parent), loads its
 own teacher on its device, skips shards committed meanwhile, and runs the pipelined pass (forward
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from pipeline.capture.pass_setup import open_writer, release_teachers, teacher_for
+from pipeline.capture.pass_setup import open_writer, teacher_for
 from pipeline.capture.shard_plan import ShardPlan
-from pipeline.capture.teacher_pass import cache_pipelined, pass_summary, prepare_pass
+from pipeline.capture.teacher_pass import cache_pipelined
 from pipeline.config import CacheConfig, RunnerConfig, parse_config
 
 
@@ -100,18 +98,3 @@ def gather(outcomes: list[Callable[[], list[dict[str, Any]]]]) -> list[dict[str,
         raise errors[0]
     return results
 
-
-def run_cache_processes(config: CacheConfig, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """`run_cache` with the shards divided over the runner's processes (no Prefect)."""
-    started = time.perf_counter()
-    p = prepare_pass(config, progress)
-    plans, todo, retired = p.plans, p.todo, p.retired
-    del p
-    release_teachers()  # the workers load their own copies, on the same devices
-    pass_started = time.perf_counter()
-    work = groups(config, todo)
-    with ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:
-        futures = [pool.submit(run_group, config, d, g) for d, g in work]
-        results = gather([f.result for f in futures])
-    done = time.perf_counter()
-    return pass_summary(config.store, plans, results, retired, done - started, done - pass_started)
