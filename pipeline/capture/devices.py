@@ -98,7 +98,9 @@ def worker_device(config: CacheConfig) -> str:
     devices = config.runner.devices
     if not devices:
         return config.teacher.device
-    return f"cuda:{claim_device(devices) if in_dask_worker() else devices[0]}"
+    index = claim_device(devices) if in_dask_worker() else devices[0]
+    check_index(index, "runner.devices")
+    return f"cuda:{index}"
 
 
 def check_fits(model: Any, device_map: Any) -> None:
