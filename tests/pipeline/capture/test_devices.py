@@ -58,6 +58,8 @@ def test_runner_devices_the_machine_lacks(tmp_path, tiny_teacher_dir):
     cfg = _config(tmp_path, tiny_teacher_dir, runner={"kind": "processes", "devices": [0, 1]})
     with pytest.raises(DeviceError, match=r"runner.devices: cuda:0 does not exist; this machine has no CUDA device"):
         devices.check_runner_devices(cfg)
+    with pytest.raises(DeviceError, match=r"runner.devices: cuda:0 does not exist"):  # `kdcache plan` too
+        teacher_for(cfg)
 
 
 def test_a_device_map_that_fits_runs_the_pass_as_without_one(tmp_path, tiny_teacher_dir):
