@@ -46,7 +46,8 @@ def _sft_config(out: Path, steps: int, **over):
 
     values = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, max_grad_norm=1.0,
                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                  dataloader_num_workers=0)
+                  dataloader_num_workers=0,
+                  bf16=False, gradient_checkpointing=False)  # SFTConfig's defaults are True: float32 for parity
     return SFTConfig(**{**values, **over})
 
 
