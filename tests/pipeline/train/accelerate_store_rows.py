@@ -32,7 +32,7 @@ def run(kind: str, ns: argparse.Namespace) -> None:
     torch.manual_seed(0)
     student = build_student(StudentConfig(init="teacher_layers", teacher=ns.teacher, num_layers=1), reader, False, "cpu")
     out = Path(ns.out) / kind
-    values = dict(output_dir=str(out), max_steps=ns.steps, per_device_train_batch_size=3, learning_rate=1e-3,
+    values = dict(output_dir=str(out), max_steps=ns.steps, per_device_train_batch_size=10, learning_rate=1e-3,
                   save_strategy="steps", save_steps=ns.save_steps, logging_steps=1, report_to=[], use_cpu=True,
                   seed=0, disable_tqdm=True, dataloader_num_workers=0)
     args = (TrainingArguments(**values) if kind == "hf"
@@ -55,8 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     for name in ("store", "teacher", "out"):
         parser.add_argument(f"--{name}", required=True)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--save_steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save_steps", type=int, default=2)
     parser.add_argument("--resume", default="")
     ns = parser.parse_args()
     for kind in ("hf", "trl"):

@@ -42,22 +42,22 @@ def _free_port() -> int:
 def test_two_processes_read_each_row_once_and_resume_bitwise(tmp_path, tiny_teacher_dir):
     store = str(cache_short_docs(tmp_path / "store", tiny_teacher_dir, write_short_docs(tmp_path), split="all"))
     rows = sorted(int(i) for i in StoreReader(store).sample_ids())
-    assert len(rows) == 57  # 28 and 29 rows per rank: 10 batches of 3 each per epoch; 12 steps cross into epoch 2
+    assert len(rows) == 57  # 28 and 29 rows per rank: 3 batches of 10 each per epoch; 4 steps cross into epoch 2
     out = tmp_path / "runs"
     _launch(store, tiny_teacher_dir, out, _free_port())
-    _launch(store, tiny_teacher_dir, out, _free_port(), resume="checkpoint-4")
+    _launch(store, tiny_teacher_dir, out, _free_port(), resume="checkpoint-2")
     for kind in ("hf", "trl"):
         ranks = [json.loads((out / kind / f"ids_straight_rank{r}.json").read_text()) for r in (0, 1)]
-        assert all(len(steps) == 12 for steps in ranks)
-        epoch1 = sorted(i for steps in ranks for batch in steps[:10] for i in batch)
+        assert all(len(steps) == 4 for steps in ranks)
+        epoch1 = sorted(i for steps in ranks for batch in steps[:3] for i in batch)
         assert epoch1 == rows, kind  # every row once, none twice, across the two ranks
-        epoch2 = [i for steps in ranks for batch in steps[10:] for i in batch]
-        assert len(epoch2) == len(set(epoch2)) == 12 and ranks[0][10] != ranks[0][0]  # a new epoch, reshuffled
-        for r in (0, 1):  # the resumed run takes the straight run's batches from step 5 on
-            resumed = json.loads((out / kind / f"ids_checkpoint-4_rank{r}.json").read_text())
-            assert resumed == ranks[r][4:], (kind, r)
-        assert (out / kind / "checkpoint-4" / "kd_stream_rank1.json").is_file()
+        epoch2 = [i for steps in ranks for batch in steps[3:] for i in batch]
+        assert len(epoch2) == len(set(epoch2)) == 20 and ranks[0][3] != ranks[0][0]  # a new epoch, reshuffled
+        for r in (0, 1):  # the resumed run takes the straight run's batches from step 3 on
+            resumed = json.loads((out / kind / f"ids_checkpoint-2_rank{r}.json").read_text())
+            assert resumed == ranks[r][2:], (kind, r)
+        assert (out / kind / "checkpoint-2" / "kd_stream_rank1.json").is_file()
         straight = load_file(str(out / kind / "weights_straight.safetensors"))
-        again = load_file(str(out / kind / "weights_checkpoint-4.safetensors"))
+        again = load_file(str(out / kind / "weights_checkpoint-2.safetensors"))
         assert straight.keys() == again.keys()
         assert all(torch.equal(straight[k], again[k]) for k in straight), kind

@@ -141,3 +141,27 @@ def test_trl_dataset_joined_by_sample_id(plain_store, tiny_teacher_dir, tmp_path
         KDSFTTrainer(model=student.model, args=_sft_config(tmp_path / "bad", 2),
                      train_dataset=Dataset.from_dict({"text": ["hi"]}),
                      processing_class=student.tokenizer, kd_store=reader, kd_losses=LOSSES)
+
+
+def test_example_script_trains_from_the_example_config(chat_store, tiny_teacher_dir, tmp_path, capsys):
+    import importlib.util
+
+    import yaml
+
+    from pipeline.config import ConfigError
+
+    repo = Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("trl_sft_from_store", repo / "examples" / "trl_sft_from_store.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    path = tmp_path / "trl.yaml"
+    path.write_text((repo / "configs" / "trl_example.yaml").read_text())
+    out = tmp_path / "trl"
+    assert example.main([str(path), "--set", f"store={chat_store}", "--set", f"student.teacher={tiny_teacher_dir}",
+                         "--set", "student.num_layers=1", "--set", f"sft.output_dir={out}",
+                         "--set", "sft.max_steps=2", "--set", "sft.use_cpu=true", "--set", "sft.save_steps=1",
+                         "--set", "sft.disable_tqdm=true"]) == 0
+    assert "'steps': 2" in capsys.readouterr().out
+    assert (out / "model" / "config.json").is_file() and (out / "checkpoint-1" / "kd_stream_rank0.json").is_file()
+    with pytest.raises(ConfigError, match="sfft"):
+        example.run({"store": chat_store, "sfft": {}})
