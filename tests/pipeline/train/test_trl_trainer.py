@@ -146,8 +146,6 @@ def test_trl_dataset_joined_by_sample_id(plain_store, tiny_teacher_dir, tmp_path
 def test_example_script_trains_from_the_example_config(chat_store, tiny_teacher_dir, tmp_path, capsys):
     import importlib.util
 
-    import yaml
-
     from pipeline.config import ConfigError
 
     repo = Path(__file__).resolve().parents[3]
