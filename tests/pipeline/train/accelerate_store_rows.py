@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from kdstore.reader import StoreReader
+from pipeline.config import ConfigError
 from pipeline.train.hf_trainer import KDTrainer, StoreRows, kd_fields
 from pipeline.train.student import StudentConfig, build_student
 from pipeline.train.trl_trainer import KDSFTTrainer
@@ -42,6 +43,14 @@ def run(kind: str, ns: argparse.Namespace) -> None:
     trainer = cls(model=student.model, args=args, train_dataset=rows, processing_class=student.tokenizer,
                   kd_store=reader, kd_losses=LOSSES)
     trainer.seen_ids = []
+    if kind == "hf" and not ns.resume:  # 1 row per batch: 28 and 29 batches per rank, refused
+        trainer.args.per_device_train_batch_size = 1
+        try:
+            trainer.get_train_dataloader()
+        except ConfigError as exc:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"unequal_rank{trainer.args.process_index}.txt").write_text(str(exc))
+        trainer.args.per_device_train_batch_size = 10
     trainer.train(resume_from_checkpoint=str(out / ns.resume) if ns.resume else None)
     rank = trainer.args.process_index
     tag = ns.resume or "straight"

@@ -46,6 +46,10 @@ def test_two_processes_read_each_row_once_and_resume_bitwise(tmp_path, tiny_teac
     out = tmp_path / "runs"
     _launch(store, tiny_teacher_dir, out, _free_port())
     _launch(store, tiny_teacher_dir, out, _free_port(), resume="checkpoint-2")
+    for r in (0, 1):  # a batch size giving the ranks different step counts is refused before the first step
+        message = (out / "hf" / f"unequal_rank{r}.txt").read_text()
+        assert message.endswith("57 rows over 2 ranks give [28, 29] batches of 1 per rank per epoch; every rank "
+                                "must take the same number of steps: change per_device_train_batch_size or the world size")
     for kind in ("hf", "trl"):
         ranks = [json.loads((out / kind / f"ids_straight_rank{r}.json").read_text()) for r in (0, 1)]
         assert all(len(steps) == 4 for steps in ranks)
