@@ -18,23 +18,22 @@ reads cached teacher signals. Three pieces make a store usable there, with kdcac
   `TrainingArguments(remove_unused_columns=False, ...)`-compatible arguments (it sets that
   itself): the batch carries store fields the model's forward does not take.
 
-Under Accelerate / several processes, `StoreRows` is one stream (rank 0 of 1) and Accelerate
-shards or dispatches its batches; kdcache's own trainer splits the store by rank instead.
+Under Accelerate / several processes, `KDTrainer` streams each rank's own part of a `StoreRows`
+dataset and saves the stream position with every checkpoint (`StoreRowsMixin`, in
+`pipeline/train/store_rows.py`, where `StoreRows` and `KDCollator` live). TRL's `SFTTrainer`
+with the same loss is `pipeline.train.trl_trainer.KDSFTTrainer`.
 Not supported here (use `kdcache train`): losses with their own optimizer (adversarial),
 cross-tokenizer students, extra stores of other teachers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset
 from transformers import Trainer
 
 from kdstore.reader import StoreReader
-from kdstore.torch_stream import POSITION_KEY, WORKER_KEY, KDStream
 from pipeline.train.losses import (
     LossConfigError,
     StoreInfo,
@@ -46,55 +45,9 @@ from pipeline.train.losses import (
     check_fields,
     check_finite,
 )
+from pipeline.train.store_rows import KDCollator, StoreRows, StoreRowsMixin
 
-
-class StoreRows(IterableDataset):
-    """The rows of a store, one dict of tensors per row, in `KDStream` order (see the module doc)."""
-
-    def __init__(self, store: str | StoreReader, fields: Sequence[str], *, seed: int = 0, shuffle: bool = True,
-                 buffer_rows: int = 256, block_rows: int = 64):
-        super().__init__()
-        names = list(dict.fromkeys(["input_ids", "valid", *fields]))
-        # rows are decoded block_rows at a time; the order does not depend on the block size
-        self.stream = KDStream(store, names, block_rows, seed=seed, shuffle=shuffle, buffer_rows=buffer_rows,
-                               rank=0, world_size=1)
-
-    @property
-    def fields(self) -> list[str]:
-        return list(self.stream.fields)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for block in self.stream:
-            block.pop(WORKER_KEY, None)
-            block.pop(POSITION_KEY, None)
-            for i in range(len(block["sample_id"])):
-                yield {name: value[i] for name, value in block.items()}
-
-    def hf_dataset(self) -> Any:
-        """The same rows as a `datasets.IterableDataset` (values as numpy arrays and lists)."""
-        from datasets import IterableDataset as HFIterableDataset
-
-        def rows() -> Iterator[dict[str, Any]]:
-            for row in self:
-                yield {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in row.items()}
-
-        return HFIterableDataset.from_generator(rows)
-
-
-class KDCollator:
-    """Rows (dicts) → one batch: tensors stacked on a new leading axis, anything else (text) listed."""
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in rows[0]:
-            values = [row[name] for row in rows]
-            if isinstance(values[0], torch.Tensor):
-                out[name] = torch.stack(values)
-            elif hasattr(values[0], "shape"):  # numpy rows from hf_dataset()
-                out[name] = torch.stack([torch.as_tensor(v) for v in values])
-            else:
-                out[name] = values
-        return out
+__all__ = ["KDCollator", "KDTrainer", "StoreRows", "kd_fields", "kd_loss_for"]
 
 
 def kd_loss_for(losses: Any, store: str | StoreReader, model: Any, tokenizer: Any = None) -> torch.nn.Module:
@@ -111,7 +64,7 @@ def kd_loss_for(losses: Any, store: str | StoreReader, model: Any, tokenizer: An
     return loss
 
 
-class KDTrainer(Trainer):
+class KDTrainer(StoreRowsMixin, Trainer):
     """`transformers.Trainer` with kdcache's losses from a store (see the module doc).
 
     `KDTrainer(model=..., args=TrainingArguments(...), train_dataset=StoreRows(store, trainer_fields),
