@@ -178,3 +178,25 @@ def test_no_figure_of_the_old_readme_is_lost():
     have = {m.group(0).rstrip(",") for m in number.finditer(now)}
     lost = sorted({m.group(0).rstrip(",") for m in number.finditer(old.stdout)} - have)
     assert not lost, f"figures of the old README found nowhere in README.md or docs/: {lost}"
+
+
+@pytest.mark.slow
+def test_store_format_reader_reads_a_cached_store(tmp_path, tiny_teacher_dir):
+    """The same reader on a store the teacher pass wrote (real provenance, shard ids, teacher/)."""
+    from short_docs import cache_short_docs, write_short_docs
+
+    from kdstore.reader import StoreReader
+
+    store = cache_short_docs(tmp_path / "store", tiny_teacher_dir, write_short_docs(tmp_path),
+                             signals={"topk": {"k": 8}, "sampled": {"n_draws": 6, "scheme": "systematic"},
+                                      "text": True})
+    namespace: dict = {}
+    exec(compile(_code_blocks(DOCS / "store-format.md", "python")[0], "store-format.md", "exec"), namespace)
+    reader = StoreReader(store)
+    shards = namespace["committed_shards"](store)
+    assert shards == reader.shard_ids() and shards
+    for shard_id in shards:
+        assert re.fullmatch(r"[0-9a-f]{16}-train-\d{5}", shard_id)
+        ours, theirs = namespace["read_shard"](store, shard_id), reader.read_shard(shard_id)
+        for name, expected in theirs.items():
+            np.testing.assert_array_equal(ours[name], expected, err_msg=f"{shard_id} {name}")
