@@ -384,14 +384,31 @@ def loss_entries() -> list[LossDoc]:
 
 
 def _reads(reads: Any, config: type, name: str) -> str:
+    """The fields a loss reads with its defaults: `reads` is a list of field names, or a function
+    of (config, store field names) or of (config)."""
     if callable(reads):
-        try:
-            reads = reads(config.model_validate({"name": name}), EXAMPLE_FIELDS)
-        except Exception:  # a loss whose fields depend on keys that have no default (mix)
-            return "the fields of the losses it holds"
+        reads = _call_reads(reads, config, name)
+        if reads is None:  # fields that depend on keys with no default (mix: its losses)
+            return "depends on its configuration"
     if isinstance(reads, str):
         return reads
     return ", ".join(f"`{f}`" for f in reads) or "none"
+
+
+def _call_reads(reads: Any, config: type, name: str) -> Any:
+    for data in ({"name": name}, {}):
+        try:
+            cfg = config.model_validate(data)
+        except Exception:
+            continue
+        for args in ((cfg, EXAMPLE_FIELDS), (cfg,)):
+            try:
+                return reads(*args)
+            except TypeError:
+                continue
+            except Exception:
+                return None
+    return None
 
 
 def losses_page() -> str:
