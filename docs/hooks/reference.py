@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import re
@@ -131,113 +132,15 @@ def _model_tables(model: type, done: set[type], level: int) -> list[str]:
     return out
 
 
-# Descriptions of the keys whose source has neither a `description` nor a comment, by
-# "Model.key", else by key alone. Better still: a comment beside the key in the code.
-KEY_NOTES = {
-    "weight": "multiplies this loss in the sum of losses (components are logged unweighted)",
-    "CacheConfig.store": "the store: a folder or an fsspec URL (s3://bucket/store)",
-    "CacheConfig.teacher": "the teacher model",
-    "CacheConfig.corpus": "the documents (or conversations) it runs over",
-    "CacheConfig.row_length": "tokens per stored row (documents are packed, EOS between them)",
-    "CacheConfig.shard_rows": "rows per shard: the unit of work, commit and retry",
-    "CacheConfig.signals": "what is stored per token",
-    "CacheConfig.runner": "how shards are run (threads, or a Dask cluster)",
-    "CacheConfig.zstd_level": "zstd level of every file (3 saves < 0.3 % at k = 64 and writes ~35 % slower)",
-    "TeacherConfig.device": "auto: CUDA when there is one, else CPU",
-    "TeacherConfig.dtype": "auto: bfloat16 on a GPU, float32 on CPU",
-    "TeacherConfig.batch_size": "rows per forward pass",
-    "TeacherConfig.trust_remote_code": "let transformers run the model folder's own code",
-    "CorpusConfig.text_field": "the text field of .jsonl records / the text column of .parquet files",
-    "CorpusConfig.val_fraction": "share of documents held out (by content digest) for `kdcache eval`",
-    "TopKConfig.k": "ids kept per token (log-probs over the full vocabulary, plus the exact tail mass)",
-    "TopKConfig.logp_step": "quantisation step of the stored log-probs in nats (0: float32)",
-    "TopKConfig.temperature": "the teacher's temperature for the stored distribution",
-    "SampledConfig.n_draws": "draws per token from the teacher (stored as unique ids + counts)",
-    "SampledConfig.temperature": "the teacher's temperature for the draws",
-    "SampledConfig.seed": "seed of the draws",
-    "TailSampleConfig.n_draws": "draws per token from the tail",
-    "TailSampleConfig.seed": "seed of the draws",
-    "HiddenConfig.layers": "teacher layers whose hidden states are stored (0 = the embeddings' output)",
-    "AttentionConfig.layers": "teacher layers whose attention maps are stored",
-    "AttentionConfig.heads": "heads of those layers to store",
-    "RunnerConfig.workers": "shards in flight (2: one on the device while the other is written)",
-    "RunnerConfig.retries": "retries of a failed shard task",
-    "TrainConfig.store": "the store to train from (verified before the first step)",
-    "TrainConfig.out": "the run folder: model/, checkpoint, train_log.jsonl, TensorBoard events",
-    "TrainConfig.student": "the student model",
-    "TrainConfig.losses": "a list of losses (summed, each with its weight): see the losses reference",
-    "TrainConfig.batch_size": "rows per step (per rank)",
-    "TrainConfig.grad_accum": "micro-batches per optimizer step",
-    "TrainConfig.steps": "optimizer steps",
-    "TrainConfig.lr": "peak learning rate (AdamW)",
-    "TrainConfig.weight_decay": "AdamW weight decay",
-    "TrainConfig.warmup_steps": "linear warm-up steps, then cosine decay",
-    "TrainConfig.min_lr_ratio": "the cosine decays to lr × this at the last step",
-    "TrainConfig.clip": "clip the gradient norm to this (null: no clipping)",
-    "TrainConfig.seed": "seed of the initialisation and of the stream's shuffle",
-    "TrainConfig.buffer_rows": "rows of the stream's shuffle buffer",
-    "TrainConfig.num_workers": "data-loader worker processes (a resumed run needs the same number)",
-    "TrainConfig.checkpoint_every": "steps between checkpoints",
-    "TrainConfig.log_every": "steps between log lines",
-    "TrainConfig.device": "auto: CUDA when there is one, else CPU",
-    "TrainConfig.compile": "torch.compile the student",
-    "TrainConfig.tensorboard": "write TensorBoard events beside train_log.jsonl",
-    "EvalConfig.out": "the report folder (README.md, eval.json, plots)",
-    "EvalConfig.max_tokens": "held-out tokens to score",
-    "EvalConfig.batch_size": "rows per forward pass",
-    "EvalConfig.ece_bins": "bins of the expected calibration error",
-    "EvalConfig.device": "auto: CUDA when there is one, else CPU",
-    "GenerationConfig.prompts": "held-out prompts to continue",
-    "GenerationConfig.new_tokens": "tokens generated per prompt",
-    "SelfDistillConfig.cache": "the teacher pass of every round (its store is set per round under out)",
-    "SelfDistillConfig.train": "every round's student (its store and out are set per round under out)",
-    "SelfDistillConfig.out": "the rounds' folder: round<r>/store, round<r>/student<r+1>, self_distill.json",
-    "SelfDistillConfig.eval_batch_size": "rows per forward pass when scoring each round",
-    "_DualSpace.s2t_weight": "weight of the student-to-teacher term (student states through the teacher's head)",
-    "_DualSpace.t2s_weight": "weight of the teacher-to-student KD term (projected teacher states)",
-    "_DualSpace.t2s_ce_weight": "weight of the CE of the projected teacher states (trains the projection)",
-    "_DualSpace.t2s_correct_only": "t2s KD only where the projected teacher predicts the label",
-    "AdversarialConfig.hidden_dims": "hidden widths of the discriminator MLP",
-    "AdversarialConfig.disc_lr": "the discriminator's AdamW learning rate",
-    "AdversarialConfig.disc_weight_decay": "the discriminator's AdamW weight decay",
-    "AdversarialConfig.disc_betas": "the discriminator's AdamW betas",
-    "AdversarialConfig.disc_warmup_steps": "linear warm-up steps of the discriminator's learning rate",
-    "AdversarialConfig.disc_steps_per_step": "discriminator updates per student step",
-    "name": "the loss's registry name",
-    "CacheConfig.split": "which documents: train (validation ones held out for evaluation), validation, or all",
-    "TeacherConfig.revision": "hub revision (a hub name only)",
-    "CorpusConfig.kind": "builtin (pydoc topics), files (paths), hub (name) or chat (conversations)",
-    "CorpusConfig.text_split": "one document per file (or record), or per blank-line-separated paragraph",
-    "CorpusConfig.errors": "bad UTF-8: an error naming file and byte offset, or replaced",
-    "CorpusConfig.max_documents": "read at most this many documents",
-    "SignalsConfig.topk": "top-k log-probs + exact tail (null: none)",
-    "SignalsConfig.sampled": "random-sampling KD draws (null: none)",
-    "SignalsConfig.hidden": "hidden states of some layers (null: none)",
-    "SignalsConfig.attention": "attention maps of some layers and heads (null: none)",
-    "TopKConfig.sampler": "topk, or topp_k: the smallest prefix reaching top_p, capped at k",
-    "TopKConfig.top_p": "the mass topp_k keeps",
-    "SampledConfig.scheme": "independent draws, or systematic (every count floor or ceil of n·p)",
-    "TailSampleConfig.scheme": "independent draws, or systematic (every count floor or ceil of n·p)",
-    "HiddenConfig.dtype": "float16, bfloat16, or int8 with one float16 scale per vector",
-    "AttentionConfig.dtype": "probabilities quantised to uint8 or uint16",
-    "AttentionConfig.topk": "keep only the largest keys of each query row (null: whole rows)",
-    "RunnerConfig.kind": "shards on threads of this process, or on a Dask cluster",
-    "TrainConfig.on_corrupt_shard": "a shard that fails verification: stop, or skip it and go on",
-    "StudentConfig.init": "teacher_layers (a subset of the teacher), pretrained (a folder) or config (random)",
-    "EvalConfig.generation": "continuations of held-out prompts and their scores (null: none)",
-    "AdversarialConfig.feature": "what the discriminator sees: hidden states or the output distribution",
-    "AdversarialConfig.layer_map": "hidden: [[student_layer, teacher_layer], ...], uniform or last (default last)",
-    "AdversarialConfig.gradient_penalty": "R1 weight γ: γ/2 · ‖∇D(teacher feature)‖² (null: off)",
-    "AttentionConfig.metric": "KL between attention rows, or MSE",
-    "AttentionConfig.layer_map": "uniform, last, or [[student_layer, teacher_layer], ...]",
-    "divergence": "the divergence between teacher and student distributions",
-    "FAKDConfig.output": "the output-distribution part (a divergence or sampled_kd config)",
-    "FAKDConfig.attention": "the attention part (null: left out)",
-    "MixConfig.losses": "the losses summed, each with its weight",
-    "MultiTeacherConfig.mode": "per_teacher: Σ w_i · D(teacher_i ‖ student); mixture: D(Σ w_i p_i ‖ student)",
-    "MultiTeacherConfig.weights": "one per teacher, in store order (default: equal)",
-    "XTokAlignConfig.vocab_map": "teacher id → student id: first student token of its text, or minimum edit distance",
-}
+def _load_key_notes() -> dict[str, str]:
+    """docs/hooks/key_notes.py (mkdocs loads hooks by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location("kdcache_key_notes", Path(__file__).with_name("key_notes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.KEY_NOTES
+
+
+KEY_NOTES = _load_key_notes()
 
 
 def _note(model: type, name: str) -> str:
