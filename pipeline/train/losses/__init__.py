@@ -50,6 +50,9 @@ Conventions
   store's capture temperature unless `retemper: true` (top-k only; approximate for the tail).
 """
 
+import importlib
+import pkgutil
+
 from pipeline.train.losses.base import (
     AuxiliaryStep,
     KDLoss,
@@ -64,25 +67,39 @@ from pipeline.train.losses.base import (
     auxiliary_steps,
     check_finite,
     fold_loss_mask,
+    unique_key,
 )
-from pipeline.train.losses.config import LossConfig, known_names, parse_loss_config
-from pipeline.train.losses.registry import (
-    REGISTRY,
-    StoreInfo,
-    WeightedSum,
+from pipeline.train.losses.build import (
     build_loss,
     check_cross_tokenizer,
     check_fields,
+    loss_names,
     required_fields,
 )
+from pipeline.train.losses.mix import WeightedSum
+from pipeline.train.losses.registry import (
+    LOSSES,
+    LossConfig,
+    LossSpec,
+    import_loss_modules,
+    known_names,
+    parse_loss_config,
+    register_loss,
+)
+from pipeline.train.losses.store_info import StoreInfo
+
+# module discovery: every module of this package is imported, so a loss file registers itself
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "REGISTRY",
+    "LOSSES",
     "AuxiliaryStep",
     "KDLoss",
     "LossConfig",
     "LossConfigError",
     "LossResult",
+    "LossSpec",
     "MissingLossFieldError",
     "NonFiniteLossError",
     "StoreInfo",
@@ -97,7 +114,11 @@ __all__ = [
     "check_fields",
     "check_finite",
     "fold_loss_mask",
+    "import_loss_modules",
     "known_names",
+    "loss_names",
     "parse_loss_config",
+    "register_loss",
     "required_fields",
+    "unique_key",
 ]

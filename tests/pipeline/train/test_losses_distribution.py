@@ -20,8 +20,8 @@ from pipeline.train.losses.output import (
     TEACHER_LOGP,
     CrossEntropyLoss,
     DistributionLoss,
-    SampledKDLoss,
 )
+from pipeline.train.losses.sampled import SampledKDLoss
 
 NAMES = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"]
 B, T, V = 2, 5, 64

@@ -15,7 +15,8 @@ from test_losses_distribution import NAMES, B, T, V, _sampled_batch, make_case, 
 
 from pipeline.train.losses import StudentOutputs, WeightedSum
 from pipeline.train.losses.fused import fused_output_loss
-from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss, SampledKDLoss
+from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss
+from pipeline.train.losses.sampled import SampledKDLoss
 
 D = 16
 

@@ -18,7 +18,7 @@ from kdstore.torch_stream import KDStream
 from kdstore.writer import StoreWriter
 from pipeline.capture import extract
 from pipeline.train.losses import (
-    REGISTRY,
+    LOSSES,
     LossConfigError,
     LossResult,
     MissingLossFieldError,
@@ -43,7 +43,7 @@ ALL_NAMES = ["adversarial", "akl", "attention", "ce", "dskd", "dskd_cma", "fakd"
 
 
 def test_registry_names():
-    assert sorted(REGISTRY) == known_names() == ALL_NAMES
+    assert sorted(LOSSES) == known_names() == ALL_NAMES
 
 
 @pytest.mark.parametrize("cfg", [{"name": "fkll"}, [{"name": "ce"}, {"name": "mix", "losses": [{"name": "kl"}]}]])

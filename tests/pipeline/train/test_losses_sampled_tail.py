@@ -13,7 +13,8 @@ import torch
 from kdstore.spec import SampledSpec, StoreSpec
 from pipeline.capture.extract import draw, sampled_draws, unique_counts
 from pipeline.train.losses import LossConfigError, StudentOutputs, build_loss
-from pipeline.train.losses.hybrid import HybridKDLoss, sampled_as_hybrid
+from pipeline.train.losses.hybrid import HybridKDLoss
+from pipeline.train.losses.sampled import sampled_as_hybrid
 
 V, B, T, N = 40, 2, 6, 12
 
