@@ -35,9 +35,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from pydantic import Field
+from torch import Tensor, nn
 
 from pipeline.train.losses.base import (
     KDLoss,

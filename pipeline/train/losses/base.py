@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError
 
+
 class LossConfigError(ConfigError):
     """A loss config cannot be built (bad value, unknown name, mismatch with the store)."""
 

@@ -16,7 +16,13 @@ from typing import Any
 
 from pipeline.train.losses.base import KDLoss, LossConfigError, MissingLossFieldError, StudentDims
 from pipeline.train.losses.mix import WeightedSum
-from pipeline.train.losses.registry import LOSSES, build_one, config_fields, leaf_configs, parse_loss_config
+from pipeline.train.losses.registry import (
+    LOSSES,
+    build_one,
+    config_fields,
+    leaf_configs,
+    parse_loss_config,
+)
 from pipeline.train.losses.store_info import StoreInfo
 
 

@@ -66,7 +66,12 @@ from pipeline.train.losses.coarse import (
     teacher_coarse,
 )
 from pipeline.train.losses.config import DivergenceConfig, capture_power
-from pipeline.train.losses.dskd import DualSpaceConfig, DualSpaceRecipe, last_hidden_field, last_layer_and_head
+from pipeline.train.losses.dskd import (
+    DualSpaceConfig,
+    DualSpaceRecipe,
+    last_hidden_field,
+    last_layer_and_head,
+)
 from pipeline.train.losses.output import TOPK_FIELDS, coarse_pair
 from pipeline.train.losses.registry import register_loss
 from pipeline.train.losses.store_info import StoreInfo

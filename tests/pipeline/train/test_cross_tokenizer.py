@@ -43,7 +43,12 @@ from pipeline.train.losses import (
     build_loss,
     check_cross_tokenizer,
 )
-from pipeline.train.losses.cross_tokenizer import CMAConfig, CrossModelAttentionKD, TokenAlignKD, _softmax
+from pipeline.train.losses.cross_tokenizer import (
+    CMAConfig,
+    CrossModelAttentionKD,
+    TokenAlignKD,
+    _softmax,
+)
 from pipeline.train.losses.output import DistributionLoss
 from pipeline.train.student_tokenizer import train_store_tokenizer, training_documents
 from pipeline.train.trainer import TrainConfig, Trainer, train
