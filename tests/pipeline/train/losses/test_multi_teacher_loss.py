@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_losses_distribution import reference  # the textbook float64 divergences, shared
+from loss_batches import reference  # the textbook float64 divergences, shared
 
 from kdstore.spec import StoreSpec, TopKSpec
 from pipeline.train.losses import (
