@@ -14,11 +14,11 @@ B, T, V = 2, 5, 64
 NAMES = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"]
 
 
-def valid_mask(b: int, t: int, invalid_tail: int = 0) -> torch.Tensor:
-    """[b, t] all valid but the last `invalid_tail` positions of row 1 (padding)."""
+def valid_mask(b: int, t: int, invalid_tail: int = 0, row: int = 1) -> torch.Tensor:
+    """[b, t] all valid but the last `invalid_tail` positions of row `row` (padding)."""
     valid = torch.ones(b, t, dtype=torch.bool)
     if invalid_tail:
-        valid[1, -invalid_tail:] = False
+        valid[row, -invalid_tail:] = False
     return valid
 
 
@@ -38,14 +38,15 @@ def topk_signals(teacher_logp: torch.Tensor, k: int, *, top_p: float | None = No
             prefix + "topk_tail": tail.to(dtype)}
 
 
-def topk_batch(teacher_logp: torch.Tensor, k: int, *, input_ids: torch.Tensor, sample_ids: torch.Tensor | None = None,
+def topk_batch(teacher_logp: torch.Tensor, k: int, *, input_ids: torch.Tensor | None = None, sample_ids: torch.Tensor | None = None,
                invalid_tail: int = 0, top_p: float | None = None, dtype: torch.dtype | None = None,
                **extra: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A top-k store batch of a dense teacher [B, T, V]: row fields + `topk_signals` + `extra` fields."""
+    """A top-k store batch of a dense teacher [B, T, V]: row fields (`input_ids` if given) +
+    `topk_signals` + `extra` fields."""
     b, t = teacher_logp.shape[:2]
     return {
         "sample_id": torch.arange(b) if sample_ids is None else sample_ids,
-        "input_ids": input_ids,
+        **({} if input_ids is None else {"input_ids": input_ids}),
         "valid": valid_mask(b, t, invalid_tail),
         **topk_signals(teacher_logp, k, top_p=top_p, dtype=dtype),
         **extra,

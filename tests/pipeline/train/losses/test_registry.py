@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from loss_batches import topk_batch
 
 import pipeline.train.losses as losses_pkg
 from kdstore.fields import fields_for_spec
@@ -84,13 +85,8 @@ def test_temperature_must_match_capture_unless_retemper():
 
 def make_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    logp, ids = torch.log_softmax(torch.randn(2, T, V, generator=g), -1).topk(4, dim=-1)
-    batch = {
-        "sample_id": torch.tensor([5, 9]),
-        "input_ids": torch.randint(0, V, (2, T), generator=g),
-        "valid": torch.ones(2, T, dtype=torch.bool),
-        "topk_ids": ids.int(), "topk_logp": logp, "topk_tail": 1 - logp.exp().sum(-1),
-    }
+    teacher = torch.log_softmax(torch.randn(2, T, V, generator=g), -1)
+    batch = topk_batch(teacher, 4, sample_ids=torch.tensor([5, 9]), input_ids=torch.randint(0, V, (2, T), generator=g))
     return batch, torch.randn(2, T, V, generator=g, requires_grad=True)
 
 
