@@ -20,6 +20,7 @@ from kdstore.writer import StoreWriter
 from pipeline.capture import extract
 from pipeline.train.losses import (
     LOSSES,
+    LossConfig,
     LossConfigError,
     LossResult,
     MissingLossFieldError,
@@ -45,6 +46,35 @@ ALL_NAMES = ["adversarial", "akl", "attention", "ce", "dskd", "dskd_cma", "fakd"
 
 def test_registry_names():
     assert sorted(LOSSES) == known_names() == ALL_NAMES
+
+
+def test_every_loss_is_documented_by_its_spec():
+    """What the docs' loss reference reads: a one-line summary, the fields in words, and every
+    config parameter with a description; the config's `name` admits the registry name."""
+    for name, spec in LOSSES.items():
+        assert spec.name == name and "\n" not in spec.summary and spec.summary and spec.reads
+        assert issubclass(spec.config, LossConfig) and spec.config.model_config["extra"] == "forbid"
+        assert all(info.description for info in spec.config.model_fields.values()), name
+        assert parse_loss_config({"name": name, **REQUIRED.get(name, {})}).name == name
+    assert LOSSES["fkl"].reads.startswith("topk_ids, topk_logp, topk_tail, valid")
+    assert {n for n, s in LOSSES.items() if s.tokens == "student"} == {"xtok_align", "dskd_cma"}
+
+
+REQUIRED = {"mix": {"losses": [{"name": "ce"}]}}
+
+
+def test_constructor_defaults_are_the_config_defaults():
+    """The dual-space modules take their settings from their config: built without one, they
+    hold the config's defaults (the authors' recipe), as `build_loss` gives them."""
+    from pipeline.train.losses.cross_tokenizer import CMAConfig, CrossModelAttentionKD
+    from pipeline.train.losses.dskd import DSKDConfig, DualSpaceKD
+
+    dskd = DualSpaceKD(torch.randn(V, 8), 8, 2)
+    assert (dskd.t2s_correct_only, dskd.recipe.kd_rate, dskd.temperature) == (False, 0.5, 2.0)
+    assert DSKDConfig().t2s_correct_only is False and DSKDConfig().kd_rate == 0.5
+    cma = CrossModelAttentionKD(torch.randn(V, 8), torch.randn(V, 8), 8, 2)
+    assert (cma.t2s_correct_only, cma.target_values, cma.recipe.kd_rate) == (True, True, 0.5)
+    assert CMAConfig().target_values is True
 
 
 @pytest.mark.parametrize("cfg", [{"name": "fkll"}, [{"name": "ce"}, {"name": "mix", "losses": [{"name": "kl"}]}]])
