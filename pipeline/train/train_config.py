@@ -19,12 +19,12 @@ class TrainConfig(Strict):
     extra_stores: list[str] = []
     out: str
     student: StudentConfig = StudentConfig()
-    # modules that register plugin losses (`@register_loss`, docs/guides/add-a-loss.md): dotted
-    # module names, or .py files relative to the working directory; imported before `losses`
-    loss_modules: list[str] = []
-    # one loss config or a list of them (a weighted sum); each `name` is a registered loss
+    loss_modules: list[str] = Field([], description=(
+        "modules that register plugin losses (@register_loss, docs/guides/add-a-loss.md): dotted module names, "
+        "or .py files relative to the working directory; imported before `losses` is read"))
     losses: SerializeAsAny[LossConfig] | list[SerializeAsAny[LossConfig]] = Field(
-        [{"name": "fkl"}], validate_default=True)
+        [{"name": "fkl"}], validate_default=True,
+        description="one loss config or a list of them (a weighted sum); each `name` is a registered loss")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     steps: int = Field(100, ge=1)

@@ -81,21 +81,21 @@ def register_loss(
     register it under `name`. `fields`: the store fields it reads, a tuple, or a function
     `(cfg, store_field_names) -> tuple` when they depend on the config or the store (then `reads`
     says them in words). A composite gives `children` (its part configs) instead: its fields are
-    theirs."""
+    theirs. A misuse is a `LossConfigError` naming the loss (a plugin's mistake is the user's)."""
     if not issubclass(config, LossConfig):
-        raise TypeError(f"loss {name!r}: config {config.__name__} must subclass LossConfig")
+        raise LossConfigError(f"loss {name!r}: config {config.__name__} must subclass LossConfig")
     annotation = config.model_fields["name"].annotation
     if name not in get_args(annotation):
-        raise TypeError(f"loss {name!r}: {config.__name__}.name must be a Literal holding {name!r}")
+        raise LossConfigError(f"loss {name!r}: {config.__name__}.name must be a Literal holding {name!r}")
     if fields is None:
         if children is None:
-            raise TypeError(f"loss {name!r}: give the store fields it reads (or `children` for a composite)")
+            raise LossConfigError(f"loss {name!r}: give the store fields it reads (or `children` for a composite)")
         fields_of: FieldsOf = lambda cfg, names: tuple(  # noqa: E731
             dict.fromkeys(f for _, leaf in config_fields(list(children(cfg)), names) for f in leaf))
         reads = reads or "what its parts read"
     elif callable(fields):
         if reads is None:
-            raise TypeError(f"loss {name!r}: fields computed by a function need `reads` (what they are, in words)")
+            raise LossConfigError(f"loss {name!r}: fields computed by a function need `reads` (what they are, in words)")
         fields_of = fields
     else:
         constant = tuple(fields)
@@ -122,7 +122,7 @@ def import_loss_modules(modules: Sequence[str], where: str = "loss_modules") -> 
                 _import_file(Path(module))
             else:
                 importlib.import_module(module)
-        except (ImportError, OSError) as exc:
+        except (ImportError, OSError, SyntaxError) as exc:
             raise LossConfigError(f"{where}[{i}]: cannot import loss module {module!r}: {exc}") from None
 
 

@@ -99,7 +99,7 @@ def test_a_name_is_registered_once(plugin):
 
     with pytest.raises(LossConfigError, match=r"loss 'fkl' is registered twice: by pipeline.train.losses.output"):
         register_loss("fkl", config=Clash, summary="a second fkl", fields=("valid",))(lambda cfg, store, student: None)
-    with pytest.raises(TypeError, match="must be a Literal holding 'other'"):
+    with pytest.raises(LossConfigError, match="must be a Literal holding 'other'"):
         register_loss("other", config=Clash, summary="?", fields=("valid",))
 
 
