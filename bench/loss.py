@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from pipeline.train.losses import StudentOutputs, WeightedSum  # noqa: E402
-from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss, SampledKDLoss  # noqa: E402
+from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss  # noqa: E402
+from pipeline.train.losses.sampled import SampledKDLoss  # noqa: E402
 
 VOCABS = (49_152, 151_936)
 LOSSES = ("ce", "fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "sampled_kd", "fkl+ce")

@@ -40,7 +40,7 @@ def _train(label: str, store: Path, out: Path, losses: Any, steps: int | None,
         overrides["steps"] = steps
     overrides.update(extra or {})
     cfg = load_config(config, TrainConfig, overrides=overrides)
-    names = " + ".join(f"{l_['weight']:g}·{l_['name']}" if "weight" in l_ else l_["name"]
+    names = " + ".join(f"{l_.weight:g}·{l_.name}" if l_.weight != 1 else l_.name
                        for l_ in (cfg.losses if isinstance(cfg.losses, list) else [cfg.losses]))
     print(f"      {label}: {names}, {cfg.steps} steps of {cfg.batch_size} row(s) → {out}", flush=True)
     trained = train_student_flow(cfg.model_dump())

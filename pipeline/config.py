@@ -234,11 +234,18 @@ def parse_config(data: dict[str, Any], model: type[M], where: str = "config") ->
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: " + "; ".join(describe_error(e) for e in exc.errors())) from None
+        errors = exc.errors()
+        inner = [e.get("ctx", {}).get("error") for e in errors]
+        # one error a validator raised as a ConfigError subclass (an unknown loss...) keeps its class
+        kind = type(inner[0]) if len(errors) == 1 and isinstance(inner[0], ConfigError) else ConfigError
+        raise kind(f"{where}: " + "; ".join(describe_error(e) for e in errors)) from None
 
 
 def describe_error(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"])
+    inner = error.get("ctx", {}).get("error")
+    if isinstance(inner, ConfigError) and str(inner).startswith(key):
+        return str(inner)  # a validator's own message, which names the key already
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if error["type"] == "missing":

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, ValidationInfo, field_validator, model_validator
 
 from pipeline.config import Strict
+from pipeline.train.losses import LossConfig, import_loss_modules, parse_loss_config
 from pipeline.train.student import StudentConfig
 
 
@@ -18,7 +19,12 @@ class TrainConfig(Strict):
     extra_stores: list[str] = []
     out: str
     student: StudentConfig = StudentConfig()
-    losses: Any = [{"name": "fkl"}]
+    loss_modules: list[str] = Field([], description=(
+        "modules that register plugin losses (@register_loss, docs/guides/add-a-loss.md): dotted module names, "
+        "or .py files relative to the working directory; imported before `losses` is read"))
+    losses: SerializeAsAny[LossConfig] | list[SerializeAsAny[LossConfig]] = Field(
+        [{"name": "fkl"}], validate_default=True,
+        description="one loss config or a list of them (a weighted sum); each `name` is a registered loss")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     steps: int = Field(100, ge=1)
@@ -56,6 +62,12 @@ class TrainConfig(Strict):
     tensorboard: bool = True
     # cross-tokenizer: the longest student row (student tokens of one store row); default 2 × row_length
     student_row_length: int | None = Field(None, ge=2)
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _losses(cls, value: Any, info: ValidationInfo) -> Any:
+        import_loss_modules(info.data.get("loss_modules", []))
+        return parse_loss_config(value)
 
     @model_validator(mode="after")
     def _online_full(self) -> TrainConfig:

@@ -18,8 +18,8 @@ Building::
 
     loss = build_loss(config, StoreReader(url), StudentDims.from_config(model.config))
 
-`config` is a mapping, a list of mappings (a weighted sum), or the pydantic models of
-`pipeline.train.losses.config`; e.g. in YAML::
+`config` is a mapping, a list of mappings (a weighted sum), or the parsed pydantic models (each
+loss's config model lives in its file); e.g. in YAML::
 
     losses:
       - {name: fkl, weight: 0.5, temperature: 1.0}
@@ -27,15 +27,20 @@ Building::
       - {name: hidden, weight: 0.1, metric: cosine, layer_map: [[2, 4], [4, 8]]}
 
 Registry names: fkl, rkl, js, skl, srkl, tvd, akl (top-k stores), sampled_kd (sampled stores),
-hybrid_kd (topk_tail_sample stores: exact top-k head + tail draws, see `hybrid`), ce, hidden, attention, fakd (hidden + attention + output), dskd (dual-space KD), mix,
-multi_teacher (several stores joined by sample id: teacher i's fields are `t<i>/<field>`; build
-it with `StoreInfo.joined(readers)`), and adversarial (a discriminator with its own optimizer:
-call `auxiliary_steps(auxiliary_losses(loss), student, batch)` before the loss each step, and
+hybrid_kd (topk_tail_sample stores: exact top-k head + tail draws, see `hybrid`), ce, hidden,
+attention, fakd (hidden + attention + output), dskd (dual-space KD), mix, multi_teacher (several
+stores joined by sample id: teacher i's fields are `t<i>/<field>`; build it with
+`StoreInfo.joined(readers)`), and adversarial (a discriminator with its own optimizer: call
+`auxiliary_steps(auxiliary_losses(loss), student, batch)` before the loss each step, and
 checkpoint their `aux_state_dict()`; see `base.AuxiliaryStep`), and the cross-tokenizer losses
 xtok_align and dskd_cma (a student with its own tokenizer: batches re-tokenised by
 `pipeline.train.cross_tokenizer.Retokenizer`, build with `StudentDims(..., tokenizer=...)`).
 `build_loss` checks the store's fields first: a missing one is a `MissingLossFieldError` naming
 the loss and the field; an unknown name is an `UnknownLossError` listing the known ones.
+
+A loss is one file of this package (found by module discovery below) or of a plugin module: its
+config model, store fields, module and builder, registered with `@register_loss`; `LOSSES`
+(`registry`) maps every name to its `LossSpec`. See docs/guides/add-a-loss.md.
 
 Conventions
 -----------
@@ -49,6 +54,9 @@ Conventions
   distribution (see `coarse`). `temperature` divides the student logits and must equal the
   store's capture temperature unless `retemper: true` (top-k only; approximate for the tail).
 """
+
+import importlib
+import pkgutil
 
 from pipeline.train.losses.base import (
     AuxiliaryStep,
@@ -64,25 +72,39 @@ from pipeline.train.losses.base import (
     auxiliary_steps,
     check_finite,
     fold_loss_mask,
+    unique_key,
 )
-from pipeline.train.losses.config import LossConfig, known_names, parse_loss_config
-from pipeline.train.losses.registry import (
-    REGISTRY,
-    StoreInfo,
-    WeightedSum,
+from pipeline.train.losses.build import (
     build_loss,
     check_cross_tokenizer,
     check_fields,
+    loss_names,
     required_fields,
 )
+from pipeline.train.losses.mix import WeightedSum
+from pipeline.train.losses.registry import (
+    LOSSES,
+    LossConfig,
+    LossSpec,
+    import_loss_modules,
+    known_names,
+    parse_loss_config,
+    register_loss,
+)
+from pipeline.train.losses.store_info import StoreInfo
+
+# module discovery: every module of this package is imported, so a loss file registers itself
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "REGISTRY",
+    "LOSSES",
     "AuxiliaryStep",
     "KDLoss",
     "LossConfig",
     "LossConfigError",
     "LossResult",
+    "LossSpec",
     "MissingLossFieldError",
     "NonFiniteLossError",
     "StoreInfo",
@@ -97,7 +119,11 @@ __all__ = [
     "check_fields",
     "check_finite",
     "fold_loss_mask",
+    "import_loss_modules",
     "known_names",
+    "loss_names",
     "parse_loss_config",
+    "register_loss",
     "required_fields",
+    "unique_key",
 ]

@@ -38,18 +38,21 @@ checkpoints, and `_apply` moves them with the loss (`.to(device)`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from pipeline.train.losses import alignment
 from pipeline.train.losses.base import (
     GradSync,
     KDLoss,
     LossConfigError,
     LossResult,
     NonFiniteLossError,
+    StudentDims,
     StudentOutputs,
     batch_field,
     check_finite,
@@ -57,7 +60,10 @@ from pipeline.train.losses.base import (
     masked_mean,
     require,
 )
+from pipeline.train.losses.config import LAYER_MAP, LayerMapConfig
 from pipeline.train.losses.output import TOPK_FIELDS, coarse_pair
+from pipeline.train.losses.registry import LossConfig, register_loss
+from pipeline.train.losses.store_info import StoreInfo
 
 LEAKY_SLOPE = 0.2
 
@@ -225,3 +231,57 @@ class AdversarialLoss(KDLoss):
                   for d, (_, s) in zip(self.discriminators, self._features(student, batch), strict=True)]
         value = torch.stack(values).mean()
         return LossResult(value, {"adv_g": value.detach()})
+
+
+# ---------------------------------------------------------------- config and registration
+
+
+class AdversarialConfig(LossConfig):
+    """Adversarial distillation: a discriminator with its own optimizer tells cached teacher
+    features from the student's; the student gets the generator loss."""
+
+    name: Literal["adversarial"] = Field(description="adversarial")
+    feature: Literal["hidden", "output"] = Field("hidden", description="hidden states, or the coarsened output "
+                                                 "distribution (top-k stores)")
+    layer_map: LayerMapConfig | None = Field(None, description=f"feature: hidden only; {LAYER_MAP}; default \"last\"")
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field([256], min_length=1, description="the discriminator "
+                                                           "MLP's hidden widths")
+    disc_lr: float = Field(1e-4, gt=0, description="the discriminator's AdamW learning rate")
+    disc_weight_decay: float = Field(0.0, ge=0, description="the discriminator's AdamW weight decay")
+    disc_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.5, 0.999), description="the discriminator's AdamW betas")
+    disc_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up of the discriminator (updates)")
+    disc_steps_per_step: int = Field(1, ge=1, description="discriminator updates per training micro-batch")
+    gradient_penalty: float | None = Field(None, gt=0, description="R1 weight γ (γ/2 · ‖∇D(teacher feature)‖²); "
+                                           "null = off")
+
+    @model_validator(mode="after")
+    def _layer_map(self) -> AdversarialConfig:
+        if self.feature == "output" and self.layer_map is not None:
+            raise ValueError("layer_map applies to feature: hidden only (feature: output uses the top-k distribution)")
+        return self
+
+
+def adversarial_fields(cfg: AdversarialConfig, names: Sequence[str]) -> tuple[str, ...]:
+    if cfg.feature == "output":
+        return TOPK_FIELDS
+    return (*alignment.hidden_fields(cfg.layer_map or "last", names), "valid")
+
+
+@register_loss("adversarial", config=AdversarialConfig, fields=adversarial_fields,
+               summary="discriminator on hidden / output features (own optimizer)",
+               reads="hidden_<layer> of each mapped teacher layer, valid (feature: output: topk_ids, topk_logp, "
+                     "topk_tail, valid)")
+def build_adversarial(cfg: AdversarialConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    disc = {k: getattr(cfg, k) for k in ("hidden_dims", "disc_lr", "disc_weight_decay", "disc_betas",
+                                         "disc_warmup_steps", "disc_steps_per_step", "gradient_penalty")}
+    if cfg.feature == "output":
+        topk = store.spec.topk
+        if topk is None:  # a sampled store: check_fields names the missing top-k fields first
+            raise LossConfigError("loss 'adversarial' with feature: output needs a top-k store")
+        return AdversarialLoss("output", topk.k + 1, capture_temperature=topk.temperature, **disc)
+    dims = StudentDims.required(student, cfg.name)
+    stored = alignment.stored_layers(store.field_names, "hidden")
+    width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
+    pairs = alignment.resolve_layer_map(cfg.layer_map or "last", stored, dims.num_layers, "hidden")
+    return AdversarialLoss("hidden", width, pairs=pairs, student_width=dims.hidden_size, **disc)

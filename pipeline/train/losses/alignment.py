@@ -35,18 +35,23 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from pipeline.train.losses.base import (
     KDLoss,
     LossConfigError,
     LossResult,
+    StudentDims,
     StudentOutputs,
     batch_field,
     kd_mask,
     masked_mean,
     require,
 )
+from pipeline.train.losses.config import LAYER_MAP, LayerMapConfig
+from pipeline.train.losses.registry import LossConfig, register_loss
+from pipeline.train.losses.store_info import StoreInfo
 
 LayerMap = Literal["uniform", "last"] | Sequence[Sequence[int]]
 HeadMap = Literal["mean"] | Sequence[Sequence[int]]
@@ -273,3 +278,51 @@ class AttentionLoss(KDLoss):
             per_row = attention_divergence(p, q, self.metric, keys, tail)  # [B,H',T]
             values.append(masked_mean(per_row, rows.expand_as(per_row)))
         return self.result(torch.stack(values).mean())
+
+
+# ---------------------------------------------------------------- configs and registration
+
+
+class HiddenLossConfig(LossConfig):
+    """Student hidden states against stored teacher hidden states."""
+
+    name: Literal["hidden"] = Field("hidden", description="hidden")
+    metric: Literal["mse", "cosine", "zmse"] = Field("mse", description="mse, cosine distance, or zmse: MSE in the "
+                                                     "teacher's standardised space (teacher/hidden_stats)")
+    layer_map: LayerMapConfig = Field("uniform", description=LAYER_MAP)
+
+
+class AttentionLossConfig(LossConfig):
+    """Student attention maps against stored teacher attention rows."""
+
+    name: Literal["attention"] = Field("attention", description="attention")
+    metric: Literal["kl", "mse"] = Field("kl", description="per query row: KL(teacher ‖ student) or squared error")
+    layer_map: LayerMapConfig = Field("uniform", description=LAYER_MAP)
+    head_map: Literal["mean"] | list[tuple[int, int]] = Field(
+        "mean", description='"mean" (head-averaged maps) or [[student_head, teacher_head], ...] (stored head ids)')
+
+
+@register_loss("hidden", config=HiddenLossConfig, summary="hidden-state MSE / cosine / standardised MSE",
+               fields=lambda cfg, names: (*hidden_fields(cfg.layer_map, names), "valid"),
+               reads="hidden_<layer> of each mapped teacher layer, valid")
+def build_hidden(cfg: HiddenLossConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = StudentDims.required(student, cfg.name)
+    stored = stored_layers(store.field_names, "hidden")
+    width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
+    pairs = resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "hidden")
+    std = None
+    if cfg.metric == "zmse":
+        std = {layer: s for layer, (_, s) in store.teacher_hidden_stats(cfg.name).items()}
+    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width, std)
+
+
+@register_loss("attention", config=AttentionLossConfig, summary="attention KL / MSE",
+               fields=lambda cfg, names: (*attention_fields(cfg.layer_map, names), "valid"),
+               reads="attn_<layer> (or attn_<layer>_ids + attn_<layer>_p) of each mapped teacher layer, valid")
+def build_attention(cfg: AttentionLossConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = StudentDims.required(student, cfg.name)
+    stored = stored_layers(store.field_names, "attn")
+    pairs = resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "attn")
+    heads = store.spec.attention.heads if store.spec.attention is not None else ()
+    topk = [t for t in stored if f"attn_{t}_ids" in store.field_names and f"attn_{t}" not in store.field_names]
+    return AttentionLoss(pairs, cfg.metric, cfg.head_map, heads, topk)

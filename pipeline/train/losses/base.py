@@ -21,8 +21,6 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError
 
-STUDENT_NEEDS = ("logits", "hidden_states", "attentions", "output_head")
-
 
 class LossConfigError(ConfigError):
     """A loss config cannot be built (bad value, unknown name, mismatch with the store)."""
@@ -94,6 +92,14 @@ class StudentDims:
             tokenizer=tokenizer,
         )
 
+    @staticmethod
+    def required(student: StudentDims | None, label: str) -> StudentDims:
+        """`student`, which alignment and dual-space builders need, or an error saying how to pass it."""
+        if student is None:
+            raise LossConfigError(f"loss {label!r} needs the student's dimensions: pass student=StudentDims(...) "
+                                  "(StudentDims.from_config(model.config))")
+        return student
+
 
 class KDLoss(nn.Module):
     """Base of every loss: `label` names its component, `fields` the store fields it reads,
@@ -105,9 +111,6 @@ class KDLoss(nn.Module):
     # whether it can run from the last hidden state + output head instead of whole logits
     # (`fused_terms`, see `fused`); the trainer fuses when every loss of the config can
     fusable: bool = False
-
-    def required_fields(self, store_field_names: Sequence[str] | None = None) -> tuple[str, ...]:
-        return self.fields
 
     def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:  # pragma: no cover
         raise NotImplementedError
@@ -154,12 +157,17 @@ def auxiliary_steps(losses: Sequence[AuxiliaryStep], student: StudentOutputs, ba
     components: dict[str, Tensor] = {}
     for loss in losses:
         for key, value in loss.auxiliary_step(student, batch, sync_grads).items():
-            name, n = key, 1
-            while name in components:
-                n += 1
-                name = f"{key}#{n}"
-            components[name] = value
+            components[unique_key(key, components)] = value
     return components
+
+
+def unique_key(key: str, taken: Mapping[str, Any]) -> str:
+    """`key`, or `key#2`, `key#3`...: the first that `taken` does not hold (logged components)."""
+    name, n = key, 1
+    while name in taken:
+        n += 1
+        name = f"{key}#{n}"
+    return name
 
 
 # ---------------------------------------------------------------- projections

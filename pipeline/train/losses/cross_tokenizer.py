@@ -36,16 +36,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from pipeline.train.cross_tokenizer import STORE_FIELDS, TEACHER_PREFIX
+from pipeline.train.cross_tokenizer import STORE_FIELDS, TEACHER_PREFIX, vocab_map
 from pipeline.train.losses.base import (
     KDLoss,
+    LossConfigError,
     LossResult,
+    StudentDims,
     StudentOutputs,
     batch_field,
     compute_dtype,
@@ -62,8 +65,16 @@ from pipeline.train.losses.coarse import (
     student_coarse,
     teacher_coarse,
 )
-from pipeline.train.losses.dskd import DualSpaceRecipe
+from pipeline.train.losses.config import DivergenceConfig, capture_power
+from pipeline.train.losses.dskd import (
+    DualSpaceConfig,
+    DualSpaceRecipe,
+    last_hidden_field,
+    last_layer_and_head,
+)
 from pipeline.train.losses.output import TOPK_FIELDS, coarse_pair
+from pipeline.train.losses.registry import register_loss
+from pipeline.train.losses.store_info import StoreInfo
 
 XTOK_FIELDS = (*TOPK_FIELDS[:-1], *STORE_FIELDS)
 ALIGN = "align_pos"
@@ -113,16 +124,25 @@ def _fraction(mask: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
     return (mask.sum() / batch["valid"].sum().clamp_min(1)).detach().float()
 
 
+class CMAConfig(DualSpaceConfig):
+    """Dual-space KD with cross-model attention for a student with its own tokenizer (DSKD-CMA)."""
+
+    name: Literal["dskd_cma"] = Field("dskd_cma", description="dskd_cma")
+    t2s_correct_only: bool = Field(True, description="the authors' CMA: student-space KD only where the projected "
+                                   "teacher predicts the next token")
+    target_values: bool = Field(True, description="the authors' values: h_t / std + e_t(next) / std")
+
+
 class CrossModelAttentionKD(KDLoss):
+    """DSKD-CMA; its settings are a `CMAConfig` (default: the config's defaults)."""
+
     label = "dskd_cma"
     needs = frozenset({"logits", "hidden_states", "output_head"})
 
     def __init__(self, teacher_head: Tensor, teacher_embeddings: Tensor, student_width: int, teacher_layer: int,
-                 divergence_name: str = "fkl", param: float | None = None, temperature: float = 1.0,
-                 teacher_power: float = 1.0, s2t_weight: float = 1.0, t2s_weight: float = 1.0,
-                 t2s_ce_weight: float = 1.0, t2s_correct_only: bool = True, kd_rate: float | None = None,
-                 projector_warmup_steps: int = 0, target_values: bool = False):
+                 cfg: CMAConfig | None = None, teacher_power: float = 1.0):
         super().__init__()
+        cfg = cfg or CMAConfig()
         d_t = int(teacher_head.shape[1])
         self.query = projection(2 * student_width, 2 * d_t)
         self.t2s = projection(d_t, student_width)
@@ -131,13 +151,13 @@ class CrossModelAttentionKD(KDLoss):
         self.register_buffer("teacher_embeddings", teacher_embeddings.detach().float(), persistent=False)
         self.teacher_layer = int(teacher_layer)
         self.fields = (*XTOK_FIELDS, f"hidden_{self.teacher_layer}")
-        self.divergence = divergence(divergence_name, param)
-        self.temperature = float(temperature)
+        self.divergence = divergence(cfg.divergence, cfg.divergence_param)
+        self.temperature = float(cfg.temperature)
         self.teacher_power = float(teacher_power)
-        self.weights = (float(s2t_weight), float(t2s_weight), float(t2s_ce_weight))
-        self.t2s_correct_only = t2s_correct_only
-        self.target_values = bool(target_values)
-        self.recipe = DualSpaceRecipe(kd_rate, projector_warmup_steps)
+        self.weights = (float(cfg.s2t_weight), float(cfg.t2s_weight), float(cfg.t2s_ce_weight))
+        self.t2s_correct_only = cfg.t2s_correct_only
+        self.target_values = cfg.target_values
+        self.recipe = DualSpaceRecipe(cfg.kd_rate, cfg.projector_warmup_steps)
 
     def get_extra_state(self) -> Any:
         return self.recipe.state()
@@ -200,9 +220,13 @@ class CrossModelAttentionKD(KDLoss):
 
 
 def _global_std(x: Tensor, valid: Tensor) -> Tensor:
-    """One std over every valid position's features (the authors' tensor-wide `.std()`)."""
-    values = x[valid]
-    return values.std().clamp_min(1e-6) if values.numel() > 1 else torch.ones((), device=x.device)
+    """One std over every valid position's features (the authors' tensor-wide `.std()`), 1 with
+    fewer than two values; masked sums, not a boolean index, so the device never waits for the host."""
+    keep = valid[..., None].expand_as(x)
+    n = keep.sum().to(x.dtype)
+    mean = torch.where(keep, x, 0.0).sum() / n.clamp_min(1)
+    var = torch.where(keep, (x - mean).pow(2), 0.0).sum() / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt().clamp_min(1e-6), torch.ones((), dtype=x.dtype, device=x.device))
 
 
 def _normalised(x: Tensor) -> Tensor:
@@ -219,3 +243,41 @@ def _softmax(scores: Tensor, allowed: Tensor) -> Tensor:
     masked = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(masked.masked_fill(~allowed.any(-1, keepdim=True), 0.0), dim=-1)
     return torch.where(allowed, weights, 0.0)
+
+
+# ---------------------------------------------------------------- configs and registration
+
+
+class XTokAlignConfig(DivergenceConfig):
+    """Token-alignment baseline for a student with its own tokenizer."""
+
+    name: Literal["xtok_align"] = Field(description="xtok_align")
+    vocab_map: Literal["first_token", "min_edit"] = Field("first_token", description="each teacher id → the student "
+                                                          "id of its text's first token, or the closest by edit "
+                                                          "distance (FuseLLM's MinED)")
+
+
+@register_loss("xtok_align", config=XTokAlignConfig, fields=XTOK_FIELDS, tokens="student",
+               summary="token-alignment KD (position pairing + id map): a student with its own tokenizer")
+def build_xtok(cfg: XTokAlignConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = StudentDims.required(student, cfg.name)
+    if dims.tokenizer is None:
+        raise LossConfigError(f"loss {cfg.name!r} needs the student's tokenizer: StudentDims(..., tokenizer=...)")
+    id_map = vocab_map(store.teacher_tokenizer(cfg.name), dims.tokenizer, cfg.vocab_map)
+    if int(id_map.max()) >= (dims.vocab_size or len(dims.tokenizer)):
+        raise LossConfigError(f"loss {cfg.name!r}: the student tokenizer has ids beyond the model's vocabulary "
+                              f"({dims.vocab_size})")
+    return TokenAlignKD(id_map, cfg.divergence, cfg.divergence_param, cfg.temperature,
+                        capture_power(cfg.temperature, cfg.retemper, store, cfg.name))
+
+
+@register_loss("dskd_cma", config=CMAConfig, tokens="student",
+               summary="dual-space KD with cross-model attention: a student with its own tokenizer",
+               fields=lambda cfg, names: (*XTOK_FIELDS, last_hidden_field(cfg, names)),
+               reads=", ".join(XTOK_FIELDS) + ", hidden_<teacher's last layer> (+ teacher/output_head, "
+                     "input embeddings)")
+def build_cma(cfg: CMAConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = StudentDims.required(student, cfg.name)
+    layer, head = last_layer_and_head(cfg, store)
+    return CrossModelAttentionKD(head, store.teacher_embeddings(cfg.name), dims.hidden_size, layer, cfg,
+                                 capture_power(cfg.temperature, cfg.retemper, store, cfg.name))

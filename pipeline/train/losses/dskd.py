@@ -11,8 +11,9 @@ The paper unifies the two models' output spaces with two learned projections:
   Linear(d_t → d_s) and the student's own head, detached (so only the projection learns from
   it); the projection is trained with CE on the ground-truth next token (`dskd_t2s_ce`), and
   the student is distilled towards the projected distribution, detached (`dskd_t2s`), over
-  the full vocabulary. As in the authors' code, by default only positions where the projected
-  teacher predicts the label count for that KD term (`t2s_correct_only`); the others add 0.
+  the full vocabulary. With `t2s_correct_only` (off for dskd, as in the authors' DSKD; on for
+  their CMA variant) only positions where the projected teacher predicts the label count for that
+  KD term; the others add 0.
 
 kd = s2t_weight · s2t + t2s_weight · t2s + t2s_ce_weight · t2s_ce. With `kd_rate` (the authors'
 recipe, the config default 0.5) the loss also holds the student's own next-token CE:
@@ -38,16 +39,20 @@ teacher space τ follows the rules of the other top-k losses (store capture temp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from pipeline.train.losses import alignment
 from pipeline.train.losses.base import (
     KDLoss,
+    LossConfigError,
     LossResult,
+    StudentDims,
     StudentOutputs,
     batch_field,
     kd_mask,
@@ -57,30 +62,45 @@ from pipeline.train.losses.base import (
     require,
 )
 from pipeline.train.losses.coarse import dense_log_probs, divergence
-from pipeline.train.losses.output import TOPK_FIELDS, coarse_pair
+from pipeline.train.losses.config import DivergenceConfig, capture_power
+from pipeline.train.losses.output import CE_FIELDS, TOPK_FIELDS, coarse_pair
+from pipeline.train.losses.registry import register_loss
+from pipeline.train.losses.store_info import StoreInfo
+
+
+class DualSpaceConfig(DivergenceConfig):
+    """What both dual-space losses take; the defaults follow the authors' recipe (songmzhang/DSKD)."""
+
+    temperature: float = Field(2.0, gt=0, description="the authors' KD temperature, both spaces")
+    retemper: bool = Field(True, description="τ = 2 against a cache captured at τ = 1: re-temper kept ids + tail")
+    s2t_weight: float = Field(1.0, ge=0, description="weight of the teacher-space KD term")
+    t2s_weight: float = Field(1.0, ge=0, description="weight of the student-space KD term")
+    t2s_ce_weight: float = Field(1.0, ge=0, description="weight of the student-space projection's CE")
+    t2s_correct_only: bool = Field(False, description="student-space KD only where the projected teacher predicts "
+                                   "the next token")
+    kd_rate: float | None = Field(0.5, ge=0, le=1, description="(1 - kd_rate) · student CE + kd_rate · KD terms; "
+                                  "null = KD terms only (add a `ce` loss yourself)")
+    projector_warmup_steps: int = Field(0, ge=0, description="train only the projections for this many steps")
+    teacher_layer: int | None = Field(None, ge=1, description="the teacher's last hidden layer; default: the "
+                                      "deepest stored hidden layer")
+
+
+class DSKDConfig(DualSpaceConfig):
+    """Dual-space KD (arXiv 2406.17328), same vocabulary."""
+
+    name: Literal["dskd"] = Field("dskd", description="dskd")
 
 
 class DualSpaceKD(KDLoss):
+    """Dual-space KD; its settings are a `DSKDConfig` (default: the config's defaults)."""
+
     label = "dskd"
     needs = frozenset({"logits", "hidden_states", "output_head"})
 
-    def __init__(
-        self,
-        teacher_head: Tensor,
-        student_width: int,
-        teacher_layer: int,
-        divergence_name: str = "fkl",
-        param: float | None = None,
-        temperature: float = 1.0,
-        teacher_power: float = 1.0,
-        s2t_weight: float = 1.0,
-        t2s_weight: float = 1.0,
-        t2s_ce_weight: float = 1.0,
-        t2s_correct_only: bool = True,
-        kd_rate: float | None = None,
-        projector_warmup_steps: int = 0,
-    ):
+    def __init__(self, teacher_head: Tensor, student_width: int, teacher_layer: int, cfg: DSKDConfig | None = None,
+                 teacher_power: float = 1.0):
         super().__init__()
+        cfg = cfg or DSKDConfig()
         teacher_width = int(teacher_head.shape[1])
         self.s2t = projection(student_width, teacher_width)
         self.t2s = projection(teacher_width, student_width)
@@ -88,12 +108,12 @@ class DualSpaceKD(KDLoss):
         self.register_buffer("teacher_head", teacher_head.detach().float(), persistent=False)
         self.teacher_layer = int(teacher_layer)
         self.fields = (*TOPK_FIELDS[:-1], f"hidden_{self.teacher_layer}", "input_ids", "valid")
-        self.divergence = divergence(divergence_name, param)
-        self.temperature = float(temperature)
+        self.divergence = divergence(cfg.divergence, cfg.divergence_param)
+        self.temperature = float(cfg.temperature)
         self.teacher_power = float(teacher_power)
-        self.weights = (float(s2t_weight), float(t2s_weight), float(t2s_ce_weight))
-        self.t2s_correct_only = t2s_correct_only
-        self.recipe = DualSpaceRecipe(kd_rate, projector_warmup_steps)
+        self.weights = (float(cfg.s2t_weight), float(cfg.t2s_weight), float(cfg.t2s_ce_weight))
+        self.t2s_correct_only = cfg.t2s_correct_only
+        self.recipe = DualSpaceRecipe(cfg.kd_rate, cfg.projector_warmup_steps)
 
     def get_extra_state(self) -> Any:
         return self.recipe.state()
@@ -170,3 +190,37 @@ class DualSpaceRecipe:
         ce = masked_mean(ce, mask)
         components[ce_label] = ce.detach()
         return LossResult((1.0 - self.kd_rate) * ce + self.kd_rate * kd, components)
+
+
+# ---------------------------------------------------------------- building
+
+
+def last_layer_and_head(cfg: DualSpaceConfig, store: StoreInfo) -> tuple[int, Tensor]:
+    """The stored hidden layer the teacher's head reads (its last), and that head."""
+    stored = alignment.stored_layers(store.field_names, "hidden")
+    layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else 0)
+    if store.teacher_num_layers is not None and layer != store.teacher_num_layers:
+        raise LossConfigError(
+            f"loss {cfg.name!r} needs the teacher's last hidden states (layer {store.teacher_num_layers}, what its head "
+            f"reads); it would use hidden_{layer} (stored hidden layers: {stored})"
+        )
+    head = store.teacher_head(cfg.name)
+    if store.spec.hidden is not None and head.shape[1] != store.spec.hidden.width:
+        raise LossConfigError(f"loss {cfg.name!r}: teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
+    return layer, head
+
+
+def last_hidden_field(cfg: DualSpaceConfig, names: Sequence[str]) -> str:
+    stored = alignment.stored_layers(names, "hidden")
+    layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else None)
+    return f"hidden_{layer}" if layer is not None else "hidden_<last layer>"
+
+
+@register_loss("dskd", config=DSKDConfig, summary="dual-space KD from the cache (teacher head stored)",
+               fields=lambda cfg, names: (*TOPK_FIELDS[:-1], last_hidden_field(cfg, names), *CE_FIELDS),
+               reads="topk_ids, topk_logp, topk_tail, hidden_<teacher's last layer>, input_ids, valid "
+                     "(+ teacher/output_head)")
+def build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    dims = StudentDims.required(student, cfg.name)
+    layer, head = last_layer_and_head(cfg, store)
+    return DualSpaceKD(head, dims.hidden_size, layer, cfg, capture_power(cfg.temperature, cfg.retemper, store, cfg.name))

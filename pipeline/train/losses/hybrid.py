@@ -34,31 +34,23 @@ every position that no fixed draw repeats.
 
 τ: the draws were taken at the top-k capture temperature, so `temperature` must equal it
 (re-tempering a sampled tail is not possible). Reduction: mean over valid positions.
-
-`sampled_kd` with `label_tail` (`SampledTailKDLoss`) reads a sampled store's draws as a hybrid
-row: the ids drawn twice or more are the head, with c/N as the teacher's probability, and the ids
-drawn once are the tail draws, their number over N the tail mass. Plain sampled KD is exactly
-this split (same gradient: -Σ (c/N) log q regrouped), so label_tail = λ only moves λ of the
-once-drawn ids' weight to the next token where it falls outside that head; the head counts and
-the tail's mass stay the teacher's. Once-drawn ids are the noisy part of 12 draws: each stands
-for 1/N of the mass, while its p is mostly far smaller. Unbiased where no id has N·p in [1, 2)
-(under systematic draws the ids with p < 1/N are exactly those drawn at most once), and like the
-label_tail of top-k, it assumes a calibrated teacher.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from pipeline.train.losses.base import (
-    TARGET_MASK,
     KDLoss,
+    LossConfigError,
     LossResult,
+    StudentDims,
     StudentOutputs,
     batch_field,
     compute_dtype,
@@ -70,7 +62,6 @@ from pipeline.train.losses.coarse import coarse_live, dense_log_probs, fkl, teac
 from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term
 from pipeline.train.losses.output import (
     CE_FIELDS,
-    SAMPLED_FIELDS,
     TEACHER_LOGP,
     TOPK_FIELDS,
     coarse_pair,
@@ -78,6 +69,8 @@ from pipeline.train.losses.output import (
     next_token_in_tail,
     student_tail_log_mass,
 )
+from pipeline.train.losses.registry import LossConfig, register_loss
+from pipeline.train.losses.store_info import StoreInfo
 
 HYBRID_FIELDS = (*TOPK_FIELDS[:-1], "tail_ids", "tail_counts", "valid")
 
@@ -100,6 +93,7 @@ class HybridKDLoss(KDLoss):
         self.draws_per_step = None if draws_per_step is None or draws_per_step >= stored_draws else int(draws_per_step)
         self.seed = int(seed)
         self.visits: dict[int, int] = {}
+        self.checked = False  # on an accelerator, the tail draws are checked on the first batch only
         self.label_tail = float(label_tail)
         if not 0 <= self.label_tail <= 1 or (self.label_tail and self.temperature != 1.0):
             raise ValueError(f"loss {self.label!r}: label_tail {label_tail} must lie in [0, 1], at temperature 1 "
@@ -176,16 +170,22 @@ class HybridKDLoss(KDLoss):
         terms: list[Term] = [SparseCETerm(self.label, weight, self.temperature, ids.flatten(0, -2),
                                           torch.where(drawn[:, None], targets.flatten(0, -2), 0.0),
                                           torch.where(drawn, token_weight, 0.0), offset)]
-        if tail_coef is not None and bool((tail_coef != 0).any()):
+        # terms whose weights are all zero in this batch add exact zeros (no host-device sync to skip them)
+        if tail_coef is not None:
             terms.append(CoarseTerm(self.label, weight, student_tail_log_mass, 1.0, top_ids.flatten(0, -2),
                                     lt.flatten(0, -2), live.flatten(0, -2), tail_coef * token_weight))
         undrawn = mask.reshape(-1) & ~drawn
-        if bool(undrawn.any()):
-            terms.append(CoarseTerm(self.label, weight, fkl, self.temperature, top_ids.flatten(0, -2), lt.flatten(0, -2),
-                                    live.flatten(0, -2), torch.where(undrawn, token_weight, 0.0)))
+        terms.append(CoarseTerm(self.label, weight, fkl, self.temperature, top_ids.flatten(0, -2), lt.flatten(0, -2),
+                                live.flatten(0, -2), torch.where(undrawn, token_weight, 0.0)))
         return terms
 
     def _check(self, batch: Mapping[str, Tensor], ids: Tensor, counts: Tensor) -> None:
+        """Refuse tail draws a topk_tail_sample store cannot hold. Reading the verdict waits for the
+        device, so on an accelerator only the first batch is checked (CPU tensors: every batch)."""
+        if ids.device.type != "cpu":
+            if self.checked:
+                return
+            self.checked = True
         drawn = counts > 0
         kept = torch.isfinite(batch["topk_logp"])
         on_kept = ((ids[..., :, None] == batch["topk_ids"].long()[..., None, :]) & kept[..., None, :]).any(-1) & drawn
@@ -194,8 +194,9 @@ class HybridKDLoss(KDLoss):
             "negative tail counts": (counts < 0).any(-1),
             f"more than the store's {self.stored_draws} tail draws": counts.sum(-1) > self.stored_draws,
         }
-        for what, bad in problems.items():
-            if bool(bad.any()):
+        flags = torch.stack([bad.any() for bad in problems.values()]).tolist()
+        for (what, bad), found in zip(problems.items(), flags, strict=True):
+            if found:
                 rows = bad.any(-1).nonzero().flatten().tolist()
                 where = batch["sample_id"][rows].tolist() if "sample_id" in batch else rows
                 raise TailDrawError(f"loss {self.label!r}: {what} at sample ids {where} "
@@ -243,47 +244,35 @@ class HybridKDLoss(KDLoss):
         return epochs
 
 
-class SampledTailKDLoss(HybridKDLoss):
-    """`sampled_kd` with `label_tail`: the hybrid's loss over a sampled row (`sampled_as_hybrid`)."""
+class HybridKDConfig(LossConfig):
+    """The hybrid sparsifier's loss over a `topk_tail_sample` store: exact coarsened forward KL over
+    the head + tail draws for the inside of the tail."""
 
-    label = "sampled_kd"
-
-    def __init__(self, stored_draws: int, label_tail: float):
-        super().__init__(stored_draws, label_tail=label_tail)
-        self.fields = (*SAMPLED_FIELDS, *CE_FIELDS)
-
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
-        if student.logits is None:
-            return self.result(fused_result(self, student, batch).total)
-        return super().forward(student, sampled_as_hybrid(batch, self.label))
-
-    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
-        return super().fused_terms(sampled_as_hybrid(batch, self.label), weight, vocab_size, dtype)
+    name: Literal["hybrid_kd"] = Field(description="hybrid_kd")
+    temperature: float = Field(1.0, gt=0, description="must equal the store's top-k capture temperature")
+    draws_per_step: int | None = Field(None, ge=1, description="tail draws used per position and epoch; null = "
+                                       "every stored draw, fewer = rotate through them epoch by epoch")
+    seed: int = Field(0, description="seed of the rotation's permutation of each position's draws")
+    label_tail: float = Field(0.0, ge=0, le=1, description="share of the inside of the tail the next token "
+                              "estimates (reads input_ids too)")
 
 
-def sampled_as_hybrid(batch: Mapping[str, Tensor], label: str) -> dict[str, Tensor]:
-    """A sampled batch with the fields of a topk_tail_sample one: head = ids drawn ≥ 2 times
-    (log c/N), tail mass = once-drawn ids / N, tail draws = the once-drawn ids; positions without
-    draws leave the target mask."""
-    counts = batch_field(batch, "draw_counts", label).long()
-    ids = batch_field(batch, "draw_ids", label).long()
-    total = counts.sum(-1, keepdim=True)
-    head, once = counts >= 2, counts == 1
-    # dead head slots need distinct ids outside the head (the student's tail is a scatter over
-    # the slots: a repeated id there counts its gradient twice). At most n/2 ids are drawn twice,
-    # so n + n/2 + 1 candidates leave n free ones.
-    n = ids.shape[-1]
-    candidates = torch.arange(n + n // 2 + 1, device=ids.device)
-    taken = (candidates[:, None] == torch.where(head, ids, -1)[..., None, :]).any(-1)
-    free = torch.argsort(taken.to(torch.uint8), dim=-1, stable=True)[..., :n]  # free candidates, ascending
-    share = counts.double() / total.clamp_min(1)  # log(c/N) exact in any compute dtype ([B,T,n]: small)
-    drawn = total[..., 0] > 0
-    return {
-        **batch,
-        "topk_ids": torch.where(head, ids, free),
-        "topk_logp": torch.where(head, share.log(), float("-inf")),
-        "topk_tail": once.sum(-1).double() / total[..., 0].clamp_min(1),
-        "tail_ids": torch.where(once, ids, 0),
-        "tail_counts": once.long(),
-        TARGET_MASK: drawn & batch[TARGET_MASK].bool() if TARGET_MASK in batch else drawn,
-    }
+def hybrid_fields(cfg: HybridKDConfig, names: Sequence[str]) -> tuple[str, ...]:
+    return (*HYBRID_FIELDS, *CE_FIELDS) if cfg.label_tail else HYBRID_FIELDS
+
+
+@register_loss("hybrid_kd", config=HybridKDConfig, fields=hybrid_fields,
+               summary="top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient",
+               reads=", ".join(HYBRID_FIELDS) + " (+ input_ids with label_tail)")
+def build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    tail = store.spec.tail_sample
+    if tail is None:  # check_fields has named the missing tail fields already; a bare spec lands here
+        raise LossConfigError("loss 'hybrid_kd' needs a topk_tail_sample store (signals.tail_sample)")
+    if cfg.draws_per_step is not None and cfg.draws_per_step > tail.n_draws:
+        raise LossConfigError(f"loss 'hybrid_kd': draws_per_step {cfg.draws_per_step} > the store's "
+                              f"tail_sample.n_draws {tail.n_draws}")
+    captured = store.spec.topk.temperature if store.spec.topk is not None else 1.0
+    if abs(cfg.temperature - captured) > 1e-12:
+        raise LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
+                              f"temperature {captured} (its tail draws cannot be re-tempered); use temperature {captured}")
+    return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed, cfg.label_tail)

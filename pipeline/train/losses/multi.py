@@ -42,8 +42,10 @@ Cost of the mixture: one [B,T,k0,ki] id comparison per extra teacher (k0, ki the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from kdstore.join import prefixed, split_field
@@ -52,6 +54,7 @@ from pipeline.train.losses.base import (
     KDLoss,
     LossConfigError,
     LossResult,
+    StudentDims,
     StudentOutputs,
     batch_field,
     compute_dtype,
@@ -66,7 +69,10 @@ from pipeline.train.losses.coarse import (
     student_coarse,
     teacher_coarse,
 )
+from pipeline.train.losses.config import DivergenceConfig, capture_power
 from pipeline.train.losses.output import TOPK_FIELDS, DistributionLoss
+from pipeline.train.losses.registry import register_loss
+from pipeline.train.losses.store_info import StoreInfo
 
 LABEL = "multi_teacher"
 SIGNALS = tuple(f for f in TOPK_FIELDS if f != "valid")  # per teacher; `valid` is teacher 0's
@@ -105,7 +111,7 @@ def resolve_weights(weights: Sequence[float] | None, field_names: Sequence[str])
     return [float(w) for w in weights]
 
 
-def multi_fields(cfg, field_names: Sequence[str]) -> tuple[str, ...]:
+def multi_fields(cfg: MultiTeacherConfig, field_names: Sequence[str]) -> tuple[str, ...]:
     """The store fields a `multi_teacher` config reads, given the joined store's field names."""
     n = len(resolve_weights(cfg.weights, field_names))
     return (*(f for i in range(n) for f in teacher_fields(i)), "valid")
@@ -208,3 +214,24 @@ def mixture_pair(
     lt = renormalise(lt, live)
     ls = student_coarse(logits, ids0, live, temperature, dtype)
     return lt, ls, live
+
+
+class MultiTeacherConfig(DivergenceConfig):
+    """Several teachers from joined stores (teacher 0 = `store`, 1.. = `extra_stores`)."""
+
+    name: Literal["multi_teacher"] = Field(description="multi_teacher")
+    mode: Literal["per_teacher", "mixture"] = Field("per_teacher", description="Σ_i w_i · D(p_i ‖ q), or D of the "
+                                                    "weighted mixture of the teachers")
+    weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="one per teacher, in store order (default: equal weights over every joined "
+        "store); `mixture` normalises them to sum to 1")
+
+
+@register_loss("multi_teacher", config=MultiTeacherConfig, fields=multi_fields,
+               summary="joined teacher stores: per teacher or mixture",
+               reads="topk_ids, topk_logp, topk_tail of each teacher (t<i>/topk_ids... for teacher i ≥ 1), valid")
+def build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    weights = resolve_weights(cfg.weights, store.field_names)
+    powers = [capture_power(cfg.temperature, cfg.retemper, StoreInfo(store.spec_of(i), store.field_names),
+                            f"{cfg.name} (teacher {i})") for i in range(len(weights))]
+    return MultiTeacherLoss(cfg.mode, cfg.divergence, cfg.divergence_param, weights, cfg.temperature, powers)

@@ -1,4 +1,5 @@
-"""Output-distribution losses: divergences against top-k stores, sampled KD, hard-label CE.
+"""Output-distribution losses: the divergences against top-k stores (fkl, rkl, js, skl, srkl, tvd,
+akl) and hard-label CE, with what every output loss shares (`coarse_pair`, `fused_result`).
 
 Each also runs fused (`fused`): from the student's last hidden state and output head, logits
 chunk by chunk, one softmax pass for every output loss of a step (`fused_result`, which
@@ -11,15 +12,19 @@ causal-LM logits, so student logits at t are compared with teacher signals at t 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from pipeline.train.losses.base import (
     KDLoss,
+    LossConfigError,
     LossResult,
+    StudentDims,
     StudentOutputs,
     batch_field,
     compute_dtype,
@@ -28,6 +33,7 @@ from pipeline.train.losses.base import (
     masked_mean,
     mean_weights,
     require,
+    unique_key,
 )
 from pipeline.train.losses.coarse import (
     coarse_live,
@@ -37,7 +43,10 @@ from pipeline.train.losses.coarse import (
     student_coarse,
     teacher_coarse,
 )
+from pipeline.train.losses.config import DistName, TemperedConfig, capture_power, check_param
 from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term, fused_output_loss
+from pipeline.train.losses.registry import LossConfig, register_loss
+from pipeline.train.losses.store_info import StoreInfo
 
 TOPK_FIELDS = ("topk_ids", "topk_logp", "topk_tail", "valid")
 SAMPLED_FIELDS = ("draw_ids", "draw_counts", "valid")
@@ -61,11 +70,7 @@ def fused_result(loss: KDLoss, student: StudentOutputs, batch: Mapping[str, Tens
     total, values = fused_output_loss(hidden, head, terms)
     components: dict[str, Tensor] = {}
     for term, value in zip(terms, values, strict=True):
-        name, n = term.label, 1
-        while name in components:
-            n += 1
-            name = f"{term.label}#{n}"
-        components[name] = value
+        components[unique_key(term.label, components)] = value
     return LossResult(total, components)
 
 
@@ -145,14 +150,14 @@ class DistributionLoss(KDLoss):
         if not self.label_tail:
             return terms
         labels, in_tail = next_token_in_tail(batch, live, self.label)
-        if bool(in_tail.any()):
-            # -log q_y as a sparse CE, + log Q_T as a coarse "divergence" over the same kept ids
-            tw = torch.where(in_tail.reshape(-1), mean_weights(mask, dtype), 0.0)
-            w = weight * self.label_tail
-            ys = labels.reshape(-1, 1)
-            terms += [SparseCETerm(f"{self.label}_label_tail", w, 1.0, ys, torch.ones(ys.shape, dtype=dtype, device=ys.device), tw),
-                      CoarseTerm(f"{self.label}_label_tail", w, student_tail_log_mass, 1.0, ids.flatten(0, -2),
-                                 lt.flatten(0, -2), live.flatten(0, -2), tw)]
+        # -log q_y as a sparse CE, + log Q_T as a coarse "divergence" over the same kept ids; a batch
+        # without a label in the tail gives them zero weights (exact zeros, no host-device sync)
+        tw = torch.where(in_tail.reshape(-1), mean_weights(mask, dtype), 0.0)
+        w = weight * self.label_tail
+        ys = labels.reshape(-1, 1)
+        terms += [SparseCETerm(f"{self.label}_label_tail", w, 1.0, ys, torch.ones(ys.shape, dtype=dtype, device=ys.device), tw),
+                  CoarseTerm(f"{self.label}_label_tail", w, student_tail_log_mass, 1.0, ids.flatten(0, -2),
+                             lt.flatten(0, -2), live.flatten(0, -2), tw)]
         return terms
 
     def dense(self, logits: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -180,51 +185,6 @@ def student_tail_log_mass(lt: Tensor, ls: Tensor, live: Tensor) -> Tensor:
     return torch.where(live[..., -1], ls[..., -1], 0.0)
 
 
-class SampledKDLoss(KDLoss):
-    """Random-sampling KD (arXiv 2503.16870): CE of the student against the draws' empirical
-    distribution, -Σ_i (c_i / n) log q(i), n = Σ_i c_i.
-
-    Each draw is an independent sample of the teacher (at its capture temperature), so
-    E[c_i / n] = p_i and the estimator is unbiased in expectation for the teacher's cross-entropy
-    CE(p, q) = -Σ p log q, hence for the gradient of KL(p ‖ q) (the teacher's entropy is
-    constant). Its value is CE, not KL: it stays above the teacher's entropy. Positions without
-    draws (all counts 0) do not count. Reduction: mean over counted positions.
-    """
-
-    label = "sampled_kd"
-    fields = SAMPLED_FIELDS
-    fusable = True
-
-    def __init__(self, temperature: float = 1.0):
-        super().__init__()
-        self.temperature = float(temperature)
-
-    def targets(self, batch: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw ids [B,T,n], their empirical weights c/n (0 where not counted), the counted positions."""
-        counts = batch_field(batch, "draw_counts", self.label).to(dtype)
-        ids = batch_field(batch, "draw_ids", self.label).long()
-        n = counts.sum(-1, keepdim=True)
-        mask = kd_mask(batch) & (n[..., 0] > 0)
-        return ids, torch.where(mask[..., None], counts / n.clamp_min(1), 0.0), mask
-
-    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
-        ids, weights, mask = self.targets(batch, dtype)
-        return [SparseCETerm(self.label, weight, self.temperature, ids.flatten(0, -2), weights.flatten(0, -2),
-                             mean_weights(mask, dtype))]
-
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
-        if student.logits is None:
-            return fused_result(self, student, batch)
-        logits = student.logits
-        dtype = compute_dtype(logits)
-        s = logits.to(dtype)
-        if self.temperature != 1.0:
-            s = s / self.temperature
-        ids, weights, mask = self.targets(batch, dtype)
-        lq = s.gather(-1, ids) - torch.logsumexp(s, dim=-1, keepdim=True)
-        return self.result(masked_mean(-(weights * lq).sum(-1), mask))
-
-
 class CrossEntropyLoss(KDLoss):
     """Hard-label CE on the next token: position t against input_ids[t+1], where valid[t] and
     valid[t+1]. Reduction: mean over those positions. No temperature."""
@@ -250,3 +210,65 @@ class CrossEntropyLoss(KDLoss):
             logits.to(compute_dtype(logits)).flatten(0, 1), labels.flatten(), reduction="none"
         ).view_as(labels)
         return self.result(masked_mean(per_token, mask))
+
+
+# ---------------------------------------------------------------- configs and registration
+
+
+class DistributionConfig(TemperedConfig):
+    """A divergence over the kept ids + one tail bucket of a top-k store."""
+
+    name: DistName = Field(description="fkl, rkl, js, skl, srkl, tvd or akl")
+    alpha: float | None = Field(None, gt=0, lt=1, description="skl, srkl: skew (default 0.1)")
+    beta: float | None = Field(None, gt=0, lt=1, description="js: mixture weight (default 0.5 = JS)")
+    mu: float | None = Field(None, gt=0, le=1, description="akl: head threshold (default 0.5)")
+    label_tail: float = Field(0.0, ge=0, description="fkl at temperature 1: weight of the next token as a free "
+                              "draw inside the teacher's tail (1 = unbiased; reads input_ids too)")
+
+    @model_validator(mode="after")
+    def _params(self) -> DistributionConfig:
+        check_param(self.name, self.__dict__)
+        if self.label_tail and (self.name != "fkl" or self.temperature != 1.0):
+            raise ValueError(f"label_tail applies to fkl at temperature 1 only (the labels are draws of the data), "
+                             f"not to {self.name!r} at temperature {self.temperature}")
+        return self
+
+    def param(self) -> float | None:
+        return check_param(self.name, self.__dict__)
+
+
+class CEConfig(LossConfig):
+    """Hard-label next-token cross-entropy."""
+
+    name: Literal["ce"] = Field(description="ce")
+
+
+def topk_fields(cfg: DistributionConfig, names: Sequence[str]) -> tuple[str, ...]:
+    return (*TOPK_FIELDS, *CE_FIELDS) if cfg.label_tail else TOPK_FIELDS
+
+
+def build_distribution(cfg: DistributionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    power = capture_power(cfg.temperature, cfg.retemper, store, cfg.name)
+    if cfg.label_tail and power != 1.0:
+        raise LossConfigError(f"loss {cfg.name!r}: label_tail needs the cached teacher at temperature 1 (the labels "
+                              f"are draws at τ = 1), and this store's top-k was captured at τ = {power:g}")
+    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, power, cfg.label_tail)
+
+
+DIVERGENCES = {
+    "fkl": "forward KL(teacher ‖ student)",
+    "rkl": "reverse KL(student ‖ teacher)",
+    "js": "(generalised) Jensen–Shannon, beta",
+    "skl": "skewed forward KL, alpha (DistiLLM)",
+    "srkl": "skewed reverse KL, alpha (DistiLLM)",
+    "tvd": "total variation distance",
+    "akl": "adaptive KL: head/tail-weighted FKL + RKL, mu",
+}
+for _name, _summary in DIVERGENCES.items():
+    register_loss(_name, config=DistributionConfig, summary=_summary, fields=topk_fields,
+                  reads=", ".join(TOPK_FIELDS) + " (+ input_ids with label_tail)")(build_distribution)
+
+
+@register_loss("ce", config=CEConfig, summary="hard-label next-token cross-entropy", fields=CE_FIELDS, tokens="any")
+def build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    return CrossEntropyLoss()

@@ -1,418 +1,219 @@
-"""The loss registry: short names → builders, field requirements, and weighted sums.
+"""The loss registry: each loss registers itself, next to its config, fields and module.
 
-`build_loss(config, store, student)` turns configs into one `KDLoss` module and checks, before any
-step, that the store holds every field the losses read (`check_fields`: the error names the loss
-and the missing field). `store` is a `StoreInfo` or anything it is made from (a `StoreReader`, a
-`StoreMeta`, a `StoreSpec`); `student` is a `StudentDims`, needed by hidden, attention and
-dual-space losses (layer maps and projection widths are fixed at build time, so the projections
-exist before the optimizer is made).
+A loss is one file: its config model (a `LossConfig` subclass whose `name` is a `Literal` of the
+registry names it serves), the store fields it reads, its `nn.Module` (a `KDLoss`) and its builder,
+registered with `@register_loss`. Everything else is derived from `LOSSES`: parsing configs (a
+mapping's `name` picks the model), the names an error lists, the store fields a config reads, the
+reference pages of the docs. The built-in losses are the modules of this package (imported by the
+package itself); a plugin is any module that calls `register_loss`, imported before its configs are
+parsed (`TrainConfig.loss_modules`). See docs/guides/add-a-loss.md.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
 
-import torch
-from pydantic import BaseModel
-from torch import Tensor, nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.train.cross_tokenizer import vocab_map
-from pipeline.train.losses import alignment
-from pipeline.train.losses.adversarial import AdversarialLoss
-from pipeline.train.losses.alignment import AttentionLoss, HiddenLoss
-from pipeline.train.losses.base import (
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    MissingLossFieldError,
-    StudentDims,
-    StudentOutputs,
-)
-from pipeline.train.losses.config import (
-    AdversarialConfig,
-    AttentionConfig,
-    CEConfig,
-    CMAConfig,
-    DistributionConfig,
-    DSKDConfig,
-    FAKDConfig,
-    HiddenConfig,
-    HybridKDConfig,
-    MixConfig,
-    MultiTeacherConfig,
-    SampledKDConfig,
-    XTokAlignConfig,
-    known_names,
-    parse_loss_config,
-)
-from pipeline.train.losses.cross_tokenizer import XTOK_FIELDS, CrossModelAttentionKD, TokenAlignKD
-from pipeline.train.losses.dskd import DualSpaceKD
-from pipeline.train.losses.hybrid import HYBRID_FIELDS, HybridKDLoss, SampledTailKDLoss
-from pipeline.train.losses.multi import MultiTeacherLoss, multi_fields, resolve_weights
-from pipeline.train.losses.output import (
-    CE_FIELDS,
-    SAMPLED_FIELDS,
-    TOPK_FIELDS,
-    CrossEntropyLoss,
-    DistributionLoss,
-    SampledKDLoss,
-    fused_result,
-)
+from pipeline.config import describe_error
+from pipeline.train.losses.base import KDLoss, LossConfigError, StudentDims, UnknownLossError
 from pipeline.train.losses.store_info import StoreInfo
 
-CROSS_TOKENIZER_LOSSES = frozenset({"xtok_align", "dskd_cma"})
 
-# ---------------------------------------------------------------- weighted sums
+class LossConfig(BaseModel):
+    """Base of every loss config: unknown keys are errors, `name` picks the loss, `weight` scales
+    its total in a sum (its components are logged unweighted)."""
 
-
-class WeightedSum(KDLoss):
-    """Σ weight_i · loss_i; components merged (a repeated key gets '#2', '#3'...)."""
-
-    def __init__(self, parts: Sequence[tuple[float, KDLoss]], label: str = "mix"):
-        super().__init__()
-        if not parts:
-            raise LossConfigError(f"loss {label!r} has no parts")
-        self.label = label
-        self.weights = tuple(float(w) for w, _ in parts)
-        self.losses = nn.ModuleList(loss for _, loss in parts)
-        self.fields = tuple(dict.fromkeys(f for _, loss in parts for f in loss.fields))
-        self.needs = frozenset().union(*(loss.needs for _, loss in parts))
-        self.fusable = all(loss.fusable for _, loss in parts)
-
-    def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Any]:
-        return [term for w, loss in zip(self.weights, self.losses, strict=True)
-                for term in loss.fused_terms(batch, weight * w, vocab_size, dtype)]
-
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
-        if student.logits is None and self.fusable:
-            return fused_result(self, student, batch)  # one pass over the logits for every part
-        total: Tensor | None = None
-        components: dict[str, Tensor] = {}
-        for weight, loss in zip(self.weights, self.losses, strict=True):
-            result = loss(student, batch)
-            total = weight * result.total if total is None else total + weight * result.total
-            for key, value in result.components.items():
-                name, n = key, 1
-                while name in components:
-                    n += 1
-                    name = f"{key}#{n}"
-                components[name] = value
-        assert total is not None
-        return LossResult(total, components)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="the loss's registry name")
+    weight: float = Field(1.0, ge=0, description="multiplies the loss's total in a weighted sum")
 
 
-# ---------------------------------------------------------------- the registry
-
-
-def _capture_power(cfg: Any, store: StoreInfo, label: str, kind: str = "topk") -> float:
-    """τc/τ to re-temper the cached teacher, or 1 when τ equals the capture temperature."""
-    signal = getattr(store.spec, kind)
-    if signal is None:
-        return 1.0  # the missing fields are reported by check_fields
-    captured = float(signal.temperature)
-    if abs(cfg.temperature - captured) < 1e-12:
-        return 1.0
-    if kind == "topk" and cfg.retemper:
-        return captured / cfg.temperature
-    hint = "set retemper: true to re-temper the cached teacher over kept ids + tail (approximate), or " if kind == "topk" else ""
-    raise LossConfigError(
-        f"loss {label!r}: temperature {cfg.temperature} differs from the store's {kind} capture temperature "
-        f"{captured}; {hint}use temperature {captured}"
-    )
-
-
-def _dims(student: StudentDims | None, label: str) -> StudentDims:
-    if student is None:
-        raise LossConfigError(f"loss {label!r} needs the student's dimensions: pass student=StudentDims(...) (StudentDims.from_config(model.config))")
-    return student
-
-
-def _build_distribution(cfg: DistributionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    power = _capture_power(cfg, store, cfg.name)
-    if cfg.label_tail and power != 1.0:
-        raise LossConfigError(f"loss {cfg.name!r}: label_tail needs the cached teacher at temperature 1 (the labels "
-                              f"are draws at τ = 1), and this store's top-k was captured at τ = {power:g}")
-    return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, power, cfg.label_tail)
-
-
-def _build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    _capture_power(cfg, store, cfg.name, "sampled")
-    if cfg.label_tail:
-        return SampledTailKDLoss(store.spec.sampled.n_draws if store.spec.sampled else 255, cfg.label_tail)
-    return SampledKDLoss(cfg.temperature)
-
-
-def _build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    tail = store.spec.tail_sample
-    if tail is None:  # check_fields has named the missing tail fields already; a bare spec lands here
-        raise LossConfigError("loss 'hybrid_kd' needs a topk_tail_sample store (signals.tail_sample)")
-    if cfg.draws_per_step is not None and cfg.draws_per_step > tail.n_draws:
-        raise LossConfigError(f"loss 'hybrid_kd': draws_per_step {cfg.draws_per_step} > the store's "
-                              f"tail_sample.n_draws {tail.n_draws}")
-    captured = store.spec.topk.temperature if store.spec.topk is not None else 1.0
-    if abs(cfg.temperature - captured) > 1e-12:
-        raise LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
-                              f"temperature {captured} (its tail draws cannot be re-tempered); use temperature {captured}")
-    return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed, cfg.label_tail)
-
-
-def _build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    return CrossEntropyLoss()
-
-
-def _build_hidden(cfg: HiddenConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = _dims(student, cfg.name)
-    stored = alignment.stored_layers(store.field_names, "hidden")
-    width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
-    pairs = alignment.resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "hidden")
-    std = None
-    if cfg.metric == "zmse":
-        std = {layer: s for layer, (_, s) in store.teacher_hidden_stats(cfg.name).items()}
-    return HiddenLoss(pairs, cfg.metric, dims.hidden_size, width, std)
-
-
-def _build_attention(cfg: AttentionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = _dims(student, cfg.name)
-    stored = alignment.stored_layers(store.field_names, "attn")
-    pairs = alignment.resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "attn")
-    heads = store.spec.attention.heads if store.spec.attention is not None else ()
-    topk = [t for t in stored if f"attn_{t}_ids" in store.field_names and f"attn_{t}" not in store.field_names]
-    return AttentionLoss(pairs, cfg.metric, cfg.head_map, heads, topk)
-
-
-def _build_fakd(cfg: FAKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    parts = [part for part in (cfg.hidden, cfg.attention, cfg.output) if part is not None]
-    return WeightedSum([(p.weight, _build_one(p, store, student)) for p in parts], label=cfg.name)
-
-
-def _last_layer_and_head(cfg: DSKDConfig | CMAConfig, store: StoreInfo) -> tuple[int, Tensor]:
-    """The stored hidden layer the teacher's head reads (its last), and that head."""
-    stored = alignment.stored_layers(store.field_names, "hidden")
-    layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else 0)
-    if store.teacher_num_layers is not None and layer != store.teacher_num_layers:
-        raise LossConfigError(
-            f"loss {cfg.name!r} needs the teacher's last hidden states (layer {store.teacher_num_layers}, what its head "
-            f"reads); it would use hidden_{layer} (stored hidden layers: {stored})"
-        )
-    head = store.teacher_head(cfg.name)
-    if store.spec.hidden is not None and head.shape[1] != store.spec.hidden.width:
-        raise LossConfigError(f"loss {cfg.name!r}: teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
-    return layer, head
-
-
-def _build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = _dims(student, cfg.name)
-    layer, head = _last_layer_and_head(cfg, store)
-    return DualSpaceKD(
-        head, dims.hidden_size, layer, cfg.divergence, cfg.divergence_param, cfg.temperature,
-        _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight, cfg.t2s_correct_only,
-        cfg.kd_rate, cfg.projector_warmup_steps,
-    )
-
-
-def _build_cma(cfg: CMAConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = _dims(student, cfg.name)
-    layer, head = _last_layer_and_head(cfg, store)
-    return CrossModelAttentionKD(
-        head, store.teacher_embeddings(cfg.name), dims.hidden_size, layer, cfg.divergence, cfg.divergence_param,
-        cfg.temperature, _capture_power(cfg, store, cfg.name), cfg.s2t_weight, cfg.t2s_weight, cfg.t2s_ce_weight,
-        cfg.t2s_correct_only, cfg.kd_rate, cfg.projector_warmup_steps, cfg.target_values,
-    )
-
-
-def _build_xtok(cfg: XTokAlignConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = _dims(student, cfg.name)
-    if dims.tokenizer is None:
-        raise LossConfigError(f"loss {cfg.name!r} needs the student's tokenizer: StudentDims(..., tokenizer=...)")
-    id_map = vocab_map(store.teacher_tokenizer(cfg.name), dims.tokenizer, cfg.vocab_map)
-    if int(id_map.max()) >= (dims.vocab_size or len(dims.tokenizer)):
-        raise LossConfigError(f"loss {cfg.name!r}: the student tokenizer has ids beyond the model's vocabulary "
-                              f"({dims.vocab_size})")
-    return TokenAlignKD(id_map, cfg.divergence, cfg.divergence_param, cfg.temperature,
-                        _capture_power(cfg, store, cfg.name))
-
-
-def _build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    weights = resolve_weights(cfg.weights, store.field_names)
-    powers = [_capture_power(cfg, StoreInfo(store.spec_of(i), store.field_names), f"{cfg.name} (teacher {i})")
-              for i in range(len(weights))]
-    return MultiTeacherLoss(cfg.mode, cfg.divergence, cfg.divergence_param, weights, cfg.temperature, powers)
-
-
-def _build_adversarial(cfg: AdversarialConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    disc = {k: getattr(cfg, k) for k in ("hidden_dims", "disc_lr", "disc_weight_decay", "disc_betas",
-                                         "disc_warmup_steps", "disc_steps_per_step", "gradient_penalty")}
-    if cfg.feature == "output":
-        topk = store.spec.topk
-        if topk is None:  # a sampled store: check_fields names the missing top-k fields first
-            raise LossConfigError("loss 'adversarial' with feature: output needs a top-k store")
-        return AdversarialLoss("output", topk.k + 1, capture_temperature=topk.temperature, **disc)
-    dims = _dims(student, cfg.name)
-    stored = alignment.stored_layers(store.field_names, "hidden")
-    width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
-    pairs = alignment.resolve_layer_map(cfg.layer_map or "last", stored, dims.num_layers, "hidden")
-    return AdversarialLoss("hidden", width, pairs=pairs, student_width=dims.hidden_size, **disc)
-
-
-def _fields_adversarial(cfg: AdversarialConfig, names: Sequence[str]) -> tuple[str, ...]:
-    if cfg.feature == "output":
-        return TOPK_FIELDS
-    return (*alignment.hidden_fields(cfg.layer_map or "last", names), "valid")
-
-
-def _build_mix(cfg: MixConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    return WeightedSum([(c.weight, _build_one(c, store, student)) for c in cfg.losses], label=cfg.name)
-
-
-def _last_hidden_field(cfg: DSKDConfig | CMAConfig, names: Sequence[str]) -> str:
-    stored = alignment.stored_layers(names, "hidden")
-    layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else None)
-    return f"hidden_{layer}" if layer is not None else "hidden_<last layer>"
-
-
-def _fields_dskd(cfg: DSKDConfig, names: Sequence[str]) -> tuple[str, ...]:
-    return (*TOPK_FIELDS[:-1], _last_hidden_field(cfg, names), *CE_FIELDS)
+Builder = Callable[[Any, StoreInfo, StudentDims | None], KDLoss]
+FieldsOf = Callable[[Any, Sequence[str]], tuple[str, ...]]
+Tokens = Literal["teacher", "student", "any"]
+B = TypeVar("B", bound=Builder)
 
 
 @dataclass(frozen=True)
-class LossEntry:
-    """One registry name: its config model, its builder and its store fields."""
+class LossSpec:
+    """One registry name.
 
-    config: type[BaseModel]
-    build: Callable[[Any, StoreInfo, StudentDims | None], KDLoss]
-    fields: Callable[[Any, Sequence[str]], tuple[str, ...]]
+    name: what a config's `name` says; config: its pydantic model (every field described);
+    summary: one line; reads: the store fields it reads, for people ("topk_ids, topk_logp, ...");
+    build(cfg, store, student) → the module; fields(cfg, store_field_names) → the store fields a
+    config reads (given what the store holds); children(cfg) → the loss configs a composite holds
+    (`mix`, `fakd`), whose fields are theirs; tokens: whose token positions it trains at ("teacher":
+    the store's signals at teacher positions, "student": cross-tokenizer, "any": either)."""
+
+    name: str
+    config: type[LossConfig]
     summary: str
+    reads: str
+    build: Builder
+    fields: FieldsOf
+    children: Callable[[Any], Sequence[Any]] | None = None
+    tokens: Tokens = "teacher"
+    module: str = ""  # where it was registered
 
 
-def _topk(cfg: Any, names: Sequence[str]) -> tuple[str, ...]:
-    return (*TOPK_FIELDS, *CE_FIELDS) if cfg.label_tail else TOPK_FIELDS
+LOSSES: dict[str, LossSpec] = {}
 
 
-_DIST = {
-    "fkl": "forward KL(teacher ‖ student)",
-    "rkl": "reverse KL(student ‖ teacher)",
-    "js": "(generalised) Jensen–Shannon, beta",
-    "skl": "skewed forward KL, alpha (DistiLLM)",
-    "srkl": "skewed reverse KL, alpha (DistiLLM)",
-    "tvd": "total variation distance",
-    "akl": "adaptive KL: head/tail-weighted FKL + RKL, mu",
-}
-REGISTRY: dict[str, LossEntry] = {
-    **{name: LossEntry(DistributionConfig, _build_distribution, _topk, text) for name, text in _DIST.items()},
-    "sampled_kd": LossEntry(SampledKDConfig, _build_sampled, lambda c, n: (*SAMPLED_FIELDS, *CE_FIELDS) if c.label_tail else SAMPLED_FIELDS,
-                           "CE against sampled teacher draws (unbiased)"),
-    "hybrid_kd": LossEntry(HybridKDConfig, _build_hybrid, lambda c, n: (*HYBRID_FIELDS, *CE_FIELDS) if c.label_tail else HYBRID_FIELDS,
-                           "top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient"),
-    "ce": LossEntry(CEConfig, _build_ce, lambda c, n: CE_FIELDS, "hard-label next-token cross-entropy"),
-    "hidden": LossEntry(HiddenConfig, _build_hidden, lambda c, n: (*alignment.hidden_fields(c.layer_map, n), "valid"), "hidden-state MSE / cosine"),
-    "attention": LossEntry(AttentionConfig, _build_attention, lambda c, n: (*alignment.attention_fields(c.layer_map, n), "valid"), "attention KL / MSE"),
-    "fakd": LossEntry(FAKDConfig, _build_fakd, lambda c, n: _union(_leaves_of_config(c, n)), "feature-alignment KD: hidden + attention + output"),
-    "dskd": LossEntry(DSKDConfig, _build_dskd, _fields_dskd, "dual-space KD from the cache"),
-    "dskd_cma": LossEntry(CMAConfig, _build_cma, lambda c, n: (*XTOK_FIELDS, _last_hidden_field(c, n)),
-                          "dual-space KD with cross-model attention: a student with its own tokenizer"),
-    "xtok_align": LossEntry(XTokAlignConfig, _build_xtok, lambda c, n: XTOK_FIELDS,
-                            "token-alignment KD (position pairing + id map): a student with its own tokenizer"),
-    "multi_teacher": LossEntry(MultiTeacherConfig, _build_multi, multi_fields, "joined teacher stores: per teacher or mixture"),
-    "adversarial": LossEntry(AdversarialConfig, _build_adversarial, _fields_adversarial, "discriminator on hidden / output features (own optimizer)"),
-    "mix": LossEntry(MixConfig, _build_mix, lambda c, n: _union(_leaves_of_config(c, n)), "weighted sum of losses"),
-}
-assert sorted(REGISTRY) == known_names()
-
-
-def _build_one(cfg: Any, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    return REGISTRY[cfg.name].build(cfg, store, student)
-
-
-def build_loss(spec: Any, store: Any, student: StudentDims | None = None) -> KDLoss:
-    """Configs (a model, a mapping, or a list of them = a weighted sum) → one loss module.
-
-    Raises `UnknownLossError` / `LossConfigError` for bad configs and `MissingLossFieldError`
-    (naming the loss and the field) when the store lacks a field a loss reads.
-    """
-    info = StoreInfo.of(store)
-    cfg = parse_loss_config(spec)
-    check_fields(cfg, info.field_names)
-    if isinstance(cfg, list):
-        loss: KDLoss = WeightedSum([(c.weight, _build_one(c, info, student)) for c in cfg])
+def register_loss(
+    name: str,
+    *,
+    config: type[LossConfig],
+    summary: str,
+    fields: tuple[str, ...] | FieldsOf | None = None,
+    reads: str | None = None,
+    children: Callable[[Any], Sequence[Any]] | None = None,
+    tokens: Tokens = "teacher",
+) -> Callable[[B], B]:
+    """Decorate a builder `build(cfg, store: StoreInfo, student: StudentDims | None) -> KDLoss` to
+    register it under `name`. `fields`: the store fields it reads, a tuple, or a function
+    `(cfg, store_field_names) -> tuple` when they depend on the config or the store (then `reads`
+    says them in words). A composite gives `children` (its part configs) instead: its fields are
+    theirs. A misuse is a `LossConfigError` naming the loss (a plugin's mistake is the user's)."""
+    if not issubclass(config, LossConfig):
+        raise LossConfigError(f"loss {name!r}: config {config.__name__} must subclass LossConfig")
+    annotation = config.model_fields["name"].annotation
+    if name not in get_args(annotation):
+        raise LossConfigError(f"loss {name!r}: {config.__name__}.name must be a Literal holding {name!r}")
+    if fields is None:
+        if children is None:
+            raise LossConfigError(f"loss {name!r}: give the store fields it reads (or `children` for a composite)")
+        fields_of: FieldsOf = lambda cfg, names: tuple(  # noqa: E731
+            dict.fromkeys(f for _, leaf in config_fields(list(children(cfg)), names) for f in leaf))
+        reads = reads or "what its parts read"
+    elif callable(fields):
+        if reads is None:
+            raise LossConfigError(f"loss {name!r}: fields computed by a function need `reads` (what they are, in words)")
+        fields_of = fields
     else:
-        loss = _build_one(cfg, info, student)
-        if cfg.weight != 1.0:
-            loss = WeightedSum([(cfg.weight, loss)], label=cfg.name)
-    check_fields(loss, info.field_names)
-    return loss
+        constant = tuple(fields)
+        fields_of = lambda cfg, names: constant  # noqa: E731
+        reads = reads or ", ".join(constant)
+
+    def decorate(build: B) -> B:
+        spec = LossSpec(name, config, summary, reads, build, fields_of, children, tokens, build.__module__)
+        known = LOSSES.get(name)
+        if known is not None and known.module != spec.module:
+            raise LossConfigError(f"loss {name!r} is registered twice: by {known.module} and by {spec.module}")
+        LOSSES[name] = spec
+        return build
+
+    return decorate
 
 
-# ---------------------------------------------------------------- field checks
+def import_loss_modules(modules: Sequence[str], where: str = "loss_modules") -> None:
+    """Import the modules that register plugin losses: dotted module names (on sys.path), or paths
+    of .py files (relative to the working directory). An import error names the entry."""
+    for i, module in enumerate(modules):
+        try:
+            if module.endswith(".py"):
+                _import_file(Path(module))
+            else:
+                importlib.import_module(module)
+        except (ImportError, OSError, SyntaxError) as exc:
+            raise LossConfigError(f"{where}[{i}]: cannot import loss module {module!r}: {exc}") from None
 
 
-def _union(leaves: Iterator[tuple[str, tuple[str, ...]]]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(f for _, fields in leaves for f in fields))
+def _import_file(path: Path) -> None:
+    name = "kdcache_loss_plugin_" + re.sub(r"\W", "_", str(path.resolve().with_suffix("")))
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(f"no such file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
 
 
-def _leaf_configs(cfg: Any) -> Iterator[Any]:
-    """The leaf loss configs of a config (a list, a mix, a fakd composite, or a leaf), in order."""
+def known_names() -> list[str]:
+    return sorted(LOSSES)
+
+
+def spec_of(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise UnknownLossError(f"unknown loss {name!r}; known losses: {', '.join(known_names())}") from None
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_loss_config(data: Any, where: str = "losses") -> Any:
+    """A mapping → one loss config; a list → a list of them; models pass through. Errors name
+    `where` (losses[1]...), the loss and the key; an unknown name lists the known ones."""
+    if isinstance(data, BaseModel):
+        return data
+    if isinstance(data, Sequence) and not isinstance(data, str | bytes):
+        return [parse_loss_config(item, f"{where}[{i}]") for i, item in enumerate(data)]
+    if not isinstance(data, Mapping):
+        raise LossConfigError(f"{where}: expected a mapping with a 'name', got {type(data).__name__}")
+    name = data.get("name")
+    if name is None or not isinstance(name, str) or name not in LOSSES:
+        what = "missing loss name" if name is None else f"unknown loss {name!r}"
+        raise UnknownLossError(f"{where}: {what}; known losses: {', '.join(known_names())}")
+    try:
+        return LOSSES[name].config.model_validate(dict(data))
+    except ValidationError as exc:
+        nested = [e["ctx"]["error"] for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), LossConfigError)]
+        kind = UnknownLossError if any(isinstance(e, UnknownLossError) for e in nested) else LossConfigError
+        raise kind(f"{where}: " + "; ".join(_describe(e, name) for e in exc.errors())) from None
+
+
+def _describe(error: Any, name: str) -> str:
+    inner = error.get("ctx", {}).get("error")
+    if isinstance(inner, LossConfigError):  # a composite's part, already described
+        return f"{name}.{inner}"
+    return describe_error({**error, "loc": (name, *error["loc"])})
+
+
+def parse_parts(parts: Any, where: str) -> list[Any]:
+    """A composite's list of loss configs (a `mix`'s `losses`), for its field validator."""
+    if not isinstance(parts, Sequence) or isinstance(parts, str | bytes):
+        raise ValueError(f"{where} must be a list of losses")
+    return [parse_loss_config(part, f"{where}[{i}]") for i, part in enumerate(parts)]
+
+
+# ---------------------------------------------------------------- walking configs
+
+
+def build_one(cfg: Any, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+    """The module of one parsed loss config."""
+    return spec_of(cfg.name).build(cfg, store, student)
+
+
+def leaf_configs(cfg: Any) -> Iterator[Any]:
+    """The leaf loss configs of a parsed config (a list, a composite, or a leaf), in order."""
     if isinstance(cfg, list):
         for child in cfg:
-            yield from _leaf_configs(child)
-    elif isinstance(cfg, MixConfig):
-        yield from _leaf_configs(cfg.losses)
-    elif isinstance(cfg, FAKDConfig):
-        yield from _leaf_configs([p for p in (cfg.hidden, cfg.attention, cfg.output) if p is not None])
-    else:
+            yield from leaf_configs(child)
+        return
+    children = spec_of(cfg.name).children
+    if children is None:
         yield cfg
-
-
-def _leaves_of_config(cfg: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    for leaf in _leaf_configs(cfg):
-        yield leaf.name, REGISTRY[leaf.name].fields(leaf, names)
-
-
-def _leaves(item: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    if isinstance(item, WeightedSum):
-        for child in item.losses:
-            yield from _leaves(child, names)
-    elif isinstance(item, KDLoss):
-        yield item.label, tuple(item.required_fields(names))
-    elif isinstance(item, list | tuple):
-        for child in item:
-            yield from _leaves(child, names)
     else:
-        yield from _leaves_of_config(parse_loss_config(item), names)
+        yield from leaf_configs(list(children(cfg)))
 
 
-def loss_names(losses: Any) -> set[str]:
-    """The registry names of every leaf loss config (inside lists, mixes and fakd composites)."""
-    return {leaf.name for leaf in _leaf_configs(parse_loss_config(losses))}
+def config_fields(cfg: Any, names: Sequence[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(loss name, store fields it reads) for every leaf of a parsed config."""
+    for leaf in leaf_configs(cfg):
+        yield leaf.name, tuple(spec_of(leaf.name).fields(leaf, names))
 
-
-def check_cross_tokenizer(losses: Any, own_tokenizer: bool) -> bool:
-    """Whether batches must be re-tokenised for the student (it has its own tokenizer, or a loss
-    aligns vocabularies); refuses same-vocabulary losses there (their signals sit at teacher
-    positions): only cross-tokenizer losses and 'ce' may train such a student."""
-    names = loss_names(losses)
-    cross = sorted(names & CROSS_TOKENIZER_LOSSES)
-    others = sorted(names - CROSS_TOKENIZER_LOSSES - {"ce"})
-    if (cross or own_tokenizer) and others:
-        why = f"next to cross-tokenizer losses {cross}" if cross else "for a student with its own tokenizer (student.tokenizer)"
-        raise LossConfigError(f"loss(es) {others} read the teacher's signals at the teacher's token positions; {why} "
-                              f"use {' or '.join(sorted(CROSS_TOKENIZER_LOSSES))}, and 'ce'")
-    return bool(cross) or own_tokenizer
-
-
-def required_fields(losses: Any, store_field_names: Sequence[str]) -> tuple[str, ...]:
-    """Every store field the losses (configs or built modules) read, in order, once."""
-    return _union(_leaves(losses, store_field_names))
-
-
-def check_fields(losses: Any, store_field_names: Sequence[str]) -> None:
-    """Raise `MissingLossFieldError` naming each loss and the store field(s) it lacks."""
-    names = set(store_field_names)
-    problems = [
-        f"loss {label!r} needs store field(s) {missing}"
-        for label, fields in _leaves(losses, list(store_field_names))
-        if (missing := [f for f in fields if f not in names])
-    ]
-    if problems:
-        raise MissingLossFieldError(f"{'; '.join(problems)}; the store holds {sorted(names)}")

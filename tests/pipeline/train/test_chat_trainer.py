@@ -13,7 +13,7 @@ from pipeline.train.losses import StudentOutputs, fold_loss_mask
 from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss
 from pipeline.train.trainer import Trainer, train
 from tests.chat_docs import cache_chat, write_chat_corpus
-from tests.pipeline.train.test_losses_distribution import V, make_case
+from tests.pipeline.train.losses.loss_batches import V, make_case
 
 B, T = 2, 5
 

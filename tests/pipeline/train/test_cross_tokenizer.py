@@ -43,13 +43,20 @@ from pipeline.train.losses import (
     build_loss,
     check_cross_tokenizer,
 )
-from pipeline.train.losses.cross_tokenizer import CrossModelAttentionKD, TokenAlignKD, _softmax
+from pipeline.train.losses.cross_tokenizer import (
+    CMAConfig,
+    CrossModelAttentionKD,
+    TokenAlignKD,
+    _softmax,
+)
 from pipeline.train.losses.output import DistributionLoss
 from pipeline.train.student_tokenizer import train_store_tokenizer, training_documents
 from pipeline.train.trainer import TrainConfig, Trainer, train
 
 DOCS_WITH_UNICODE = ["Hello  world, émigré café naïve 日本語 text.\n\nSecond para  ", "  leading and trailing   ",
                      "x" * 120 + " end"]
+# the plain module: τ = 1, no student CE (kd_rate null), the plain teacher values
+PLAIN_CMA = CMAConfig(temperature=1.0, retemper=False, kd_rate=None, target_values=False)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +295,7 @@ def test_cross_model_attention_stays_inside_documents_and_trains_its_projections
         input_ids=torch.randint(0, Vs, (B, L)), doc_ids=torch.tensor([[0, 0, 1, 1, 1], [4, 4, 4, 4, -1]]),
         teacher_input_ids=torch.randint(0, Vt, (B, T)), teacher_valid=torch.tensor([[True] * 6, [True] * 5 + [False]]),
         teacher_doc_ids=torch.tensor([[0, 0, 0, 1, 1, 1], [4, 4, 4, 4, 4, -1]]), hidden_2=torch.randn(B, T, dt))
-    loss = CrossModelAttentionKD(torch.randn(Vt, dt), torch.randn(Vt, dt), ds, 2)
+    loss = CrossModelAttentionKD(torch.randn(Vt, dt), torch.randn(Vt, dt), ds, 2, PLAIN_CMA)
     head = torch.randn(Vs, ds, requires_grad=True)
     hidden = torch.randn(B, L, ds, requires_grad=True)
     logits = hidden @ head.T
@@ -315,8 +322,8 @@ def test_cross_model_attention_authors_recipe_values_and_student_ce():
         teacher_input_ids=torch.randint(0, Vt, (B, T)), teacher_valid=torch.ones(B, T, dtype=torch.bool),
         teacher_doc_ids=torch.zeros(B, T, dtype=torch.long), hidden_2=100 * torch.randn(B, T, dt))
     emb = torch.randn(Vt, dt)
-    plain = CrossModelAttentionKD(torch.randn(Vt, dt), emb, ds, 2)
-    recipe = CrossModelAttentionKD(plain.teacher_head, emb, ds, 2, kd_rate=0.5, target_values=True)
+    plain = CrossModelAttentionKD(torch.randn(Vt, dt), emb, ds, 2, PLAIN_CMA)
+    recipe = CrossModelAttentionKD(plain.teacher_head, emb, ds, 2, PLAIN_CMA.model_copy(update={"kd_rate": 0.5, "target_values": True}))
     recipe.load_state_dict(plain.state_dict())
     head = torch.randn(Vs, ds)
     hidden = torch.randn(B, L, ds)
@@ -335,7 +342,7 @@ def test_cross_model_attention_all_padding_is_zero():
                  doc_ids=torch.full((B, L), -1), teacher_input_ids=torch.zeros(B, T, dtype=torch.long),
                  teacher_valid=torch.zeros(B, T, dtype=torch.bool), teacher_doc_ids=torch.full((B, T), -1),
                  hidden_2=torch.randn(B, T, dt))
-    loss = CrossModelAttentionKD(torch.randn(Vt, dt), torch.randn(Vt, dt), ds, 2)
+    loss = CrossModelAttentionKD(torch.randn(Vt, dt), torch.randn(Vt, dt), ds, 2, PLAIN_CMA)
     hidden = torch.randn(B, L, ds, requires_grad=True)
     head = torch.randn(Vs, ds)
     result = loss(StudentOutputs(hidden @ head.T, (hidden,), None, head), batch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from loss_batches import topk_batch
 
 from kdstore.errors import SpecError
 from kdstore.fields import fields_for_spec
@@ -31,13 +32,10 @@ def _teacher(seed: int = 0) -> torch.Tensor:
 
 
 def _batch(teacher: torch.Tensor, k: int, n_draws: int, seed: int) -> dict[str, torch.Tensor]:
-    logp, ids = torch.log_softmax(teacher, -1).topk(k, -1)  # float64: the reference is exact
-    tail = (1 - logp.exp().sum(-1)).clamp_min(0)
-    t_ids, t_counts = tail_draws(teacher, ids, logp, n_draws, 1.0, torch.Generator().manual_seed(seed))
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, -1] = False
-    return {"sample_id": torch.arange(B), "topk_ids": ids, "topk_logp": logp.double(), "topk_tail": tail.double(),
-            "tail_ids": t_ids, "tail_counts": t_counts, "valid": valid}
+    batch = topk_batch(torch.log_softmax(teacher, -1), k, invalid_tail=1)  # float64: the reference is exact
+    t_ids, t_counts = tail_draws(teacher, batch["topk_ids"].long(), batch["topk_logp"], n_draws, 1.0,
+                                 torch.Generator().manual_seed(seed))
+    return {**batch, "tail_ids": t_ids, "tail_counts": t_counts}
 
 
 def _dense_fkl(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

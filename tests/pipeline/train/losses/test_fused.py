@@ -1,5 +1,5 @@
 """Fused output losses (last hidden state + head, chunk by chunk) against the float64 dense
-references of test_losses_distribution, and against the unfused path.
+references of loss_batches, and against the unfused path.
 
 Gradients are w.r.t. the hidden state and the head (the fused losses never see logits).
 Tolerances: float64 atol 1e-9 (values and gradients); float32 1e-5 against the float64 reference;
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_losses_distribution import NAMES, B, T, V, _sampled_batch, make_case, reference_loss
+from loss_batches import NAMES, B, T, V, make_case, reference_loss, uniform_draws
 
 from pipeline.train.losses import StudentOutputs, WeightedSum
 from pipeline.train.losses.fused import fused_output_loss
-from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss, SampledKDLoss
+from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss
+from pipeline.train.losses.sampled import SampledKDLoss
 
 D = 16
 
@@ -75,7 +76,7 @@ def test_fused_divergence_matches_dense_float64_reference(name, k, top_p):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_equals_unfused(loss, dtype):
     _, _, batch = make_case(k=7, seed=2)
-    BATCH[0] = _sampled_batch(batch)
+    BATCH[0] = uniform_draws(batch)
     h, w = hidden_and_head(dtype=dtype)
     atol = 1e-9 if dtype == torch.float64 else 1e-5
     assert_all_close(grads(fused(loss), h, w), grads(unfused(loss), h, w), atol=atol)
@@ -85,7 +86,7 @@ def test_weighted_sum_is_one_pass_with_the_unfused_components():
     """fkl + rkl at τ 2 + CE + sampled KD: one fused call, same total, components (names included)
     and gradients as the unfused sum."""
     teacher, _, batch = make_case(k=7, top_p=0.6, seed=4)
-    batch = BATCH[0] = _sampled_batch(batch)
+    batch = BATCH[0] = uniform_draws(batch)
     loss = WeightedSum([(0.3, DistributionLoss("fkl")), (0.7, CrossEntropyLoss()),
                         (0.2, DistributionLoss("rkl", temperature=2.0)), (0.1, SampledKDLoss()),
                         (0.5, WeightedSum([(1.0, DistributionLoss("fkl")), (2.0, DistributionLoss("tvd"))]))])
@@ -134,7 +135,7 @@ def test_tail_exact_when_kept_mass_is_one_to_float_precision(spread):
 @pytest.mark.parametrize("garbage", [False, True])
 def test_all_padding_batch_gives_exact_zero_and_zero_grads(garbage):
     _, _, batch = make_case(k=7, top_p=0.6)
-    batch = BATCH[0] = _sampled_batch({**batch, "valid": torch.zeros(B, T, dtype=torch.bool)})
+    batch = BATCH[0] = uniform_draws({**batch, "valid": torch.zeros(B, T, dtype=torch.bool)})
     if garbage:
         batch["topk_logp"] = torch.full_like(batch["topk_logp"], float("-inf"))
         batch["topk_tail"] = torch.full_like(batch["topk_tail"], float("nan"))
@@ -150,7 +151,7 @@ def test_bf16_fused_matches_unfused(autocast):
     """bf16 hidden and head (autocast off), or float32 ones under CPU bf16 autocast: fused and
     unfused agree (rtol 2e-2), gradients come back in the inputs' dtypes, all finite."""
     teacher, _, batch = make_case(k=7, top_p=0.8, invalid_tail=1)
-    batch = BATCH[0] = _sampled_batch({**batch, "topk_logp": batch["topk_logp"].float(),
+    batch = BATCH[0] = uniform_draws({**batch, "topk_logp": batch["topk_logp"].float(),
                                        "topk_tail": batch["topk_tail"].float()})
     h, w = hidden_and_head(dtype=torch.float32 if autocast else torch.bfloat16, scale=3.0)
     for loss in [DistributionLoss(n) for n in NAMES] + [SampledKDLoss(), CrossEntropyLoss()]:

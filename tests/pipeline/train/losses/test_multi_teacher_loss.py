@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_losses_distribution import reference  # the textbook float64 divergences, shared
+from loss_batches import reference, topk_signals, valid_mask
 
 from kdstore.spec import StoreSpec, TopKSpec
 from pipeline.train.losses import (
@@ -32,24 +32,13 @@ def make_case(ks, top_ps=None, seed=0, invalid_tail=2):
     g = torch.Generator().manual_seed(seed)
     base = 2.0 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
     student = 1.5 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if invalid_tail:
-        valid[1, -invalid_tail:] = False
-    batch = {"sample_id": torch.tensor([3, 4]), "valid": valid,
+    batch = {"sample_id": torch.tensor([3, 4]), "valid": valid_mask(B, T, invalid_tail),
              "input_ids": torch.randint(0, V, (B, T), generator=g)}
     teachers = []
     for i, k in enumerate(ks):
         teacher = torch.log_softmax(base + 0.8 * torch.randn(B, T, V, generator=g, dtype=torch.float64), -1)
-        vals, ids = teacher.topk(k, dim=-1)
         top_p = (top_ps or [None] * len(ks))[i]
-        if top_p is not None:
-            before = vals.exp().cumsum(-1) - vals.exp()
-            vals = vals.masked_fill(before >= top_p, float("-inf"))
-        kept = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, ids, torch.isfinite(vals))
-        prefix = "" if i == 0 else f"t{i}/"
-        batch[prefix + "topk_ids"] = ids.to(torch.int32)
-        batch[prefix + "topk_logp"] = vals
-        batch[prefix + "topk_tail"] = teacher.exp().masked_fill(kept, 0).sum(-1)
+        batch.update(topk_signals(teacher, k, top_p=top_p, prefix="" if i == 0 else f"t{i}/"))
         teachers.append(teacher)
     return teachers, student, batch
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from loss_batches import topk_batch
 
 import pipeline.train.losses as losses_pkg
 from kdstore.fields import fields_for_spec
@@ -18,7 +19,8 @@ from kdstore.torch_stream import KDStream
 from kdstore.writer import StoreWriter
 from pipeline.capture import extract
 from pipeline.train.losses import (
-    REGISTRY,
+    LOSSES,
+    LossConfig,
     LossConfigError,
     LossResult,
     MissingLossFieldError,
@@ -43,7 +45,36 @@ ALL_NAMES = ["adversarial", "akl", "attention", "ce", "dskd", "dskd_cma", "fakd"
 
 
 def test_registry_names():
-    assert sorted(REGISTRY) == known_names() == ALL_NAMES
+    assert sorted(LOSSES) == known_names() == ALL_NAMES
+
+
+def test_every_loss_is_documented_by_its_spec():
+    """What the docs' loss reference reads: a one-line summary, the fields in words, and every
+    config parameter with a description; the config's `name` admits the registry name."""
+    for name, spec in LOSSES.items():
+        assert spec.name == name and "\n" not in spec.summary and spec.summary and spec.reads
+        assert issubclass(spec.config, LossConfig) and spec.config.model_config["extra"] == "forbid"
+        assert all(info.description for info in spec.config.model_fields.values()), name
+        assert parse_loss_config({"name": name, **REQUIRED.get(name, {})}).name == name
+    assert LOSSES["fkl"].reads.startswith("topk_ids, topk_logp, topk_tail, valid")
+    assert {n for n, s in LOSSES.items() if s.tokens == "student"} == {"xtok_align", "dskd_cma"}
+
+
+REQUIRED = {"mix": {"losses": [{"name": "ce"}]}}
+
+
+def test_constructor_defaults_are_the_config_defaults():
+    """The dual-space modules take their settings from their config: built without one, they
+    hold the config's defaults (the authors' recipe), as `build_loss` gives them."""
+    from pipeline.train.losses.cross_tokenizer import CMAConfig, CrossModelAttentionKD
+    from pipeline.train.losses.dskd import DSKDConfig, DualSpaceKD
+
+    dskd = DualSpaceKD(torch.randn(V, 8), 8, 2)
+    assert (dskd.t2s_correct_only, dskd.recipe.kd_rate, dskd.temperature) == (False, 0.5, 2.0)
+    assert DSKDConfig().t2s_correct_only is False and DSKDConfig().kd_rate == 0.5
+    cma = CrossModelAttentionKD(torch.randn(V, 8), torch.randn(V, 8), 8, 2)
+    assert (cma.t2s_correct_only, cma.target_values, cma.recipe.kd_rate) == (True, True, 0.5)
+    assert CMAConfig().target_values is True
 
 
 @pytest.mark.parametrize("cfg", [{"name": "fkll"}, [{"name": "ce"}, {"name": "mix", "losses": [{"name": "kl"}]}]])
@@ -84,13 +115,8 @@ def test_temperature_must_match_capture_unless_retemper():
 
 def make_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    logp, ids = torch.log_softmax(torch.randn(2, T, V, generator=g), -1).topk(4, dim=-1)
-    batch = {
-        "sample_id": torch.tensor([5, 9]),
-        "input_ids": torch.randint(0, V, (2, T), generator=g),
-        "valid": torch.ones(2, T, dtype=torch.bool),
-        "topk_ids": ids.int(), "topk_logp": logp, "topk_tail": 1 - logp.exp().sum(-1),
-    }
+    teacher = torch.log_softmax(torch.randn(2, T, V, generator=g), -1)
+    batch = topk_batch(teacher, 4, sample_ids=torch.tensor([5, 9]), input_ids=torch.randint(0, V, (2, T), generator=g))
     return batch, torch.randn(2, T, V, generator=g, requires_grad=True)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_batches import topk_batch
 
 from kdstore.spec import HiddenSpec, StoreSpec, TopKSpec
 from pipeline.train.losses import (
@@ -33,19 +34,12 @@ def store(d_t: int = D_T, head: torch.Tensor | None = None, layers=(1, LAYERS), 
 def make(d_s: int = D_S, d_t: int = D_T, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     teacher_logp = torch.log_softmax(2 * torch.randn(B, T, V, generator=g), -1)
-    logp, ids = teacher_logp.topk(K, dim=-1)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, -2:] = False
-    batch = {
-        "sample_id": torch.tensor([3, 4]),
-        "input_ids": torch.randint(0, V, (B, T), generator=g),
-        "valid": valid,
-        "topk_ids": ids.int(),
-        "topk_logp": logp,
-        "topk_tail": 1 - logp.exp().sum(-1),
-        f"hidden_{LAYERS}": torch.randn(B, T, d_t, generator=g),
-        "hidden_1": torch.randn(B, T, d_t, generator=g),
-    }
+    hidden_fields = {}
+    input_ids = torch.randint(0, V, (B, T), generator=g)
+    hidden_fields[f"hidden_{LAYERS}"] = torch.randn(B, T, d_t, generator=g)
+    hidden_fields["hidden_1"] = torch.randn(B, T, d_t, generator=g)
+    batch = topk_batch(teacher_logp, K, sample_ids=torch.tensor([3, 4]), input_ids=input_ids, invalid_tail=2,
+                       **hidden_fields)
     head = torch.randn(V, d_s, generator=g, requires_grad=True)
     hidden = tuple(torch.randn(B, T, d_s, generator=g, requires_grad=True) for _ in range(3))
     logits = hidden[-1] @ head.T

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_batches import topk_batch, topk_signals, valid_mask
 
 from kdstore.spec import StoreSpec, TopKSpec
 from pipeline.train.losses import LossConfigError, StudentOutputs, build_loss
@@ -19,10 +20,8 @@ def _spec(k: int) -> StoreSpec:
 
 
 def _batch(teacher: torch.Tensor, k: int, label: int) -> dict[str, torch.Tensor]:
-    logp, ids = torch.log_softmax(teacher, -1).topk(k, -1)
-    return {"sample_id": torch.zeros(1, dtype=torch.long), "topk_ids": ids, "topk_logp": logp,
-            "topk_tail": (1 - logp.exp().sum(-1)).clamp_min(0), "valid": torch.ones(1, T, dtype=torch.bool),
-            "input_ids": torch.tensor([[0, label]])}
+    return topk_batch(torch.log_softmax(teacher, -1), k, sample_ids=torch.zeros(1, dtype=torch.long),
+                      input_ids=torch.tensor([[0, label]]))
 
 
 def _expected_over_labels(teacher: torch.Tensor, student: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,13 +77,10 @@ def test_fused_matches_unfused_values_and_gradients(weight):
     g = torch.Generator().manual_seed(7)
     B, L, k = 3, 6, 3
     teacher = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
-    logp, ids = torch.log_softmax(teacher, -1).topk(k, -1)
+    signals = topk_signals(torch.log_softmax(teacher, -1), k)
     inputs = torch.randint(0, V, (B, L), generator=g)
-    inputs[0, 1:4] = ids[0, :3, 0]  # some labels inside the head
-    valid = torch.ones(B, L, dtype=torch.bool)
-    valid[2, 4:] = False
-    batch = {"sample_id": torch.arange(B), "topk_ids": ids, "topk_logp": logp,
-             "topk_tail": (1 - logp.exp().sum(-1)).clamp_min(0), "valid": valid, "input_ids": inputs}
+    inputs[0, 1:4] = signals["topk_ids"][0, :3, 0]  # some labels inside the head
+    batch = {"sample_id": torch.arange(B), **signals, "valid": valid_mask(B, L, 2, row=2), "input_ids": inputs}
     hidden = torch.randn(B, L, 5, generator=g, dtype=torch.float64)
     head = torch.randn(V, 5, generator=g, dtype=torch.float64)
     spec = StoreSpec(vocab_size=V, row_length=L, shard_rows=4, topk=TopKSpec(k=k, logp_step=0.0))
@@ -119,15 +115,13 @@ def _hybrid_batch(k: int, stored: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     B, L = 3, 6
     teacher = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
-    logp, ids = torch.log_softmax(teacher, -1).topk(k, -1)
-    t_ids, t_counts = tail_draws(teacher, ids, logp, stored, 1.0, torch.Generator().manual_seed(seed + 1))
+    signals = topk_signals(torch.log_softmax(teacher, -1), k)
+    ids = signals["topk_ids"].long()
+    t_ids, t_counts = tail_draws(teacher, ids, signals["topk_logp"], stored, 1.0, torch.Generator().manual_seed(seed + 1))
     inputs = torch.randint(0, V, (B, L), generator=g)
     inputs[0, 1:4] = ids[0, :3, 0]
-    valid = torch.ones(B, L, dtype=torch.bool)
-    valid[2, 4:] = False
-    batch = {"sample_id": torch.arange(B), "topk_ids": ids, "topk_logp": logp,
-             "topk_tail": (1 - logp.exp().sum(-1)).clamp_min(0), "tail_ids": t_ids, "tail_counts": t_counts,
-             "valid": valid, "input_ids": inputs, "epoch": torch.tensor(1)}
+    batch = {"sample_id": torch.arange(B), **signals, "tail_ids": t_ids, "tail_counts": t_counts,
+             "valid": valid_mask(B, L, 2, row=2), "input_ids": inputs, "epoch": torch.tensor(1)}
     spec = StoreSpec(vocab_size=V, row_length=L, shard_rows=4, topk=TopKSpec(k=k, logp_step=0.0),
                      tail_sample=TailSampleSpec(n_draws=stored))
     return batch, spec, torch.randn(B, L, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from loss_batches import valid_mask
 
 from kdstore.reader import StoreReader
 from kdstore.spec import HiddenSpec, StoreSpec, TopKSpec
@@ -34,8 +35,7 @@ def test_zmse_matches_a_dense_float64_reference():
     std = torch.rand(D_T, generator=g, dtype=torch.float64) * 5 + 0.1
     loss = build_loss({"name": "hidden", "metric": "zmse"}, _info(std.float()), StudentDims(L_S, D_S))
     hidden = tuple(torch.randn(B, T, D_S, generator=g, requires_grad=True) for _ in range(L_S + 1))
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, 3:] = False
+    valid = valid_mask(B, T, T - 3)
     batch = {"hidden_2": torch.randn(B, T, D_T, generator=g), "valid": valid}
     value = loss(StudentOutputs(torch.zeros(B, T, 10), hidden), batch).total
     proj = loss.projections[0]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_batches import valid_mask
 
 from kdstore.spec import SampledSpec, StoreSpec
 from pipeline.capture.extract import draw, sampled_draws, unique_counts
 from pipeline.train.losses import LossConfigError, StudentOutputs, build_loss
-from pipeline.train.losses.hybrid import HybridKDLoss, sampled_as_hybrid
+from pipeline.train.losses.hybrid import HybridKDLoss
+from pipeline.train.losses.sampled import sampled_as_hybrid
 
 V, B, T, N = 40, 2, 6, 12
 
@@ -27,10 +29,8 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
     teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2.0
     teacher[0, 1, 0] = 8.0  # id 0 in the head: dead head slots must not reuse it
     ids, counts = sampled_draws(teacher, N, 1.0, g, "systematic")
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, -2:] = False
     counts[0, 3] = 0  # a position without draws: not counted
-    return {"sample_id": torch.arange(B), "draw_ids": ids, "draw_counts": counts, "valid": valid,
+    return {"sample_id": torch.arange(B), "draw_ids": ids, "draw_counts": counts, "valid": valid_mask(B, T, 2),
             "input_ids": torch.randint(0, V, (B, T), generator=g)}
 
 

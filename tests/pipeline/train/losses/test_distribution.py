@@ -11,6 +11,18 @@ import math
 
 import pytest
 import torch
+from loss_batches import (
+    NAMES,
+    B,
+    T,
+    V,
+    coarsen,
+    make_case,
+    reference_loss,
+    uniform_draws,
+    value_and_grad,
+    xlogy_kl,
+)
 
 from kdstore.spec import SampledSpec, StoreSpec, TopKSpec
 from pipeline.capture import extract
@@ -20,91 +32,8 @@ from pipeline.train.losses.output import (
     TEACHER_LOGP,
     CrossEntropyLoss,
     DistributionLoss,
-    SampledKDLoss,
 )
-
-NAMES = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"]
-B, T, V = 2, 5, 64
-
-
-def make_case(k: int, *, top_p: float | None = None, seed: int = 0, dtype=torch.float64, invalid_tail: int = 2):
-    """Teacher log-probs (dense, float64), a top-k batch computed exactly, student logits."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.log_softmax(2.0 * torch.randn(B, T, V, generator=g, dtype=torch.float64), -1)
-    student = (1.5 * torch.randn(B, T, V, generator=g, dtype=torch.float64)).to(dtype)
-    vals, ids = teacher.topk(k, dim=-1)
-    if top_p is not None:
-        before = vals.exp().cumsum(-1) - vals.exp()
-        vals = vals.masked_fill(before >= top_p, float("-inf"))
-    kept = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, ids, torch.isfinite(vals))
-    tail = teacher.exp().masked_fill(kept, 0).sum(-1)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if invalid_tail:
-        valid[1, -invalid_tail:] = False
-    batch = {
-        "sample_id": torch.tensor([10, 11]),
-        "input_ids": torch.randint(0, V, (B, T), generator=g),
-        "valid": valid,
-        "topk_ids": ids.to(torch.int32),
-        "topk_logp": vals.to(dtype),
-        "topk_tail": tail.to(dtype),
-    }
-    return teacher, student, batch
-
-
-def coarsen(dense_p: torch.Tensor, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """[.., V] probabilities → [.., k+1]: live kept ids, then the mass of every other id."""
-    kept = torch.zeros_like(dense_p, dtype=torch.bool).scatter(-1, ids.long(), live)
-    picked = torch.where(live, dense_p.gather(-1, ids.long()), 0.0)
-    return torch.cat([picked, torch.where(kept, 0.0, dense_p).sum(-1, keepdim=True)], -1)
-
-
-def xlogy_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return torch.where(p > 0, p * (torch.log(torch.where(p > 0, p, 1.0)) - torch.log(torch.where(p > 0, q, 1.0))), 0.0).sum(-1)
-
-
-def reference(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per-position divergence between probability vectors, textbook definitions."""
-    if name == "fkl":
-        return xlogy_kl(p, q)
-    if name == "rkl":
-        return xlogy_kl(q, p)
-    if name == "js":
-        m = 0.5 * (p + q)
-        return 0.5 * xlogy_kl(p, m) + 0.5 * xlogy_kl(q, m)
-    if name == "skl":  # DistiLLM, alpha = 0.1
-        return xlogy_kl(p, 0.1 * p + 0.9 * q)
-    if name == "srkl":
-        return xlogy_kl(q, 0.9 * p + 0.1 * q)
-    if name == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if name == "akl":  # the authors' get_ratio, on the given buckets
-        p_sorted, order = p.sort(-1, descending=True)
-        errors = (p_sorted - q.detach().gather(-1, order)).abs()
-        tail_mask = p_sorted.cumsum(-1) > 0.5
-        tail_mask[..., 0] = False
-        g_head = errors.masked_fill(tail_mask, 0).sum(-1)
-        g_tail = errors.masked_fill(~tail_mask, 0).sum(-1)
-        return g_head / (g_head + g_tail) * xlogy_kl(p, q) + g_tail / (g_head + g_tail) * xlogy_kl(q, p)
-    raise AssertionError(name)
-
-
-def reference_loss(name, teacher, logits, batch, coarse: bool, temperature: float = 1.0):
-    p = teacher.exp()
-    q = torch.softmax(logits.double() / temperature, -1)
-    if coarse:
-        live = torch.isfinite(batch["topk_logp"])
-        p, q = coarsen(p, batch["topk_ids"], live), coarsen(q, batch["topk_ids"], live)
-    per = reference(name, p, q)
-    mask = batch["valid"]
-    return per[mask].mean() if mask.any() else per.sum() * 0
-
-
-def value_and_grad(loss_fn, logits):
-    x = logits.detach().clone().requires_grad_(True)
-    value = loss_fn(x)
-    (grad,) = torch.autograd.grad(value, x)
-    return value.detach(), grad
+from pipeline.train.losses.sampled import SampledKDLoss
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -189,19 +118,10 @@ def _all_losses():
     return [DistributionLoss(n) for n in NAMES] + [SampledKDLoss(), CrossEntropyLoss()]
 
 
-def _sampled_batch(batch, n=4):
-    shape = batch["valid"].shape
-    return {
-        **batch,
-        "draw_ids": torch.arange(n, dtype=torch.int32).expand(*shape, n).contiguous(),
-        "draw_counts": torch.ones(*shape, n, dtype=torch.int32),
-    }
-
-
 @pytest.mark.parametrize("garbage", [False, True])
 def test_all_padding_batch_gives_exact_zero_and_zero_grads(garbage):
     _, student, batch = make_case(k=7, top_p=0.6)
-    batch = _sampled_batch({**batch, "valid": torch.zeros(B, T, dtype=torch.bool)})
+    batch = uniform_draws({**batch, "valid": torch.zeros(B, T, dtype=torch.bool)})
     if garbage:  # what a writer might leave at padding: -inf log-probs, zero tails, NaN
         batch["topk_logp"] = torch.full_like(batch["topk_logp"], float("-inf"))
         batch["topk_tail"] = torch.full_like(batch["topk_tail"], float("nan"))
@@ -216,7 +136,7 @@ def test_all_padding_batch_gives_exact_zero_and_zero_grads(garbage):
 
 def test_bf16_logits_stay_finite():
     teacher, student, batch = make_case(k=7, top_p=0.8, invalid_tail=1)
-    batch = _sampled_batch({**batch, "topk_logp": batch["topk_logp"].float(), "topk_tail": batch["topk_tail"].float()})
+    batch = uniform_draws({**batch, "topk_logp": batch["topk_logp"].float(), "topk_tail": batch["topk_tail"].float()})
     for loss in _all_losses():
         x = (8 * student).bfloat16().requires_grad_(True)
         result = loss(StudentOutputs(x), batch)

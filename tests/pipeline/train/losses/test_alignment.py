@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_batches import valid_mask
 
 from kdstore.spec import AttentionSpec, HiddenSpec, StoreSpec, TopKSpec
 from pipeline.train.losses import (
@@ -36,9 +37,7 @@ def causal(g: torch.Generator, *lead: int) -> torch.Tensor:
 
 
 def make_batch(g: torch.Generator, hidden=(0, 2, 4, 6, 8), attn=(1, 3, 5, 7), h_sel=3, width=D_T) -> dict:
-    valid = torch.ones(B, T, dtype=torch.bool)
-    valid[0, -2:] = False
-    batch = {"sample_id": torch.tensor([0, 1]), "valid": valid, "input_ids": torch.randint(0, V, (B, T), generator=g)}
+    batch = {"sample_id": torch.tensor([0, 1]), "valid": valid_mask(B, T, 2, row=0), "input_ids": torch.randint(0, V, (B, T), generator=g)}
     for layer in hidden:
         batch[f"hidden_{layer}"] = torch.randn(B, T, width, generator=g)
     for layer in attn:
