@@ -267,51 +267,11 @@ class LossDoc:
     reads: str
 
 
-# A store holding every signal, for listing the fields a loss reads with its defaults.
-EXAMPLE_FIELDS = ("sample_id", "input_ids", "doc_ids", "valid", "topk_ids", "topk_logp", "topk_tail",
-                  "draw_ids", "draw_counts", "tail_ids", "tail_counts", "hidden_30", "attn_29",
-                  "text", "char_end")
-
-
 def loss_entries() -> list[LossDoc]:
-    """The registered losses. The one place that knows the registry's shape: `LOSSES` (name →
-    LossSpec with .config, .summary, .reads) where it exists, else `REGISTRY` (name → LossEntry
-    with .config, .summary, .fields)."""
-    from pipeline.train.losses import registry
+    """The registered losses (`LOSSES`: name → LossSpec with .config, .summary, .reads), by name."""
+    from pipeline.train.losses.registry import LOSSES
 
-    specs = getattr(registry, "LOSSES", None)
-    if specs is not None:
-        return [LossDoc(name, s.config, s.summary, _reads(s.reads, s.config, name)) for name, s in sorted(specs.items())]
-    return [LossDoc(name, e.config, e.summary, _reads(e.fields, e.config, name))
-            for name, e in sorted(registry.REGISTRY.items())]
-
-
-def _reads(reads: Any, config: type, name: str) -> str:
-    """The fields a loss reads with its defaults: `reads` is a list of field names, or a function
-    of (config, store field names) or of (config)."""
-    if callable(reads):
-        reads = _call_reads(reads, config, name)
-        if reads is None:  # fields that depend on keys with no default (mix: its losses)
-            return "depends on its configuration"
-    if isinstance(reads, str):
-        return reads
-    return ", ".join(f"`{f}`" for f in reads) or "none"
-
-
-def _call_reads(reads: Any, config: type, name: str) -> Any:
-    for data in ({"name": name}, {}):
-        try:
-            cfg = config.model_validate(data)
-        except Exception:
-            continue
-        for args in ((cfg, EXAMPLE_FIELDS), (cfg,)):
-            try:
-                return reads(*args)
-            except TypeError:
-                continue
-            except Exception:
-                return None
-    return None
+    return [LossDoc(name, s.config, s.summary, s.reads) for name, s in sorted(LOSSES.items())]
 
 
 def losses_page() -> str:
@@ -320,8 +280,7 @@ def losses_page() -> str:
            "Generated from the loss registry at build time. A training config lists losses under",
            "`losses:` (a list is their weighted sum, each with its `weight`); the trainer checks every field",
            "a loss reads against the store's `store.json` before the first step. \"Reads\" lists the store",
-           "fields with the loss's defaults, for a store holding every signal (hidden layer 30, attention",
-           "layer 29); layer maps and options change it. See [Train students](../guides/training.md).", "",
+           "fields the loss reads; layer maps and options change it. See [Train students](../guides/training.md).", "",
            "| loss | what | reads |", "|---|---|---|"]
     out += [f"| [`{e.name}`](#{e.name.replace('_', '-')}) | {_cell(e.summary)} | {_cell(e.reads)} |" for e in entries]
     out.append("")
