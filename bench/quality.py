@@ -1,6 +1,6 @@
 """Quality in a regime that means something: students trained several epochs over the whole cache.
 
-    .venv/bin/python bench/quality.py [--quick] [--methods ce,topk64,...] [--epochs 3]
+    .venv/bin/python -m bench.quality [--quick] [--methods ce,topk64,...] [--epochs 3]
                                       [--device cuda] [--out runs/quality] [--fakd-sweep 0.1:0.1,1:0.1]
 
 Every method trains the same student (a cut of the offline teacher: its embeddings, head and the
@@ -45,12 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_stores import cached_store, log  # noqa: E402
-from quality_methods import (  # noqa: E402
+
+from bench.bench_stores import cached_store, log  # noqa: E402
+from bench.quality_methods import (  # noqa: E402
     COUNTERPART,
     PRESETS,
     STORE_FIELDS,
@@ -62,7 +62,6 @@ from quality_methods import (  # noqa: E402
     store_configs,
     with_dependencies,
 )
-
 from kdstore.reader import StoreReader  # noqa: E402
 from kdstore.spec import DRAW_SCHEMES  # noqa: E402
 from kdstore.summary import summarize  # noqa: E402
