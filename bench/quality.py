@@ -164,7 +164,7 @@ def train_method(name: str, run: Run, scorer: SplitScorer) -> dict[str, Any]:
 
     def on_step(trainer: Any, record: dict[str, Any]) -> None:
         if trainer.step in points:
-            curve.append([len(sum(sample_ids(out), [])) * ROW, scorer(trainer.student.model, tok)])
+            curve.append([sum(map(len, sample_ids(out))) * ROW, scorer(trainer.student.model, tok)])
             log(f"    {name} step {trainer.step}/{run.steps}: {scorer.split} ppl {curve[-1][1]:.2f} "
                 f"({time.perf_counter() - started:.0f} s)")
 
