@@ -8,15 +8,12 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from bench.common import log
 
 
 def cache_dir() -> Path:

@@ -12,7 +12,7 @@ allocations of a byte budget across tokens follow, from the exact systematic err
 token the largest N whose expected distinct ids stay ≤ U, U = fixed-N's mean) and `optimal` (each
 token the N minimising error + λ·distinct, λ set so the mean distinct ids match fixed N).
 
-    python bench/draw_noise.py [--tokens 512] [--draws 12,24,48] [--repeats 16]
+    python -m bench.draw_noise [--tokens 512] [--draws 12,24,48] [--repeats 16]
 
 Prints a table and a JSON last line {"rows": [{scheme, n_draws, distinct, target_err, grad_err}]}.
 """
@@ -23,20 +23,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-try:
-    import pipeline  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from store_signals import ROW, _load_teacher, _text_tokens, log  # noqa: E402
-
-from pipeline.capture.extract import draw  # noqa: E402
+from bench.common import log
+from bench.store_signals import ROW, _load_teacher, _text_tokens
+from pipeline.capture.extract import draw
 
 SCHEMES = ("multinomial", "systematic", "systematic_sorted")
 

@@ -12,7 +12,7 @@ windows), and `fresh` (new draws every epoch: what an unlimited store would give
 seeds (teacher and draws): the final dense KL(p ‖ q), its excess over `exact` (the cost), and the
 std over seeds of that excess (the noise that a single run sees).
 
-    python bench/hybrid_draws.py [--epochs 32] [--seeds 10]
+    python -m bench.hybrid_draws [--epochs 32] [--seeds 10]
 
 Prints a table and a JSON last line {method: {"kl", "excess", "excess_std"}, ...}.
 """
@@ -21,21 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-try:
-    import pipeline  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.capture.extract import tail_draws  # noqa: E402
-from pipeline.train.losses import StudentOutputs  # noqa: E402
-from pipeline.train.losses.coarse import fkl  # noqa: E402
-from pipeline.train.losses.hybrid import HybridKDLoss  # noqa: E402
-from pipeline.train.losses.output import DistributionLoss  # noqa: E402
+from pipeline.capture.extract import tail_draws
+from pipeline.train.losses import StudentOutputs
+from pipeline.train.losses.coarse import fkl
+from pipeline.train.losses.hybrid import HybridKDLoss
+from pipeline.train.losses.output import DistributionLoss
 
 
 def _batch(teacher: torch.Tensor, k: int, n: int, seed: int) -> dict[str, torch.Tensor]:

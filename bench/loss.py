@@ -1,7 +1,7 @@
 """Output loss alone, forward + backward: CE vs each output loss, fused vs whole logits, time and
 peak memory, at V = 49,152 (SmolLM2) and 151,936 (Qwen2.5).
 
-    .venv/bin/python bench/loss.py [--tokens 2048] [--memory-tokens 8192] [--device auto] [--quick]
+    .venv/bin/python -m bench.loss [--tokens 2048] [--memory-tokens 8192] [--device auto] [--quick]
 
 Inputs: a hidden state [tokens, d] and an output head [V, d] (d = 576), both requiring grad; a
 top-64 + tail teacher batch (distinct kept ids per token, random log-probs), 8 sampled draws, the
@@ -30,16 +30,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.train.losses import StudentOutputs, WeightedSum  # noqa: E402
-from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss  # noqa: E402
-from pipeline.train.losses.sampled import SampledKDLoss  # noqa: E402
+from bench.common import REPO, proc_status_kb, repo_env, reset_peak_rss, sync
+from pipeline.train.losses import StudentOutputs, WeightedSum
+from pipeline.train.losses.output import CrossEntropyLoss, DistributionLoss
+from pipeline.train.losses.sampled import SampledKDLoss
 
 VOCABS = (49_152, 151_936)
 LOSSES = ("ce", "fkl", "rkl", "js", "skl", "srkl", "tvd", "akl", "sampled_kd", "fkl+ce")
@@ -76,11 +74,6 @@ def step(loss, h: torch.Tensor, w: torch.Tensor, batch: dict, fused: bool) -> No
     loss(student, batch).total.backward()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_case(name: str, fused: bool, inputs, reps: int, device: torch.device) -> dict[str, float]:
     loss = make_loss(name)
     step(loss, *inputs, fused)  # warm-up
@@ -98,13 +91,6 @@ def time_case(name: str, fused: bool, inputs, reps: int, device: torch.device) -
 # ---------------------------------------------------------------- memory (own process)
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def memory_case(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     inputs = make_inputs(args.case_tokens, args.case_vocab, args.hidden, args.k, device)
@@ -117,17 +103,17 @@ def memory_case(args: argparse.Namespace) -> dict[str, Any]:
         step(loss, *inputs, fused)
         torch.cuda.synchronize(device)
         return {"peak_mb": (torch.cuda.max_memory_allocated(device) - before) / MB, "method": "cuda max_memory_allocated"}
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _status_kb("VmRSS")
+    reset_peak_rss()  # VmHWM := VmRSS
+    before = proc_status_kb("VmRSS") or 0
     step(loss, *inputs, fused)
-    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024, "method": "VmHWM growth (CPU)"}
+    return {"peak_mb": ((proc_status_kb("VmHWM") or 0) - before) / 1024, "method": "VmHWM growth (CPU)"}
 
 
 def memory_in_subprocess(name: str, path: str, vocab: int, tokens: int, args: argparse.Namespace) -> float:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--case-path", path, "--case-vocab", str(vocab),
+    cmd = [sys.executable, "-m", "bench.loss", "--case", name, "--case-path", path, "--case-vocab", str(vocab),
            "--case-tokens", str(tokens), "--device", args.device, "--hidden", str(args.hidden), "--k", str(args.k),
            "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory case {name}/{path}/V={vocab} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]

@@ -1,6 +1,6 @@
 """Two-teacher step vs one-teacher step, same student and batches, one run.
 
-    .venv/bin/python bench/multi_teacher.py [--steps 8] [--warmup 1] [--batch-size 4] [--quick]
+    .venv/bin/python -m bench.multi_teacher [--steps 8] [--warmup 1] [--batch-size 4] [--quick]
 
 Stores: the `bench/train.py` store (real default teacher, built-in corpus, top-64) as teacher 0,
 and a second store over the same rows as teacher 1 (the same offline teacher — the only real
@@ -17,18 +17,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_stores import cached_store, log  # noqa: E402
 
-from pipeline.train.trainer import TrainConfig, Trainer  # noqa: E402
+from bench.bench_stores import cached_store  # noqa: E402
+from bench.common import bench_trainer, log, sync  # noqa: E402
 
 TARGET = 1.15
 
@@ -38,13 +36,9 @@ def store_config(args: argparse.Namespace, topk: dict) -> dict:
             "split": "train", "max_tokens": args.tokens, "signals": {"topk": topk}}
 
 
-def trainer(store: str, extra: list[str], losses: list[dict], out: str, args: argparse.Namespace) -> Trainer:
-    cfg = TrainConfig(store=store, extra_stores=extra, out=out, losses=losses,
-                      student={"init": "teacher_layers", "num_layers": 6}, batch_size=args.batch_size, steps=10_000,
-                      warmup_steps=0, seed=0, checkpoint_every=10 ** 9, device=args.device, tensorboard=False)
-    t = Trainer(cfg)
-    t.student.model.train()
-    return t
+def trainer(store: str, extra: list[str], losses: list[dict], out: str, args: argparse.Namespace) -> Any:
+    return bench_trainer(store=store, extra_stores=extra, out=out, losses=losses, seed=0, device=args.device,
+                         student={"init": "teacher_layers", "num_layers": 6}, batch_size=args.batch_size)
 
 
 def main() -> None:
@@ -74,12 +68,10 @@ def main() -> None:
         for r in range(args.warmup + args.steps):
             order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
             for m in order:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
                 start = time.perf_counter()
                 trainers[m].train_step(batches[m])
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
                 if r >= args.warmup:
                     times[m].append(time.perf_counter() - start)
             log(f"round {r + 1}: " + " ".join(f"{m}={times[m][-1] * 1e3:.0f}ms" for m in trainers if times[m]))

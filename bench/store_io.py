@@ -15,19 +15,13 @@ import io  # noqa: E402
 import math  # noqa: E402
 import pstats  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-try:
-    import kdstore  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from store_signals import FIELDS_TOPK, ROW, TOPK_FILES, Signals, log  # noqa: E402
-
+from bench.common import log  # noqa: E402
+from bench.store_signals import FIELDS_TOPK, ROW, TOPK_FILES, Signals  # noqa: E402
 from kdstore.reader import StoreReader  # noqa: E402
 from kdstore.spec import Provenance, SampledSpec, StoreSpec, TailSampleSpec, TopKSpec  # noqa: E402
 from kdstore.summary import summarize  # noqa: E402

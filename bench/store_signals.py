@@ -11,7 +11,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"  # one core for the speed measurements (the teacher pass asks for more)
 
 import hashlib  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -19,11 +18,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-try:
-    import kdstore  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import log  # noqa: E402
 
 ROW = 256
 KS = (8, 16, 32, 64, 128)
@@ -59,10 +54,6 @@ TARGETS = {  # key: (limit, "max" | "min")
     "read_tokens_per_s_per_core": (1_000_000.0, "min"),
     "write_tokens_per_s_per_core": (500_000.0, "min"),
 }
-
-
-def log(msg: str) -> None:
-    print(f"[bench/store] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

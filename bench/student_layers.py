@@ -1,6 +1,6 @@
 """Which teacher layers a `teacher_layers` student should keep: greedy layer removal by perplexity.
 
-    python bench/student_layers.py --store runs/chat_demo/store --keep 12
+    python -m bench.student_layers --store runs/chat_demo/store --keep 12
 
 Evenly spaced layers are the usual default (DistilBERT), but this teacher does not survive it:
 6 or 12 of SmolLM2-135M's 30 layers, evenly spaced, start at perplexity 10^6–10^7 and the student
@@ -18,19 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-try:
-    import kdstore  # noqa: F401
-except ImportError:  # run from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kdstore.reader import StoreReader  # noqa: E402
-from pipeline.capture.teacher import load_teacher  # noqa: E402
+from kdstore.reader import StoreReader
+from pipeline.capture.teacher import load_teacher
 
 
 def perplexity(model, layers, keep: list[int], ids: torch.Tensor) -> float:

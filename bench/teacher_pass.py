@@ -1,7 +1,7 @@
 """Teacher-pass overhead: the full pass (forward + extraction + compression + commit) vs the
 bare forward pass, same teacher, same batches, one run.
 
-    .venv/bin/python bench/teacher_pass.py [--teacher default] [--rows 32] [--device auto]
+    .venv/bin/python -m bench.teacher_pass [--teacher default] [--rows 32] [--device auto]
                                            [--cli-tokens 32768] [--no-flow-figures] [--quick]
 
 Cases: top-k 64 (the target: overhead ≤ 1.05), top-k 64 + hidden states of one layer (≤ 1.10).
@@ -31,17 +31,15 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.common import REPO, repo_env, sync  # noqa: E402
 from pipeline.capture.pass_setup import open_writer, teacher_for  # noqa: E402
 from pipeline.capture.shard_plan import plan_shards  # noqa: E402
 from pipeline.capture.teacher_pass import cache_pipelined, run_cache  # noqa: E402
 from pipeline.config import CacheConfig, parse_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def config_dict(store: str, args: argparse.Namespace, signals: dict, tokens: int | None = None) -> dict:
@@ -83,9 +81,8 @@ def cli_wall(tmp: str, args: argparse.Namespace, signals: dict, teacher, flow: b
     path = Path(tmp) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config_dict(f"{tmp}/{name}-store", args, signals, args.cli_tokens)))
     cmd = [sys.executable, "-m", "flows.cli", "cache", str(path)] + ([] if flow else ["--no-flow"])
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
@@ -115,11 +112,6 @@ def full_pass(config: CacheConfig, teacher, plans) -> float:
     cache_pipelined(teacher, writer, plans, config)
     sync(teacher.device)
     return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

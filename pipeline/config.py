@@ -57,7 +57,7 @@ class CorpusConfig(Strict):
     text_field: str = "text"
     text_split: Literal["file", "blank_line"] = "file"
     errors: Literal["strict", "replace"] = "strict"
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # held out: half validation, half test (by content)
     max_documents: int | None = Field(None, ge=1)
     chat: ChatConfig | None = None  # kind chat only (None there = ChatConfig())
 
@@ -180,7 +180,9 @@ class CacheConfig(Strict):
     corpus: CorpusConfig = CorpusConfig()
     row_length: int = Field(256, ge=2)
     shard_rows: int = Field(64, ge=1)
-    split: Literal["train", "validation", "all"] = "all"
+    # train: every document not held out; validation / test: the two halves of the held-out ones
+    # (choices / reported figures); held_out: both halves (what `validation` named before `test` existed)
+    split: Literal["train", "validation", "test", "held_out", "all"] = "all"
     max_tokens: int | None = Field(None, ge=1)  # cache only the first shards up to this many tokens
     signals: SignalsConfig = SignalsConfig()
     runner: RunnerConfig = RunnerConfig()

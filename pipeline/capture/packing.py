@@ -13,8 +13,13 @@ Choices:
   other-split ones included), so they point back into the file.
 - Special-token text inside a document (a literal ``<|im_end|>``) is tokenised as text:
   ``eos`` appears only between documents.
-- The train/validation split is by document, from a hash of its text and a seed
-  (:func:`is_validation`): stable under reordering, and duplicates land on the same side.
+- The split is by content, with a seed: stable under reordering, and duplicates land on the same
+  side. ``val_fraction`` of the documents are held out, by a hash of each one's text
+  (:func:`is_validation`); a second hash halves the held-out text into ``validation`` (every
+  choice of weight or recipe) and ``test`` (reported figures), block by block
+  (:func:`split_text`). ``held_out`` names both halves together (what ``validation`` named
+  before the test split existed). The train side does not depend on the second hash, so train
+  rows and their ids are what they were before it.
 - ``with_text`` also keeps each row's text and every token's character end
   (`pipeline.capture.row_text`), for students with another tokenizer.
 - Conversations (:func:`iter_packed_chat`) are packed whole, never split across rows: each row
@@ -26,6 +31,7 @@ Choices:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,8 +41,11 @@ import numpy as np
 from pipeline.capture.corpus import CorpusError, CorpusFile, CorpusSource, key39, read_documents
 from pipeline.capture.row_text import join_rows, offsets_of, piece_ends
 
-Split = Literal["train", "validation"]
-# sample_id = key39 << 24 | is_validation << 23 | row: 39 bits of the file digest, one split bit
+Split = Literal["train", "validation", "test", "held_out"]
+SPLITS: tuple[str, ...] = ("train", "validation", "test", "held_out")
+TEST_SHARE = 0.5  # of the held-out text, by a second content hash (split_text)
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+# sample_id = key39 << 24 | held_out << 23 | row: 39 bits of the file digest, one split bit
 # and 23 bits of row index (at most 8,388,608 rows per file and split), 63 bits in all so the
 # id also fits a signed int64. Files of one corpus are checked to differ in their 39 bits.
 ROW_BITS = 23
@@ -69,7 +78,7 @@ class PackedRows:
 
 
 def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
-    """Whether a document belongs to the validation split: the first 64 bits of
+    """Whether a document is held out (the validation or the test split): the first 64 bits of
     sha256("kdcache-split/<seed>/" + text) < val_fraction · 2^64. Depends on content only."""
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1]")
@@ -79,12 +88,49 @@ def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(h.digest()[:8], "big") < val_fraction * 2.0**64
 
 
+def is_test(text: str, seed: int = 0) -> bool:
+    """Whether held-out text belongs to the test half: the first 64 bits of
+    sha256("kdcache-test/<seed>/" + text) < TEST_SHARE · 2^64."""
+    h = hashlib.sha256(f"kdcache-test/{seed}/".encode() + text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest()[:8], "big") < TEST_SHARE * 2.0**64
+
+
+def in_split(text: str, split: Split | None, val_fraction: float, seed: int = 0) -> bool:
+    """Whether a whole document (a conversation's key) belongs to ``split``: None is every
+    document, "held_out" validation and test together."""
+    if split is None:
+        return True
+    if split in ("train", "held_out"):
+        return is_validation(text, val_fraction, seed) == (split == "held_out")
+    return is_validation(text, val_fraction, seed) and is_test(text, seed) == (split == "test")
+
+
+def split_text(text: str, split: Split | None, val_fraction: float, seed: int = 0) -> str | None:
+    """The part of a text document in ``split``, or None. Train, held_out and None take whole
+    documents (:func:`in_split`). Validation and test divide each held-out document by its
+    blank-line blocks, each block by its own hash (:func:`is_test`), the kept ones joined by a
+    blank line: a corpus of a few long documents (the built-in one holds out 4 of 79, one of
+    them 87 % of the held-out text) still gives two halves of similar size."""
+    if split not in ("validation", "test"):
+        return text if in_split(text, split, val_fraction, seed) else None
+    if not is_validation(text, val_fraction, seed):
+        return None
+    kept = [b for b in _BLANK_LINE.split(text) if b.strip() and is_test(b, seed) == (split == "test")]
+    return "\n\n".join(kept) if kept else None
+
+
+def check_split(split: Split | None, row_length: int) -> None:
+    if row_length < 1 or (split is not None and split not in SPLITS):
+        raise ValueError(f"row_length={row_length} must be >= 1 and split={split!r} one of {SPLITS} or None")
+
+
 def sample_ids(file_key: str, start_row: int, count: int, split: Split | None = None) -> np.ndarray:
     """Stable ids of rows ``start_row .. start_row+count-1`` of a file (see ``ROW_BITS``)."""
     if start_row + count > MAX_ROWS_PER_FILE:
         raise CorpusError(f"file {file_key[:12]}: more than {MAX_ROWS_PER_FILE} rows in one split; "
                           f"split the file into smaller ones")
-    base = (key39(file_key) << (ROW_BITS + 1)) | (int(split == "validation") << ROW_BITS)
+    held_out = split is not None and split != "train"  # its halves number their rows alike: a store holds one split
+    base = (key39(file_key) << (ROW_BITS + 1)) | (int(held_out) << ROW_BITS)
     return np.arange(base + start_row, base + start_row + count, dtype=np.uint64)
 
 
@@ -97,12 +143,10 @@ def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: 
                 batch_docs: int = 256, name: str | None = None, with_text: bool = False) -> Iterator[PackedRows]:
     """Pack a file's documents into rows, yielding chunks of ``rows_per_chunk`` rows (all rows
     in one chunk when None). The last chunk holds the padded tail and may have zero rows; the
-    counts of all chunks add up to the file's. ``split`` packs only that side of the
-    train/validation split; ``name`` (the file's path) names the file in errors. ``with_text``
+    counts of all chunks add up to the file's. ``split`` packs only the documents of
+    that split (:func:`in_split`); ``name`` (the file's path) names the file in errors. ``with_text``
     adds each row's text and its tokens' character ends (a fast tokenizer's offsets)."""
-    if row_length < 1 or split not in (None, "train", "validation"):
-        raise ValueError(f"row_length={row_length} must be >= 1 and split={split!r} one of "
-                         f"'train', 'validation', None")
+    check_split(split, row_length)
     if len(file_key) < 10 or any(c not in "0123456789abcdef" for c in file_key):
         raise ValueError(f"file_key={file_key!r} must be a lowercase hex sha256 digest")
     eos = tokenizer.eos_token_id if eos_id is None else eos_id
@@ -170,10 +214,11 @@ def iter_packed(docs: Iterable[str], tokenizer: Any, row_length: int, file_key: 
             counts["empty_docs"] += 1
             continue
         state["non_empty"] += 1
-        if split is not None and is_validation(text, val_fraction, seed) != (split == "validation"):
+        part = split_text(text, split, val_fraction, seed)
+        if part is None:
             counts["held_out_docs"] += 1
             continue
-        batch.append((idx, text))
+        batch.append((idx, part))
         if len(batch) >= batch_docs:
             tokenize(batch)
             batch = []
@@ -228,8 +273,7 @@ def iter_packed_chat(records: Iterable[tuple[str, Any]], tokenizer: Any, row_len
         truncate,
     )
 
-    if row_length < 1 or split not in (None, "train", "validation"):
-        raise ValueError(f"row_length={row_length} must be >= 1 and split={split!r} one of 'train', 'validation', None")
+    check_split(split, row_length)
     where_file, T = name or f"file {file_key[:12]}", row_length
     check_template(tokenizer, template)
     pad = tokenizer.eos_token_id if eos_id is None else eos_id
@@ -264,7 +308,7 @@ def iter_packed_chat(records: Iterable[tuple[str, Any]], tokenizer: Any, row_len
         try:
             file_shape = file_shape or record_shape(record, where)
             messages = parse_conversation(record, where, file_shape)
-            if split is not None and is_validation(split_key(messages), val_fraction, seed) != (split == "validation"):
+            if not in_split(split_key(messages), split, val_fraction, seed):
                 counts["held_out_docs"] += 1
                 continue
             rendered = render_conversation(messages, tokenizer, template, mask, where, T)

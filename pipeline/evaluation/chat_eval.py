@@ -5,9 +5,9 @@ once per seed and averaged: `pipeline.evaluation.decoding`), and its answers are
 ROUGE-L (and the other text metrics of `metrics.score_texts`) against the dataset's reference
 response and against the teacher's answer. A prompt is a held-out conversation up to its last
 assistant turn that fits the prompt budget, rendered with the store's chat template and its
-generation prompt; the reference is that assistant turn's content. Held-out = the validation side
-of the store's own split (`packing.is_validation` of `chat.split_key`), so no cached training row
-holds it. Perplexity over assistant tokens needs nothing here: the held-out rows carry their loss
+generation prompt; the reference is that assistant turn's content. Held-out = the documents the
+store's own split holds out (`packing.in_split` of `chat.split_key`: validation, test or both), so
+no cached training row holds them. Perplexity over assistant tokens needs nothing here: the held-out rows carry their loss
 mask (`evaluate.heldout_rows`).
 """
 
@@ -30,7 +30,7 @@ from pipeline.capture.chat import (
     split_key,
 )
 from pipeline.capture.corpus import list_corpus_files
-from pipeline.capture.packing import is_validation
+from pipeline.capture.packing import in_split
 from pipeline.capture.shard_plan import corpus_source
 from pipeline.config import CacheConfig, CorpusConfig
 from pipeline.evaluation.decoding import decode_runs, generate_options, scores_over_runs
@@ -44,8 +44,8 @@ class ChatPrompt:
 
 
 def heldout_prompts(reader: StoreReader, tokenizer: Any, count: int, max_prompt_tokens: int,
-                    max_reference_tokens: int | None = None) -> list[ChatPrompt]:
-    """Up to ``count`` held-out prompts of at most ``max_prompt_tokens`` tokens (and references of
+                    max_reference_tokens: int | None = None, split: str = "held_out") -> list[ChatPrompt]:
+    """Up to ``count`` prompts of held-out ``split`` (validation, test or held_out) of at most ``max_prompt_tokens`` tokens (and references of
     at most ``max_reference_tokens``), one per conversation, in corpus order."""
     prov = reader.meta.provenance
     corpus = CorpusConfig(**prov.corpus)
@@ -62,7 +62,7 @@ def heldout_prompts(reader: StoreReader, tokenizer: Any, count: int, max_prompt_
                 messages = parse_conversation(record, where, shape)
             except ChatRecordError:
                 continue  # the store skipped or refused it too
-            if not is_validation(split_key(messages), corpus.val_fraction):
+            if not in_split(split_key(messages), split, corpus.val_fraction):
                 continue
             prompt = _prompt(messages, tokenizer, chat.template, max_prompt_tokens, max_reference_tokens)
             if prompt is not None:

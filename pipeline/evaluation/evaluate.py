@@ -1,8 +1,9 @@
 """Evaluation: the teacher, any number of students and a baseline, side by side, on held-out rows.
 
-Held-out rows are the validation side of the store's own corpus split (documents are assigned by
-content hash, so no cached training row holds them), packed exactly as the store was, with the
-store's tokenizer. Every model sees the same rows in the same batches, with the teacher computed
+Held-out rows are the documents the store's own corpus split holds out (assigned by content hash,
+so no cached training row holds them): `split` picks validation (for choices), test (for reported
+figures) or held_out (both, the default), packed exactly as the store was, with the store's
+tokenizer. Every model sees the same rows in the same batches, with the teacher computed
 once per batch, so per-token metrics are paired:
 
 * perplexity per token, document-aware: position t counts when t and t+1 are valid and belong to
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from pipeline.evaluation.decoding import decode_runs, describe, generate_options
 from pipeline.evaluation.metrics import calibration_bins, expected_calibration_error
 
 TEACHER = "teacher"
+HELD_OUT_SPLITS = ("validation", "test", "held_out")
 
 
 class GenerationConfig(Strict):
@@ -67,6 +69,8 @@ class EvalConfig(Strict):
     teacher: str | None = "default"  # the store's teacher (checked by digest); None: no teacher metrics
     train_logs: dict[str, str] = {}  # name → train_log.jsonl, for training curves in the report
     max_tokens: int = Field(4096, ge=2)
+    # which held-out documents: validation (choose with it), test (report it) or held_out (both)
+    split: Literal["validation", "test", "held_out"] = "held_out"
     batch_size: int = Field(4, ge=1)
     generation: GenerationConfig | None = GenerationConfig()
     ece_bins: int = Field(15, ge=1)
@@ -89,8 +93,11 @@ class HeldOut:
         return int(self.valid.sum())
 
 
-def heldout_rows(reader: StoreReader, tokenizer: Any, max_tokens: int) -> HeldOut:
-    """The validation rows of the store's corpus, packed as the store's rows were."""
+def heldout_rows(reader: StoreReader, tokenizer: Any, max_tokens: int, split: str = "held_out") -> HeldOut:
+    """The rows of the store's corpus in held-out `split` (validation, test or held_out), packed as
+    the store's rows were."""
+    if split not in HELD_OUT_SPLITS:
+        raise EvalError(f"evaluation split {split!r}: expected one of {HELD_OUT_SPLITS}")
     from pipeline.capture.shard_plan import plan_shards
 
     prov = reader.meta.provenance
@@ -103,10 +110,10 @@ def heldout_rows(reader: StoreReader, tokenizer: Any, max_tokens: int) -> HeldOu
         raise EvalError(f"store {reader.location.url!r} was cached with val_fraction 0: no held-out documents")
     corpus = CorpusConfig(**prov.corpus, max_documents=packing.get("max_documents"))
     config = CacheConfig(store=reader.location.url, corpus=corpus, row_length=int(packing["row_length"]),
-                         shard_rows=reader.spec.shard_rows, split="validation", max_tokens=max_tokens)
+                         shard_rows=reader.spec.shard_rows, split=split, max_tokens=max_tokens)
     plans = plan_shards(config, tokenizer)
     if not plans:
-        raise EvalError(f"the corpus of store {reader.location.url!r} has no validation documents")
+        raise EvalError(f"the corpus of store {reader.location.url!r} has no {split} documents")
     rows = [p.rows for p in plans]
     ids = np.concatenate([r.input_ids for r in rows]).astype(np.int64)
     n = max(1, -(-max_tokens // ids.shape[1]))
@@ -309,10 +316,10 @@ def generation_metrics(models: dict[str, Any], tokenizer: Any, rows: HeldOut, cf
 
 
 def chat_generation(reader: StoreReader, models: dict[str, Any], tokenizer: Any, cfg: GenerationConfig,
-                    device: torch.device) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+                    device: torch.device, split: str = "held_out") -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
     from pipeline.evaluation.chat_eval import chat_generation_metrics, heldout_prompts
 
-    prompts = heldout_prompts(reader, tokenizer, cfg.prompts, cfg.prompt_tokens, cfg.reference_tokens)
+    prompts = heldout_prompts(reader, tokenizer, cfg.prompts, cfg.prompt_tokens, cfg.reference_tokens, split)
     if not prompts:
         raise EvalError(f"no held-out conversation of store {reader.location.url!r} has a prompt of at most "
                         f"{cfg.prompt_tokens} tokens; raise generation.prompt_tokens")
@@ -334,9 +341,9 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
     heldout: list[HeldOut] = []
     for names in groups.values():
         tokenizer = tokenizers[names[0]]
-        heldout.append(heldout_rows(reader, tokenizer, cfg.max_tokens))
+        heldout.append(heldout_rows(reader, tokenizer, cfg.max_tokens, cfg.split))
         if progress:
-            progress(f"evaluating {', '.join(names)} on {heldout[-1].tokens:,} held-out tokens "
+            progress(f"evaluating {', '.join(names)} on {heldout[-1].tokens:,} {cfg.split} tokens "
                      f"({len(heldout[-1].input_ids)} rows)")
         results.update(token_metrics({n: models[n] for n in names}, heldout[-1], cfg.batch_size, cfg.ece_bins,
                                      device, token_bytes(tokenizer)))
@@ -351,13 +358,13 @@ def evaluate(cfg: EvalConfig, progress: Any = print) -> dict[str, Any]:
                      f"{cfg.generation.new_tokens} tokens)")
         if reader.spec.loss_mask:
             scores, samples = chat_generation(reader, {n: models[n] for n in store_names}, store_tokenizer,
-                                              cfg.generation, device)
+                                              cfg.generation, device, cfg.split)
         else:
             scores, samples = generation_metrics({n: models[n] for n in store_names}, store_tokenizer, rows,
                                                  cfg.generation, device)
         for name, s in scores.items():
             results[name]["generation"] = s
-    return {"store": cfg.store, "chat": bool(reader.spec.loss_mask),
+    return {"store": cfg.store, "split": cfg.split, "chat": bool(reader.spec.loss_mask),
             "heldout_tokens": int(rows.loss_mask.sum()) if rows.loss_mask is not None else rows.tokens, "heldout_rows": len(rows.input_ids),
             "baseline": cfg.baseline, "models": results, "samples": samples,
             "decoding": describe(cfg.generation.seeds) if cfg.generation is not None else None,

@@ -103,7 +103,8 @@ def write_report(result: Mapping[str, Any], out: str | Path, *, title: str = "kd
     md = [f"# {title}", ""]
     if preamble:
         md += [preamble, ""]
-    md += [f"Held-out: {result['heldout_tokens']:,} tokens ({result['heldout_rows']} rows of the store's validation "
+    split = result.get("split", "held_out").replace("_", "-")
+    md += [f"Held-out: {result['heldout_tokens']:,} tokens ({result['heldout_rows']} rows of the store's {split} "
            "documents). Perplexity is per token inside documents; KL(teacher ‖ model) over the full vocabulary; "
            f"ECE of the top-1 prediction in percentage points; generation ({result.get('decoding') or 'greedy'}): "
            "continuations, "

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,14 @@ from pipeline.capture.corpus import (
 )
 from pipeline.capture.packing import (
     PackedRows,
+    in_split,
+    is_test,
     is_validation,
     iter_packed,
     pack_corpus_file,
     pack_file,
     sample_ids,
+    split_text,
 )
 
 KEY = hashlib.sha256(b"some file").hexdigest()
@@ -269,6 +273,36 @@ def test_missing_and_empty_inputs(tmp_path: Path, smollm2_tokenizer) -> None:
         CorpusSource(kind="files")
 
 
+def test_three_splits_halve_the_held_out_text_and_leave_train_alone(builtin_docs: list[str], smollm2_tokenizer) -> None:
+    kw = dict(val_fraction=0.25, seed=7)
+    packed = {s: pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split=s, **kw)
+              for s in ("train", "validation", "test", "held_out")}
+    held = [d for d in builtin_docs if is_validation(d, **kw)]
+    # train: the documents not held out, packed and numbered as if no test split existed
+    alone = pack_file([d for d in builtin_docs if d not in held], smollm2_tokenizer, 128, KEY)
+    np.testing.assert_array_equal(packed["train"].input_ids, alone.input_ids)
+    np.testing.assert_array_equal(packed["train"].sample_ids, sample_ids(KEY, 0, alone.num_rows, "train"))
+    assert set(packed["held_out"].doc_ids[packed["held_out"].valid]) == {builtin_docs.index(d) for d in held}
+    # validation and test: every held-out document's blank-line blocks, each on exactly one side
+    blocks = {b for d in held for b in re.split(r"\n[ \t]*\n", d) if b.strip()}
+    val = {b for d in held for b in (split_text(d, "validation", **kw) or "").split("\n\n") if b}
+    test = {b for d in held for b in (split_text(d, "test", **kw) or "").split("\n\n") if b}
+    assert val and test and not val & test and val | test == blocks
+    assert all(is_test(b, seed=7) for b in test) and not any(is_test(b, seed=7) for b in val)
+    assert all(split_text(d, s, **kw) is None for d in builtin_docs if d not in held for s in ("validation", "test"))
+    tokens = {s: int(packed[s].valid.sum()) for s in packed}
+    assert 0.25 < tokens["test"] / (tokens["validation"] + tokens["test"]) < 0.75
+    for s in ("validation", "test"):  # held-out ids: the split bit set, never a train id
+        assert not set(packed[s].sample_ids) & set(packed["train"].sample_ids)
+        assert set(packed[s].doc_ids[packed[s].valid]) <= set(packed["held_out"].doc_ids[packed["held_out"].valid])
+    # whole documents (a conversation's key) go to one side
+    sides = [[in_split(d, s, **kw) for s in ("train", "validation", "test")] for d in builtin_docs]
+    assert all(sum(side) == 1 for side in sides)
+    assert [side[1] or side[2] for side in sides] == [in_split(d, "held_out", **kw) for d in builtin_docs]
+    with pytest.raises(ValueError, match="split='heldout'"):
+        pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split="heldout", **kw)
+
+
 def test_duplicate_files_skipped(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("same\n")
     (tmp_path / "b.txt").write_text("same\n")
@@ -277,20 +311,20 @@ def test_duplicate_files_skipped(tmp_path: Path) -> None:
     assert [Path(f.path).name for f in files] == ["a.txt"]
 
 
-def test_validation_split(builtin_docs: list[str], smollm2_tokenizer) -> None:
+def test_held_out_split(builtin_docs: list[str], smollm2_tokenizer) -> None:
     kw = dict(val_fraction=0.25, seed=7)
     train = pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split="train", **kw)
-    val = pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split="validation", **kw)
+    val = pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split="held_out", **kw)
     train_docs = set(train.doc_ids[train.valid].tolist())
     val_docs = set(val.doc_ids[val.valid].tolist())
     assert not train_docs & val_docs and train_docs | val_docs == set(range(79))
     assert 8 <= len(val_docs) <= 35
     assert (train.docs, train.held_out_docs) == (len(train_docs), len(val_docs))
     assert not set(train.sample_ids) & set(val.sample_ids)
-    again = pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split="validation", **kw)
+    again = pack_file(builtin_docs, smollm2_tokenizer, 128, KEY, split="held_out", **kw)
     np.testing.assert_array_equal(again.input_ids, val.input_ids)
     # Content, not position, decides: reversing the documents keeps each one's side.
-    rev = pack_file(builtin_docs[::-1], smollm2_tokenizer, 128, KEY, split="validation", **kw)
+    rev = pack_file(builtin_docs[::-1], smollm2_tokenizer, 128, KEY, split="held_out", **kw)
     assert {78 - i for i in rev.doc_ids[rev.valid].tolist()} == val_docs
     assert is_validation("x", 1.0) and not is_validation("x", 0.0)
     picks = [is_validation(d, 0.25, seed=1) for d in builtin_docs]

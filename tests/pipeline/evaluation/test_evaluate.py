@@ -77,6 +77,21 @@ def test_heldout_rows_are_the_validation_documents(store):
     assert heldout_rows(reader, store_tokenizer(reader), 40).input_ids.shape[0] == 2  # ceil(40 / 32)
 
 
+def test_validation_and_test_rows_divide_the_held_out_documents(store, tiny_teacher_dir, tmp_path):
+    reader = StoreReader(store)
+    tok = store_tokenizer(reader)
+    docs = {s: set(heldout_rows(reader, tok, 10_000, s).doc_ids.ravel().tolist()) - {-1}
+            for s in ("validation", "test", "held_out")}
+    assert docs["validation"] and docs["test"] and not docs["validation"] & docs["test"]
+    assert docs["validation"] | docs["test"] == docs["held_out"]  # one blank-line block per document here
+    with pytest.raises(EvalError, match="evaluation split 'train'"):
+        heldout_rows(reader, tok, 10_000, "train")
+    result = evaluate(_cfg(store, tmp_path, tiny_teacher_dir, {"same": str(tiny_teacher_dir)}, split="test",
+                           generation=None), progress=None)
+    assert result["split"] == "test"
+    assert result["heldout_rows"] == len(heldout_rows(reader, tok, 256, "test").input_ids)
+
+
 def test_student_identical_to_teacher_has_kl_zero_and_agreement_one(store, tiny_teacher_dir, tmp_path):
     result = evaluate(_cfg(store, tmp_path, tiny_teacher_dir, {"same": str(tiny_teacher_dir)}), progress=None)
     same, teacher = result["models"]["same"], result["models"][TEACHER]

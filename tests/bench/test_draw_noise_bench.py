@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from bench_modules import load_bench
 
-
-def _draw_noise():
-    return load_bench("draw_noise")
+from bench import draw_noise as bench
 
 
 def _probs(positions: int = 48, vocab: int = 40) -> torch.Tensor:
@@ -19,7 +16,6 @@ def _probs(positions: int = 48, vocab: int = 40) -> torch.Tensor:
 
 
 def test_exact_tables_match_monte_carlo_and_sorting_keeps_marginals():
-    bench = _draw_noise()
     probs, n, repeats = _probs(), 6, 4000
     distinct, error = bench.systematic_tables(probs, 8)
     generator = torch.Generator().manual_seed(0)
@@ -41,7 +37,6 @@ def test_exact_tables_match_monte_carlo_and_sorting_keeps_marginals():
 
 
 def test_allocations_stay_within_fixed_budget():
-    bench = _draw_noise()
     distinct, error = bench.systematic_tables(_probs(), 64)
     per_token, optimal = bench.allocations(distinct, error, 6)
     budget = distinct[:, 5].mean()

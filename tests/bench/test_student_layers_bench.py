@@ -3,7 +3,6 @@ step, drops the layer whose removal gives the lowest perplexity (checked against
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,16 +11,8 @@ import numpy as np
 import torch
 from short_docs import cache_short_docs, write_short_docs
 
+from bench import student_layers
 from kdstore.reader import StoreReader
-
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "student_layers.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("student_layers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ppl_without(folder: Path, keep: list[int], ids: torch.Tensor) -> float:
@@ -38,7 +29,7 @@ def _ppl_without(folder: Path, keep: list[int], ids: torch.Tensor) -> float:
 def test_greedy_removal_drops_the_cheapest_layer_each_step(tmp_path, smollm2_tokenizer, make_tiny_teacher, capsys):
     teacher = make_tiny_teacher(tmp_path / "teacher4", smollm2_tokenizer, seed=3, num_hidden_layers=5)
     store = cache_short_docs(tmp_path / "store", teacher, write_short_docs(tmp_path))
-    assert _bench().main(["--store", str(store), "--teacher", str(teacher), "--keep", "3", "--rows", "2"]) == 0
+    assert student_layers.main(["--store", str(store), "--teacher", str(teacher), "--keep", "3", "--rows", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     reader = StoreReader(str(store))
     ids = torch.from_numpy(reader.read_shard(reader.shard_ids()[0], ["input_ids"])["input_ids"][:2].astype(np.int64))

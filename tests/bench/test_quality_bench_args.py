@@ -1,19 +1,15 @@
-"""`bench/quality.py --variant NAME:BASE:JSON`: a sweep point is the base method with its first
+"""`python -m bench.quality --variant NAME:BASE:JSON`: a sweep point is the base method with its first
 loss's config merged (or its losses replaced by a JSON list); bad ones are refused with one line
 before any method trains."""
 
 from __future__ import annotations
 
 import pytest
-from bench_modules import load_bench
 
-
-def _quality():
-    return load_bench("quality")
+from bench import quality, quality_report
 
 
 def test_variant_merges_into_the_base_loss_and_refuses_bad_ones():
-    quality = _quality()
     table = quality.methods(quality.PRESETS["cpu"])
     name, base, losses = quality.parse_variant('warm:cross_tokenizer_cma:{"projector_warmup_steps": 52}', table)
     assert (name, base, losses) == ("warm", "cross_tokenizer_cma", [{"name": "dskd_cma", "t2s_weight": 0.0,
@@ -30,17 +26,15 @@ def test_variant_merges_into_the_base_loss_and_refuses_bad_ones():
 def test_convergence_figures_of_a_curve():
     """The CE curve of the 2026-12-02 run: 5.0 % over the last quarter, and a 13.7 % rise at the
     start of epoch 2 (overfitting); a falling curve has no rise."""
-    quality = _quality()
     curve = [[0, 7186.5], [26624, 282.1], [53248, 197.2], [80896, 131.8], [107264, 113.0], [133888, 128.5],
              [161536, 118.4], [188160, 115.6], [214528, 112.5]]
-    assert abs(quality.quarter_improvement(curve) - (118.4 - 112.5) / 118.4) < 1e-12
-    rise, before, after = quality.largest_rise(curve)
+    assert abs(quality_report.quarter_improvement(curve) - (118.4 - 112.5) / 118.4) < 1e-12
+    rise, before, after = quality_report.largest_rise(curve)
     assert (before, after) == (107264, 133888) and abs(rise - 15.5 / 113.0) < 1e-12
-    assert quality.largest_rise([[0, 9.0], [1, 5.0], [2, 4.0]]) is None
+    assert quality_report.largest_rise([[0, 9.0], [1, 5.0], [2, 4.0]]) is None
 
 
 def test_draws_sweep_adds_a_store_and_a_method_and_refuses_bad_pairs():
-    quality = _quality()
     preset = quality.PRESETS["cpu"]
     table = quality.methods(preset)
     name, sampled = quality.draws_method("48:systematic", table)
