@@ -14,6 +14,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kdstore.digest import digest_file
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, StoreError
 from kdstore.fields import fields_for_spec
 from kdstore.location import Location
@@ -32,11 +33,10 @@ from kdstore.records import (
     read_commit,
     read_store_meta,
     read_teacher_record,
-    sha256_of,
 )
 from kdstore.spec import fingerprint as spec_fingerprint
 
-CHECKS = ("hash", "size")
+CHECKS = ("hash", "size", "record")  # record: the commit record alone, no file of the shard read or listed
 
 
 @dataclass(frozen=True)
@@ -98,15 +98,16 @@ def check_shard(
         )
     if record.shard_id != shard_id:
         problems.append(Problem(shard_id, COMMIT_JSON, f"records shard id {record.shard_id!r}"))
-    problems += [Problem(shard_id, rel, message)
-                 for rel, message in check_listed_files(location, (SHARDS_DIR, shard_id), record.files, check)]
+    if check != "record":
+        problems += [Problem(shard_id, rel, message)
+                     for rel, message in check_listed_files(location, (SHARDS_DIR, shard_id), record.files, check)]
     return problems, record
 
 
 def check_listed_files(location: Location, folder: tuple[str, ...], files: Mapping[str, FileRecord],
                        check: str) -> list[tuple[str, str]]:
     """(file, problem) for each file a commit record lists that is missing, of another size or
-    (check "hash") another sha256, and for each file in the folder that it does not list."""
+    (check "hash") another digest, and for each file in the folder that it does not list."""
     commit = f"{TEACHER_DIR}/{COMMIT_JSON}" if folder == (TEACHER_DIR,) else COMMIT_JSON
     on_disk = location.walk_files(*folder)
     on_disk.pop(COMMIT_JSON, None)
@@ -118,9 +119,9 @@ def check_listed_files(location: Location, folder: tuple[str, ...], files: Mappi
         elif size != expected.bytes:
             found.append((rel, f"{size} bytes, {commit} says {expected.bytes} (this file or {commit} truncated or altered)"))
         elif check == "hash":
-            actual = sha256_of(location.fs.open, location.path(*folder, rel))
-            if actual != expected.sha256:
-                found.append((rel, f"sha256 {actual[:16]}… differs from {commit}'s {expected.sha256[:16]}… "
+            actual = digest_file(location.fs.open, location.path(*folder, rel), expected.algorithm)
+            if actual != expected.digest:
+                found.append((rel, f"{expected.algorithm} {actual[:16]}… differs from {commit}'s {expected.digest[:16]}… "
                                    f"(this file or {commit} altered)"))
     return found + [(rel, f"not listed in {commit}") for rel in sorted(on_disk)]
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
+from kdstore.digest import digest_file
 from kdstore.errors import FingerprintMismatchError, ShardDataError, StoreError
 from kdstore.fields import check_rows, fields_for_spec
 from kdstore.location import Location
@@ -41,7 +42,6 @@ from kdstore.records import (
     TeacherRecord,
     json_bytes,
     read_store_meta,
-    sha256_of,
 )
 from kdstore.shard_io import write_shard_files
 from kdstore.spec import Provenance, StoreSpec, canonical_json
@@ -140,7 +140,7 @@ class StoreWriter:
         files = {}
         for path in sorted(p for p in stage.rglob("*") if p.is_file()):
             _fsync(path)
-            files[path.relative_to(stage).as_posix()] = FileRecord(path.stat().st_size, sha256_of(open, str(path)))
+            files[path.relative_to(stage).as_posix()] = FileRecord(path.stat().st_size, digest_file(open, str(path)))
         valid = np.asarray(rows["valid"], dtype=bool)
         stats: dict[str, float] = {}
         if "topk_tail" in rows:
@@ -226,7 +226,7 @@ class StoreWriter:
     def commit_teacher(self) -> str:
         """Hash every file of teacher/ into teacher/COMMIT.json (written last: the marker that
         teacher/ is complete, and the checklist `verify` re-hashes)."""
-        files = {rel: FileRecord(size, sha256_of(self.location.fs.open, self.location.path(TEACHER_DIR, rel)))
+        files = {rel: FileRecord(size, digest_file(self.location.fs.open, self.location.path(TEACHER_DIR, rel)))
                  for rel, size in sorted(self.location.walk_files(TEACHER_DIR).items()) if rel != COMMIT_JSON}
         record = TeacherRecord(self.meta.fingerprint, files)
         self.location.write_bytes(json_bytes(record.to_json(), COMMIT_JSON_INDENT), TEACHER_DIR, COMMIT_JSON)

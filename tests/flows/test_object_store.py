@@ -80,9 +80,9 @@ def _config(store: str, teacher: Path, **over) -> dict:
 
 
 def _commits(url: str) -> dict[str, dict]:
-    """Shard id → the files of its commit record (size + sha256 of every file)."""
+    """Shard id → the files of its commit record (size + digest of every file)."""
     reader = StoreReader(url)
-    return {sid: {k: (v.bytes, v.sha256) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
+    return {sid: {k: (v.bytes, v.digest) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
 
 
 @pytest.mark.slow
