@@ -217,12 +217,19 @@ def json_bytes(data: Mapping[str, Any], indent: int) -> bytes:
 
 def read_commit(location: Location, shard_id: str) -> CommitRecord:
     """The commit record of one shard; CorruptShardError naming the file when unreadable."""
-    path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
     try:
-        return CommitRecord.from_json(json.loads(location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)))
+        raw = location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)
     except FileNotFoundError:
+        path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
         raise CorruptShardError(f"shard {shard_id}: {path} is missing (shard not committed)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    return parse_commit(raw, location, shard_id)
+
+
+def parse_commit(raw: bytes, location: Location, shard_id: str) -> CommitRecord:
+    try:
+        return CommitRecord.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
         raise CorruptShardError(f"shard {shard_id}: {path} is not a valid commit record ({exc!r})") from exc
 
 

@@ -30,6 +30,7 @@ from kdstore.reader import StoreReader
 
 WORKER_KEY = "_kd_worker"
 POSITION_KEY = "_kd_position"
+SKIPPED_KEY = "_kd_skipped"  # corrupt shards a worker skipped since its last batch: {shard id: reason}
 
 
 class KDStream(IterableDataset):
@@ -87,6 +88,8 @@ class KDStream(IterableDataset):
         self.epoch = 0
         self.num_workers = 1
         self._consumed: dict[int, int] = {}
+        self.skipped: dict[str, str] = {}  # on_corrupt="skip": shard id -> why (for the run's summary)
+        self._unreported: dict[str, str] = {}  # skipped in a worker process, not yet sent with a batch
 
     # ------------------------------------------------------------ order
 
@@ -147,7 +150,12 @@ class KDStream(IterableDataset):
                 continue
             batch[WORKER_KEY] = torch.tensor(worker)
             batch[POSITION_KEY] = torch.tensor(position)
+            if self._unreported:
+                batch[SKIPPED_KEY], self._unreported = self._unreported, {}
             yield batch
+        if self._unreported:  # skips after a worker's last batch still reach the loader
+            yield {SKIPPED_KEY: self._unreported}
+            self._unreported = {}
         if get_worker_info() is None:
             self._next_epoch()
 
@@ -161,6 +169,9 @@ class KDStream(IterableDataset):
             if self.on_corrupt == "raise":
                 raise
             warnings.warn(f"skipping corrupt shard ({exc})", stacklevel=2)
+            self.skipped[self.shards[shard]] = str(exc)
+            if get_worker_info() is not None:
+                self._unreported[self.shards[shard]] = str(exc)
             return None
 
     def _next_epoch(self) -> None:
@@ -174,9 +185,6 @@ class KDStream(IterableDataset):
                 f"KDStream state was saved with {expected} rank×worker streams, this run has {total}: "
                 "resume with the same world size and num_workers"
             )
-
-    def rows_per_epoch(self) -> int:
-        return int(self.shard_rows.sum())
 
     # ------------------------------------------------------------ state
 
@@ -242,6 +250,9 @@ class KDLoader:
             multiprocessing_context=self.multiprocessing_context,
         )
         for batch in loader:
+            self.stream.skipped.update(batch.pop(SKIPPED_KEY, {}))
+            if WORKER_KEY not in batch:  # a worker's last word: shards it skipped, no rows
+                continue
             worker = int(batch.pop(WORKER_KEY))
             self.stream._consumed[worker] = int(batch.pop(POSITION_KEY))
             yield batch

@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 from transformers import Trainer
 
 from kdstore.reader import StoreReader
-from kdstore.torch_stream import POSITION_KEY, WORKER_KEY, KDStream
+from kdstore.torch_stream import POSITION_KEY, SKIPPED_KEY, WORKER_KEY, KDStream
 from pipeline.train.losses import (
     LossConfigError,
     StoreInfo,
@@ -67,6 +67,9 @@ class StoreRows(IterableDataset):
         for block in self.stream:
             block.pop(WORKER_KEY, None)
             block.pop(POSITION_KEY, None)
+            block.pop(SKIPPED_KEY, None)
+            if "sample_id" not in block:  # a worker's skip report, no rows
+                continue
             for i in range(len(block["sample_id"])):
                 yield {name: value[i] for name, value in block.items()}
 

@@ -322,6 +322,7 @@ def test_corrupt_shard_skipped(store, tiny_teacher_dir, tmp_path):
     with pytest.warns(UserWarning, match=f"skipping corrupt shard.*{shard}"):
         result = train(_cfg(copy, out, tiny_teacher_dir, steps=5, on_corrupt_shard="skip"), progress=False)
     assert result["steps"] == 5 and (out / "model").is_dir()
+    assert result["corrupt_shards_skipped"] == 1 and "topk_logp.arrow" in result["corrupt_shards"][shard]
     bad = {int(x) for x in StoreReader(str(store)).read_shard(shard, ["sample_id"])["sample_id"]}
     seen = {i for e in _log(out) for i in e["sample_ids"]}
     assert seen and not seen & bad
