@@ -52,12 +52,12 @@ class StoreRows(IterableDataset):
     """The rows of a store, one dict of tensors per row, in `KDStream` order (see the module doc)."""
 
     def __init__(self, store: str | StoreReader, fields: Sequence[str], *, seed: int = 0, shuffle: bool = True,
-                 buffer_rows: int = 256, block_rows: int = 64):
+                 buffer_rows: int = 256, block_rows: int = 64, on_corrupt: str = "raise"):
         super().__init__()
         names = list(dict.fromkeys(["input_ids", "valid", *fields]))
         # rows are decoded block_rows at a time; the order does not depend on the block size
         self.stream = KDStream(store, names, block_rows, seed=seed, shuffle=shuffle, buffer_rows=buffer_rows,
-                               rank=0, world_size=1)
+                               rank=0, world_size=1, on_corrupt=on_corrupt)
 
     @property
     def fields(self) -> list[str]:
