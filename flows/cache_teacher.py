@@ -39,10 +39,10 @@ def cache_shard_task(config: CacheConfig, plan: ShardPlan) -> dict[str, Any]:
 
 
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def cache_teacher_flow(config: dict[str, Any]) -> dict[str, Any]:
+def cache_teacher_flow(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
-    pass_plan = prepare_pass(cfg)
+    pass_plan = prepare_pass(cfg, force=force)
     pass_started = time.perf_counter()  # the rate counts the pass, not the one-time set-up
     futures = [cache_shard_task.submit(cfg, p) for p in pass_plan.todo]
     computed = [r for r in (f.result() for f in futures) if not r["skipped"]]
@@ -87,12 +87,13 @@ def prefect_api_url() -> str:
     return server.api_url
 
 
-def cache_teacher(config: dict[str, Any]) -> dict[str, Any]:
-    """Run the flow with the task runner the config asks for."""
+def cache_teacher(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """Run the flow with the task runner the config asks for (`force`: start even when the disk
+    looks too small for the plan)."""
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
     check_cluster_api(cfg)
     flow_ = cache_teacher_flow.with_options(task_runner=task_runner_for(cfg))
-    return flow_(cfg.model_dump())
+    return flow_(cfg.model_dump(), force=force)
 
 
 def check_cluster_api(cfg: CacheConfig) -> None:

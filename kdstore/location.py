@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class Location:
         protocol = text.split("://", 1)[0] if "://" in text else "file"
         options = {"use_listings_cache": False} if protocol in _LISTING_CACHED else {}
         fs, root = fsspec.core.url_to_fs(text, **options)
+        if isinstance(fs, LocalFileSystem) and os.path.isfile(root):
+            raise StoreError(f"store {text!r} is a file, not a folder: name a new folder or an existing store")
         return cls(fs=fs, root=root.rstrip("/") or "/", url=text)
 
     @property
@@ -79,6 +82,15 @@ class Location:
             os.replace(tmp, target)
         else:
             self.fs.pipe_file(target, data)
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the disk that holds (or will hold) a local store; None for object stores."""
+        if not self.is_local:
+            return None
+        path = Path(self.root)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
 
     def list_dirs(self, *parts: str) -> list[str]:
         """Names of the sub-directories (empty list when the directory does not exist)."""
