@@ -170,7 +170,7 @@ def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = p
     plans = plan_shards(config, teacher.tokenizer)
     todo = [p for p in plans if writer.committed(p.shard_id) is None]
     if not force:
-        check_free_space(writer, todo, config.row_length)
+        check_free_space(writer, todo, config.row_length, teacher)
     write_teacher_files(writer, teacher, plans[0].rows if plans else None, config.teacher.batch_size)
     retired = retire_stale_shards(writer, plans)
     if progress:
@@ -178,19 +178,23 @@ def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = p
     return PassPlan(teacher, writer, plans, todo, retired)
 
 
-def check_free_space(writer: StoreWriter, todo: list[ShardPlan], row_length: int) -> None:
-    """Refuse a pass whose shards still to compute need more than the store's disk has free, by
-    `kdcache plan`'s estimate (object stores: no check)."""
+def check_free_space(writer: StoreWriter, todo: list[ShardPlan], row_length: int, teacher: Teacher) -> None:
+    """Refuse a pass whose shards still to compute (by `kdcache plan`'s estimate), plus the
+    teacher's head and embeddings when teacher/ is not written yet, need more than the store's
+    disk has free (object stores: no check)."""
     free = writer.location.free_bytes()
     if free is None or not todo:
         return
     tokens = sum(p.rows.num_rows for p in todo) * row_length
     needed = int(sum(field_bytes_per_token(writer.meta.spec)[1].values()) * tokens)
+    if not writer.teacher_committed():  # float16 head (+ input embeddings when untied)
+        tables = 1 if teacher.facts["tied_embeddings"] else 2
+        needed += 2 * tables * teacher.model.get_output_embeddings().weight.numel()
     if needed > free:
         raise NotEnoughSpaceError(
-            f"store {writer.location.url!r}: the {len(todo)} shard(s) to compute need about {needed:,} bytes "
-            f"(`kdcache plan`'s estimate), the disk has {free:,} free: free space or choose another store "
-            "(`--force` starts anyway; a full disk then stops the pass with committed shards kept)")
+            f"store {writer.location.url!r}: the pass needs about {needed:,} bytes ({len(todo)} shard(s) by "
+            f"`kdcache plan`'s estimate, and teacher/), the disk has {free:,} free: free space or choose another "
+            "store (`--force` starts anyway; a full disk then stops the pass, committed shards kept)")
 
 
 def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = print,
