@@ -129,7 +129,8 @@ class KDStream(IterableDataset):
         order = self.worker_order(self.epoch, worker, total)
         position = self._consumed.get(worker, 0)
         remaining = np.bincount(order[position:, 0], minlength=len(self.shards))
-        cache: dict[int, dict[str, np.ndarray]] = {}
+        cache: dict[int, dict[str, np.ndarray] | None] = {}
+        rowmap: dict[int, np.ndarray] = {}  # compacted shards: shard row -> position in the cached arrays
         while position < len(order):
             stop = min(position + self.batch_size, len(order))
             if self.drop_last and stop - position < self.batch_size:
@@ -139,11 +140,14 @@ class KDStream(IterableDataset):
                 if shard not in cache:
                     cache[shard] = self._load(shard)
             kept = chunk[[cache[s] is not None for s in chunk[:, 0]]]  # rows of skipped corrupt shards drop out
-            batch = _gather(cache, kept, self.fields) if len(kept) else None
+            batch = _gather(cache, rowmap, kept, self.fields) if len(kept) else None
             for shard, count in zip(*np.unique(chunk[:, 0], return_counts=True), strict=True):
                 remaining[shard] -= count
                 if remaining[shard] == 0:
                     cache.pop(shard, None)
+                    rowmap.pop(shard, None)
+                elif cache[shard] is not None:
+                    self._compact(cache, rowmap, int(shard), order[stop:], int(remaining[shard]))
             position = stop
             self._consumed[worker] = position
             if batch is None:
@@ -158,6 +162,20 @@ class KDStream(IterableDataset):
             self._unreported = {}
         if get_worker_info() is None:
             self._next_epoch()
+
+    def _compact(self, cache: dict, rowmap: dict[int, np.ndarray], shard: int, rest: np.ndarray, left: int) -> None:
+        """Keep only the rows of a cached shard still to come once they are a quarter of what it
+        holds: rows linger in the shuffle buffer, and whole decoded shards held for a few of them
+        would make memory grow with the number of shards the buffer spans."""
+        held = len(next(iter(cache[shard].values())))
+        if held < 64 or left * 4 > held:
+            return
+        rows = np.unique(rest[rest[:, 0] == shard, 1])
+        local = rowmap[shard][rows] if shard in rowmap else rows
+        cache[shard] = {name: value[local] for name, value in cache[shard].items()}
+        positions = np.full(int(self.shard_rows[shard]), -1, dtype=np.int64)
+        positions[rows] = np.arange(len(rows))
+        rowmap[shard] = positions
 
     def _load(self, shard: int) -> dict[str, np.ndarray] | None:
         try:
@@ -281,7 +299,8 @@ def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.nd
     return out
 
 
-def _gather(cache: dict[int, dict[str, np.ndarray]], chunk: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+def _gather(cache: dict[int, dict[str, np.ndarray]], rowmap: dict[int, np.ndarray], chunk: np.ndarray,
+            fields: Sequence[str]) -> dict[str, torch.Tensor]:
     shards = chunk[:, 0]
     out = {}
     for name in fields:
@@ -289,6 +308,7 @@ def _gather(cache: dict[int, dict[str, np.ndarray]], chunk: np.ndarray, fields: 
         dest = np.empty((len(chunk), *first.shape[1:]), dtype=first.dtype)
         for shard in np.unique(shards):
             mask = shards == shard
-            dest[mask] = cache[shard][name][chunk[mask, 1]]
+            rows = chunk[mask, 1]
+            dest[mask] = cache[shard][name][rowmap[shard][rows] if shard in rowmap else rows]
         out[name] = dest.tolist() if dest.dtype == object else torch.from_numpy(dest)  # text: a list of str
     return out

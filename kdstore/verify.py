@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kdstore.digest import digest_file
+from kdstore.digest import digest_file, digest_local
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, StoreError
 from kdstore.fields import fields_for_spec
 from kdstore.location import Location
@@ -122,7 +122,9 @@ def check_listed_files(location: Location, folder: tuple[str, ...], files: Mappi
         elif size != expected.bytes:
             found.append((rel, f"{size} bytes, {commit} says {expected.bytes} (this file or {commit} truncated or altered)"))
         elif check == "hash":
-            actual = digest_file(location.fs.open, location.path(*folder, rel), expected.algorithm)
+            path = location.path(*folder, rel)
+            actual = (digest_local(path, expected.algorithm) if location.is_local
+                      else digest_file(location.fs.open, path, expected.algorithm))
             if actual != expected.digest:
                 found.append((rel, f"{expected.algorithm} {actual[:16]}… differs from {commit}'s {expected.digest[:16]}… "
                                    f"(this file or {commit} altered)"))
