@@ -15,7 +15,8 @@ Measures (one row each in the table; the JSON last line carries them and the tar
 - KDStream tokens/s per core (CPU time) over a whole epoch, verification on (first reads hash
   every file) and off (verdicts already cached, so nothing is hashed), each in a fresh process;
 - time to the first training batch (structural check + stream + first batch) against a one-shard
-  store; the reader's peak RSS over an epoch against a store a tenth the size.
+  store; the reader's peak RSS over an epoch against a store a tenth the size (at least the
+  shards the shuffle buffer spans, so both are at steady state).
 
     python -m bench.scale                   # 10^8 tokens (about 1.7 GB, a few minutes)
     python -m bench.scale --tokens 2000000  # a smoke run
@@ -42,6 +43,7 @@ from kdstore.spec import Provenance, SampledSpec, StoreSpec
 VOCAB = 151_936
 DRAWS = 12
 POOL = 4  # distinct synthetic shards, cycled under new sample ids
+BUFFER_ROWS = 1024  # KDStream's shuffle buffer (its default, and the trainer's)
 TARGETS = {"verify_vs_cat": 1.5, "stream_verify_vs_off": 0.9, "tokens_per_s_per_core": 1e6,
            "first_batch_vs_one_shard": 2.0, "rss_big_vs_small": 1.10, "wall_s": 600}
 
@@ -169,7 +171,7 @@ def child(args: argparse.Namespace) -> None:
         cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     assert check_structure(args.child).ok
     stream = KDStream(args.child, ["input_ids", "valid", "draw_ids", "draw_counts"], args.batch_size, seed=0,
-                      rank=0, world_size=1)
+                      buffer_rows=BUFFER_ROWS, rank=0, world_size=1)
     first, tokens = None, 0
     for batch in stream:
         if first is None:
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(big, ignore_errors=True)
         log(f"writing {int(args.tokens):,} tokens to {big}", "scale")
         written = build(big, int(args.tokens), args.row_length, args.shard_rows)
-        small_shards = max(1, written["shards"] // 10)
+        # a tenth of the store, but past what the shuffle buffer spans (else it is not steady state)
+        span = -(-4 * BUFFER_ROWS // args.shard_rows) + 1
+        small_shards = min(written["shards"], max(written["shards"] // 10, span))
         for name in ("small", "one"):
             shutil.rmtree(work / name, ignore_errors=True)
         small = sub_store(big, work / "small", small_shards)

@@ -164,11 +164,12 @@ class KDStream(IterableDataset):
             self._next_epoch()
 
     def _compact(self, cache: dict, rowmap: dict[int, np.ndarray], shard: int, rest: np.ndarray, left: int) -> None:
-        """Keep only the rows of a cached shard still to come once they are a quarter of what it
+        """Keep only the rows of a cached shard still to come once they are half of what it
         holds: rows linger in the shuffle buffer, and whole decoded shards held for a few of them
-        would make memory grow with the number of shards the buffer spans."""
+        would make memory grow with the number of shards the buffer spans (held rows stay under
+        about twice those still to come, whatever the store's size)."""
         held = len(next(iter(cache[shard].values())))
-        if held < 64 or left * 4 > held:
+        if held < 64 or left * 2 > held:
             return
         rows = np.unique(rest[rest[:, 0] == shard, 1])
         local = rowmap[shard][rows] if shard in rowmap else rows
