@@ -136,7 +136,9 @@ class CommitRecord:
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, checksum: str | None = None) -> dict[str, Any]:
+        """The record as written; `checksum`: one already checked against it (from_json does),
+        so it is not computed again."""
         body = {
             "shard_id": self.shard_id,
             "fingerprint": self.fingerprint,
@@ -151,7 +153,7 @@ class CommitRecord:
             "meta": dict(self.meta),
             "created_at": self.created_at,
         }
-        return {**body, RECORD_SHA256: record_checksum(body)}
+        return {**body, RECORD_SHA256: checksum or record_checksum(body)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CommitRecord:

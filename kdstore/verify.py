@@ -10,6 +10,7 @@ teacher/ against teacher/COMMIT.json. A file that belongs to none of these is na
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from kdstore.reader import StoreReader
 from kdstore.records import (
     COMMIT_JSON,
     COMMIT_JSON_INDENT,
+    RECORD_SHA256,
     SHARDS_DIR,
     STORE_JSON,
     STORE_JSON_INDENT,
@@ -93,7 +95,7 @@ def check_shard(
     except CorruptShardError as exc:
         return [Problem(shard_id, COMMIT_JSON, str(exc))], None
     problems = []
-    if raw != json_bytes(record.to_json(), COMMIT_JSON_INDENT):
+    if raw != json_bytes(record.to_json(checksum=json.loads(raw).get(RECORD_SHA256)), COMMIT_JSON_INDENT):
         problems.append(Problem(shard_id, COMMIT_JSON, "its bytes differ from the record they parse to (altered)"))
     if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(

@@ -217,3 +217,20 @@ def test_every_alteration_of_a_commit_record_is_caught_before_training(full_stor
         _alter(copy / "shards" / "s0" / "COMMIT.json", how, rng)
         report = check_structure(str(copy))
         assert [(p.shard, p.file) for p in report.problems] == [("s0", "COMMIT.json")], (how, report.problems)
+
+
+def test_the_structural_check_reads_no_payload(full_store, tmp_path):
+    """An altered payload byte passes the check before training (it is caught when read); a
+    shard folder without its commit record does not."""
+    from kdstore.verify import check_structure
+
+    copy = tmp_path / "s"
+    shutil.copytree(full_store, copy)
+    assert check_structure(str(copy)).ok and check_structure(str(copy)).shards_checked == 2
+    _alter(copy / "shards" / "s1" / "topk_ids.arrow", "flip", np.random.default_rng(0))
+    assert check_structure(str(copy)).ok
+    with pytest.raises(CorruptShardError, match="shard s1, file topk_ids.arrow"):
+        StoreReader(str(copy)).read_shard("s1", ["topk_ids"])
+    (copy / "shards" / "s0" / "COMMIT.json").unlink()
+    report = check_structure(str(copy))
+    assert [(p.shard, p.file) for p in report.problems] == [("s0", "COMMIT.json")]
