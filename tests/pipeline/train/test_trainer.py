@@ -548,3 +548,29 @@ def test_every_alteration_of_every_file_the_trainer_reads_is_skipped(store, tiny
     assert result["steps"] == steps and all(math.isfinite(e["loss"]) for e in _log(out))
     assert set(result["corrupt_shards"]) == set(altered) and result["corrupt_shards_skipped"] == len(altered) >= 20
     assert all(f"shard {s}, file {altered[s]}" in why for s, why in result["corrupt_shards"].items())
+
+
+@pytest.mark.slow
+def test_the_issue_cases_stop_with_one_line_naming_the_file(store, tiny_teacher_dir, tmp_path, capsys):
+    """One bit flipped in one file of every shard (tokens, topk_ids, topk_tail, topk_logp at 30, 60
+    and 90 % of the file), then `kdcache train --no-flow`: every case stops before step 1 with
+    exit 2 and one line naming store, shard and file; none trains on."""
+    import yaml
+
+    from flows.cli import main
+
+    for name in ("tokens", "topk_ids", "topk_tail", "topk_logp"):
+        for at in (0.3, 0.6, 0.9):
+            copy = tmp_path / f"{name}-{at}"
+            shutil.copytree(store, copy / "store")
+            for target in (copy / "store" / "shards").glob(f"*/{name}.arrow"):
+                data = bytearray(target.read_bytes())
+                data[int(len(data) * at)] ^= 0x04
+                target.write_bytes(bytes(data))
+            config = copy / "train.yaml"
+            config.write_text(yaml.safe_dump(_cfg(copy / "store", copy / "run", tiny_teacher_dir, steps=4)))
+            assert main(["train", str(config), "--no-flow"]) == 2, (name, at)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"file {name}.arrow" in err and "training stopped at step 0" in err, err
+            log = copy / "run" / "train_log.jsonl"
+            assert "internal error" not in err and (not log.exists() or not log.read_text().strip())  # no step
