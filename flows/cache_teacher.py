@@ -65,11 +65,11 @@ def cache_group_task(config: CacheConfig, device: int | None, plans: list[ShardP
 
 
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def cache_teacher_flow(config: dict[str, Any]) -> dict[str, Any]:
+def cache_teacher_flow(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
     check_runner_devices(cfg)
-    pass_plan = prepare_pass(cfg)
+    pass_plan = prepare_pass(cfg, force=force)
     plans, todo, retired = pass_plan.plans, pass_plan.todo, pass_plan.retired
     if cfg.runner.kind == "processes" or cfg.runner.devices:
         del pass_plan
@@ -131,13 +131,14 @@ def prefect_api_url() -> str:
     return server.api_url
 
 
-def cache_teacher(config: dict[str, Any]) -> dict[str, Any]:
-    """Run the flow with the task runner the config asks for."""
+def cache_teacher(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """Run the flow with the task runner the config asks for (`force`: start even when the disk
+    looks too small for the plan)."""
     cfg = parse_config(config, CacheConfig, "cache-teacher config")
     check_runner_devices(cfg)
     check_cluster_api(cfg)
     flow_ = cache_teacher_flow.with_options(task_runner=task_runner_for(cfg))
-    return flow_(cfg.model_dump())
+    return flow_(cfg.model_dump(), force=force)
 
 
 def check_cluster_api(cfg: CacheConfig) -> None:

@@ -83,11 +83,11 @@ def _cache(args: argparse.Namespace) -> int:
     if args.no_flow:
         from pipeline.capture.teacher_pass import run_cache
 
-        summary = run_cache(config)
+        summary = run_cache(config, force=args.force)
     else:
         from flows.cache_teacher import cache_teacher
 
-        summary = cache_teacher(config.model_dump())
+        summary = cache_teacher(config.model_dump(), force=args.force)
     print(json.dumps(summary, indent=2) if isinstance(summary, dict) else summary)
     return 0
 
@@ -203,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
         if name == "cache":
             p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")
+            p.add_argument("--force", action="store_true",
+                           help="start even when the store's disk has less free space than the plan's estimate")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("train", help="train a student from a store (Prefect flow; refuses unverified stores)")
+    p = sub.add_parser("train", help="train a student from a store (Prefect flow; every file is checked as it is read)")
     p.add_argument("config", help="YAML train config (see configs/train_demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-flow", action="store_true", help="run as a plain function, without Prefect")

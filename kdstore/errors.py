@@ -40,6 +40,15 @@ class CorruptShardError(StoreError):
     """A committed shard has a missing, truncated or altered file."""
 
 
+class StoreWriteError(StoreError):
+    """A shard could not be written (disk full, quota, a failed upload): nothing committed was
+    touched, the staged shard is gone, and a re-run resumes where this one stopped."""
+
+
+class NotEnoughSpaceError(StoreWriteError):
+    """The disk holding a store has less free space than the pass is expected to write."""
+
+
 class StoreMismatchError(StoreError, ValueError):
     """Stores to be joined (multi-teacher) do not line up: another vocabulary, corpus, packing,
     row length or set of sample ids, or a joined row whose tokens differ."""

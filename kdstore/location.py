@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class Location:
         protocol = text.split("://", 1)[0] if "://" in text else "file"
         options = {"use_listings_cache": False} if protocol in _LISTING_CACHED else {}
         fs, root = fsspec.core.url_to_fs(text, **options)
+        if isinstance(fs, LocalFileSystem) and os.path.isfile(root):
+            raise StoreError(f"store {text!r} is a file, not a folder: name a new folder or an existing store")
         return cls(fs=fs, root=root.rstrip("/") or "/", url=text)
 
     @property
@@ -80,6 +83,15 @@ class Location:
         else:
             self.fs.pipe_file(target, data)
 
+    def free_bytes(self) -> int | None:
+        """Free bytes on the disk that holds (or will hold) a local store; None for object stores."""
+        if not self.is_local:
+            return None
+        path = Path(self.root)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
+
     def list_dirs(self, *parts: str) -> list[str]:
         """Names of the sub-directories (empty list when the directory does not exist)."""
         base = self.path(*parts)
@@ -95,6 +107,12 @@ class Location:
         """Relative path → size of every file below a directory."""
         base = self.path(*parts)
         out = {}
+        if self.is_local:  # os.walk: fsspec's find costs more than the hashing on many small shards
+            for folder, _, names in os.walk(base):
+                prefix = folder[len(base) + 1:]
+                for name in names:
+                    out[f"{prefix}/{name}" if prefix else name] = os.stat(os.path.join(folder, name)).st_size
+            return out
         for name, info in self.fs.find(base, detail=True).items():
             rel = posixpath.relpath(self.fs._strip_protocol(name), self.fs._strip_protocol(base))
             out[rel] = int(info["size"])

@@ -1,13 +1,14 @@
 """Read a store: committed shards, column projection, random access by sample id, in bulk.
 
-Everything needed to decode comes from `store.json` (field layout and codec chains). Reads
-decode whole record batches (or whole zarr shards) with vectorised numpy; a file that is
-missing, truncated or unreadable is reported as a CorruptShardError naming shard and file.
+Everything needed to decode comes from `store.json` (field layout and codec chains). Every file
+is read once into memory and checked against its shard's COMMIT.json (size and digest) before a
+byte of it is decoded, so no altered byte reaches a caller; a file that is missing, truncated,
+altered or unreadable is a CorruptShardError naming store, shard and file. Reads decode whole
+record batches (or whole zarr shards) with vectorised numpy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 import zarr
 from safetensors.numpy import load as safetensors_load
 
+from kdstore.digest import digest_bytes, file_key, known_good, remember_good
 from kdstore.errors import CorruptShardError, FingerprintMismatchError, MissingFieldError
 from kdstore.fields import ZARR, Field
 from kdstore.location import Location
@@ -108,8 +110,7 @@ class StoreReader:
                 out.update(self._read_arrow(shard_id, group, group_fields, names, record, rows))
         dense = [f for f in wanted if f.container == ZARR]
         if dense:
-            self._check_dense_files(shard_id, dense, record)
-            out.update(self._read_dense(shard_id, dense, rows))
+            out.update(self._read_dense(shard_id, dense, record, rows))
         return {f.name: out[f.name] for f in wanted}
 
     def iter_shards(self, fields: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
@@ -126,8 +127,9 @@ class StoreReader:
         rows: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
         name = arrow_file(group)
+        source = self._arrow_source(shard_id, name, record, whole=rows is None)
         try:
-            reader = pa.ipc.open_file(self._source(shard_id, name))
+            reader = pa.ipc.open_file(source)
             per_batch = self.spec.record_batch_rows
             if rows is None:
                 batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
@@ -140,61 +142,81 @@ class StoreReader:
                 local = starts[np.searchsorted(needed, np.asarray(rows) // per_batch)] + np.asarray(rows) % per_batch
                 decoded = {k: v[local] for k, v in decoded.items()}
         except (OSError, pa.ArrowException, ValueError, KeyError, IndexError) as exc:
-            raise CorruptShardError(f"shard {shard_id}, file {name}: cannot be read ({exc})") from exc
+            raise CorruptShardError(f"{self._where(shard_id, name)}: cannot be read ({exc})") from exc
         n = record.rows if rows is None else len(rows)
         for key, value in decoded.items():
             if len(value) != n:
-                raise CorruptShardError(f"shard {shard_id}, file {name}: {len(value)} rows of {key}, commit says {n}")
+                raise CorruptShardError(f"{self._where(shard_id, name)}: {len(value)} rows of {key}, commit says {n}")
         return decoded
 
-    def _source(self, shard_id: str, name: str):
-        if self.location.is_local:
-            return pa.memory_map(str(self.location.local_path(SHARDS_DIR, shard_id, name)))
-        return pa.BufferReader(self.location.read_bytes(SHARDS_DIR, shard_id, name))
+    def _where(self, shard_id: str, rel: str) -> str:
+        return f"store {self.location.url!r}, shard {shard_id}, file {rel}"
 
-    def _read_dense(self, shard_id: str, dense: list[Field], rows: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _arrow_source(self, shard_id: str, name: str, record: CommitRecord, whole: bool):
+        """A whole read: the file's bytes, checked. A row subset of a local file already checked
+        in this process: a memory map, so only the record batches asked for are read."""
+        if not whole and self.location.is_local and (expected := record.files.get(name)) is not None:
+            path = str(self.location.local_path(SHARDS_DIR, shard_id, name))
+            try:
+                if known_good(file_key(path, expected.digest, os.stat(path))):
+                    return pa.memory_map(path)
+            except OSError:
+                pass  # missing: checked_bytes names it
+        return pa.BufferReader(self.checked_bytes(shard_id, name, record))
+
+    def checked_bytes(self, shard_id: str, rel: str, record: CommitRecord | None = None) -> bytes:
+        """The bytes of one file of a shard, read once and checked against the shard's
+        COMMIT.json (size, then digest) before anything decodes them (see `kdstore.digest`)."""
+        record = record or self.record(shard_id)
+        expected = record.files.get(rel)
+        where = self._where(shard_id, rel)
+        if expected is None:
+            raise CorruptShardError(f"{where}: not listed in the shard's {COMMIT_JSON}")
+        path = self.location.path(SHARDS_DIR, shard_id, rel)
         try:
-            group = zarr.open_group(self._zarr_store(shard_id), mode="r", zarr_format=3)
+            if self.location.is_local:
+                stat = os.stat(path)
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            else:
+                stat, data = None, self.location.read_bytes(SHARDS_DIR, shard_id, rel)
+        except FileNotFoundError:
+            raise CorruptShardError(f"{where}: missing (run `kdcache verify`)") from None
+        except OSError as exc:
+            raise CorruptShardError(f"{where}: cannot be read ({exc})") from exc
+        if len(data) != expected.bytes:
+            raise CorruptShardError(f"{where}: {len(data)} bytes, its {COMMIT_JSON} says {expected.bytes} "
+                                    "(truncated or altered; run `kdcache verify`)")
+        key = file_key(path, expected.digest, stat)
+        if not known_good(key):
+            actual = digest_bytes(expected.algorithm, data)
+            if actual != expected.digest:
+                raise CorruptShardError(f"{where}: {expected.algorithm} {actual[:16]}… differs from its "
+                                        f"{COMMIT_JSON}'s {expected.digest[:16]}… (altered; run `kdcache verify`)")
+            remember_good(key)
+        return data
+
+    def _read_dense(
+        self, shard_id: str, dense: list[Field], record: CommitRecord, rows: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        """Every listed file of the wanted arrays (and the group's metadata) is read and checked
+        first, then zarr decodes from memory: a missing chunk never reads as fill values."""
+        from zarr.core.buffer import cpu
+
+        prefixes = tuple(f"{DENSE_DIR}/{name}/" for f in dense for name in (f.name, f"{f.name}_scale"))
+        top = f"{DENSE_DIR}/zarr.json"
+        wanted = sorted(rel for rel in record.files if rel == top or rel.startswith(prefixes))
+        if top not in wanted:
+            raise CorruptShardError(f"{self._where(shard_id, top)}: not listed in the shard's {COMMIT_JSON}")
+        data = {rel[len(DENSE_DIR) + 1:]: cpu.Buffer.from_bytes(self.checked_bytes(shard_id, rel, record))
+                for rel in wanted}
+        try:
+            group = zarr.open_group(zarr.storage.MemoryStore(data, read_only=True), mode="r", zarr_format=3)
             return {f.name: decode_dense(group, f, rows) for f in dense}
         except CorruptShardError:
             raise
         except Exception as exc:  # zarr raises many types for missing/corrupt chunks
-            raise CorruptShardError(f"shard {shard_id}, file {DENSE_DIR}: cannot be read ({exc!r})") from exc
-
-    def _check_dense_files(self, shard_id: str, dense: list[Field], record: CommitRecord) -> None:
-        """zarr reads a missing chunk file as fill values (zeros): check presence and size."""
-        prefixes = tuple(f"{DENSE_DIR}/{name}/" for f in dense for name in (f.name, f"{f.name}_scale"))
-        expected = {rel: r.bytes for rel, r in record.files.items() if rel.startswith(prefixes)}
-        if self.location.is_local:
-            sizes = {}
-            for rel in expected:
-                try:
-                    sizes[rel] = os.path.getsize(self.location.local_path(SHARDS_DIR, shard_id, rel))
-                except OSError:
-                    pass
-        else:
-            found = self.location.walk_files(SHARDS_DIR, shard_id, DENSE_DIR)
-            sizes = {f"{DENSE_DIR}/{rel}": size for rel, size in found.items()}
-        for rel, size in sorted(expected.items()):
-            if rel not in sizes:
-                raise CorruptShardError(f"shard {shard_id}, file {rel}: missing")
-            if sizes[rel] != size:
-                raise CorruptShardError(
-                    f"shard {shard_id}, file {rel}: {sizes[rel]} bytes, the commit record says {size}"
-                )
-
-    def _zarr_store(self, shard_id: str):
-        if self.location.is_local:
-            path = self.location.local_path(SHARDS_DIR, shard_id, DENSE_DIR)
-            if not path.exists():
-                raise CorruptShardError(f"shard {shard_id}, file {DENSE_DIR}: missing")
-            return zarr.storage.LocalStore(str(path), read_only=True)
-        from zarr.core.buffer import cpu
-
-        files = self.location.walk_files(SHARDS_DIR, shard_id, DENSE_DIR)
-        base = self.location.path(SHARDS_DIR, shard_id, DENSE_DIR)
-        data = {rel: cpu.Buffer.from_bytes(self.location.fs.cat_file(f"{base}/{rel}")) for rel in files}
-        return zarr.storage.MemoryStore(data, read_only=True)
+            raise CorruptShardError(f"{self._where(shard_id, DENSE_DIR)}: cannot be read ({exc!r})") from exc
 
     # ------------------------------------------------------------ random access
 
@@ -248,7 +270,7 @@ class StoreReader:
             raise CorruptShardError(f"{self.location.path(TEACHER_DIR, COMMIT_JSON)} is not a valid commit record ({exc})") from exc
         if record is not None:
             expected = record.files.get(rel)
-            if expected is None or hashlib.sha256(data).hexdigest() != expected.sha256:
+            if expected is None or digest_bytes(expected.algorithm, data) != expected.digest:
                 raise CorruptShardError(f"{path} does not match teacher/{COMMIT_JSON} (altered or truncated): "
                                         "run `kdcache verify`")
         return safetensors_load(data)

@@ -1,8 +1,9 @@
 """The two JSON records of a store: `store.json` (once per store) and `COMMIT.json` (per shard).
 
 `store.json` carries the field layout with every codec chain, so a reader decodes from the
-store alone. A shard's `COMMIT.json` names every file with its size and sha256: it is both the
-proof that the shard is complete and the checklist that `verify` re-hashes.
+store alone. A shard's `COMMIT.json` names every file with its size and digest (see
+`kdstore.digest`): it is both the proof that the shard is complete and the checklist that
+`verify` and every reader check.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdstore.digest import ALGORITHMS, WRITE_ALGORITHM
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, SpecError
 from kdstore.fields import Field, field_layout_from_json, field_layout_to_json, fields_for_spec
 from kdstore.location import Location
@@ -90,8 +92,29 @@ def read_store_meta(location: Location) -> StoreMeta:
 
 @dataclass(frozen=True)
 class FileRecord:
+    """One listed file: its size and its digest under `algorithm` (the JSON key of the digest)."""
+
     bytes: int
-    sha256: str
+    digest: str
+    algorithm: str = WRITE_ALGORITHM
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, self.algorithm: self.digest}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FileRecord:
+        found = [a for a in ALGORITHMS if a in data]
+        if len(found) != 1:
+            raise ValueError(f"a file entry needs exactly one digest of {sorted(ALGORITHMS)}, has {sorted(data)}")
+        return cls(int(data["bytes"]), str(data[found[0]]), found[0])
+
+
+def _files_json(files: Mapping[str, FileRecord]) -> dict[str, Any]:
+    return {k: v.to_json() for k, v in sorted(files.items())}
+
+
+def _files_from_json(files: Mapping[str, Any]) -> dict[str, FileRecord]:
+    return {k: FileRecord.from_json(v) for k, v in files.items()}
 
 
 @dataclass(frozen=True)
@@ -113,7 +136,9 @@ class CommitRecord:
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, checksum: str | None = None) -> dict[str, Any]:
+        """The record as written; `checksum`: one already checked against it (from_json does),
+        so it is not computed again."""
         body = {
             "shard_id": self.shard_id,
             "fingerprint": self.fingerprint,
@@ -123,12 +148,12 @@ class CommitRecord:
             "valid_tokens": self.valid_tokens,
             "sample_id_min": self.sample_id_min,
             "sample_id_max": self.sample_id_max,
-            "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in sorted(self.files.items())},
+            "files": _files_json(self.files),
             "stats": dict(self.stats),
             "meta": dict(self.meta),
             "created_at": self.created_at,
         }
-        return {**body, RECORD_SHA256: record_checksum(body)}
+        return {**body, RECORD_SHA256: checksum or record_checksum(body)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CommitRecord:
@@ -142,7 +167,7 @@ class CommitRecord:
             valid_tokens=int(data["valid_tokens"]),
             sample_id_min=int(data["sample_id_min"]),
             sample_id_max=int(data["sample_id_max"]),
-            files={k: FileRecord(int(v["bytes"]), v["sha256"]) for k, v in data["files"].items()},
+            files=_files_from_json(data["files"]),
             stats=data.get("stats", {}),
             meta=data.get("meta", {}),
             created_at=data.get("created_at", ""),
@@ -150,30 +175,22 @@ class CommitRecord:
         )
 
 
-def sha256_of(fs_open, path: str, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with fs_open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class TeacherRecord:
-    """teacher/COMMIT.json: every file of teacher/ with its size and sha256, written once, last."""
+    """teacher/COMMIT.json: every file of teacher/ with its size and digest, written once, last."""
 
     fingerprint: str
     files: Mapping[str, FileRecord]
 
     def to_json(self) -> dict[str, Any]:
         return {"format": "kdcache-teacher", "fingerprint": self.fingerprint,
-                "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in sorted(self.files.items())}}
+                "files": _files_json(self.files)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TeacherRecord:
         if data.get("format") != "kdcache-teacher":
             raise ValueError(f"format is {data.get('format')!r}, not 'kdcache-teacher'")
-        return cls(data["fingerprint"], {k: FileRecord(int(v["bytes"]), v["sha256"]) for k, v in data["files"].items()})
+        return cls(data["fingerprint"], _files_from_json(data["files"]))
 
 
 def read_teacher_record(location: Location) -> TeacherRecord | None:
@@ -202,12 +219,19 @@ def json_bytes(data: Mapping[str, Any], indent: int) -> bytes:
 
 def read_commit(location: Location, shard_id: str) -> CommitRecord:
     """The commit record of one shard; CorruptShardError naming the file when unreadable."""
-    path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
     try:
-        return CommitRecord.from_json(json.loads(location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)))
+        raw = location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)
     except FileNotFoundError:
+        path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
         raise CorruptShardError(f"shard {shard_id}: {path} is missing (shard not committed)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    return parse_commit(raw, location, shard_id)
+
+
+def parse_commit(raw: bytes, location: Location, shard_id: str) -> CommitRecord:
+    try:
+        return CommitRecord.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
         raise CorruptShardError(f"shard {shard_id}: {path} is not a valid commit record ({exc!r})") from exc
 
 

@@ -30,6 +30,7 @@ from kdstore.reader import StoreReader
 
 WORKER_KEY = "_kd_worker"
 POSITION_KEY = "_kd_position"
+SKIPPED_KEY = "_kd_skipped"  # corrupt shards a worker skipped since its last batch: {shard id: reason}
 
 
 class KDStream(IterableDataset):
@@ -87,6 +88,8 @@ class KDStream(IterableDataset):
         self.epoch = 0
         self.num_workers = 1
         self._consumed: dict[int, int] = {}
+        self.skipped: dict[str, str] = {}  # on_corrupt="skip": shard id -> why (for the run's summary)
+        self._unreported: dict[str, str] = {}  # skipped in a worker process, not yet sent with a batch
 
     # ------------------------------------------------------------ order
 
@@ -126,7 +129,8 @@ class KDStream(IterableDataset):
         order = self.worker_order(self.epoch, worker, total)
         position = self._consumed.get(worker, 0)
         remaining = np.bincount(order[position:, 0], minlength=len(self.shards))
-        cache: dict[int, dict[str, np.ndarray]] = {}
+        cache: dict[int, dict[str, np.ndarray] | None] = {}
+        rowmap: dict[int, np.ndarray] = {}  # compacted shards: shard row -> position in the cached arrays
         while position < len(order):
             stop = min(position + self.batch_size, len(order))
             if self.drop_last and stop - position < self.batch_size:
@@ -136,20 +140,43 @@ class KDStream(IterableDataset):
                 if shard not in cache:
                     cache[shard] = self._load(shard)
             kept = chunk[[cache[s] is not None for s in chunk[:, 0]]]  # rows of skipped corrupt shards drop out
-            batch = _gather(cache, kept, self.fields) if len(kept) else None
+            batch = _gather(cache, rowmap, kept, self.fields) if len(kept) else None
             for shard, count in zip(*np.unique(chunk[:, 0], return_counts=True), strict=True):
                 remaining[shard] -= count
                 if remaining[shard] == 0:
                     cache.pop(shard, None)
+                    rowmap.pop(shard, None)
+                elif cache[shard] is not None:
+                    self._compact(cache, rowmap, int(shard), order[stop:], int(remaining[shard]))
             position = stop
             self._consumed[worker] = position
             if batch is None:
                 continue
             batch[WORKER_KEY] = torch.tensor(worker)
             batch[POSITION_KEY] = torch.tensor(position)
+            if self._unreported:
+                batch[SKIPPED_KEY], self._unreported = self._unreported, {}
             yield batch
+        if self._unreported:  # skips after a worker's last batch still reach the loader
+            yield {SKIPPED_KEY: self._unreported}
+            self._unreported = {}
         if get_worker_info() is None:
             self._next_epoch()
+
+    def _compact(self, cache: dict, rowmap: dict[int, np.ndarray], shard: int, rest: np.ndarray, left: int) -> None:
+        """Keep only the rows of a cached shard still to come once they are half of what it
+        holds: rows linger in the shuffle buffer, and whole decoded shards held for a few of them
+        would make memory grow with the number of shards the buffer spans (held rows stay under
+        about twice those still to come, whatever the store's size)."""
+        held = len(next(iter(cache[shard].values())))
+        if held < 64 or left * 2 > held:
+            return
+        rows = np.unique(rest[rest[:, 0] == shard, 1])
+        local = rowmap[shard][rows] if shard in rowmap else rows
+        cache[shard] = {name: value[local] for name, value in cache[shard].items()}
+        positions = np.full(int(self.shard_rows[shard]), -1, dtype=np.int64)
+        positions[rows] = np.arange(len(rows))
+        rowmap[shard] = positions
 
     def _load(self, shard: int) -> dict[str, np.ndarray] | None:
         try:
@@ -161,6 +188,9 @@ class KDStream(IterableDataset):
             if self.on_corrupt == "raise":
                 raise
             warnings.warn(f"skipping corrupt shard ({exc})", stacklevel=2)
+            self.skipped[self.shards[shard]] = str(exc)
+            if get_worker_info() is not None:
+                self._unreported[self.shards[shard]] = str(exc)
             return None
 
     def _next_epoch(self) -> None:
@@ -174,9 +204,6 @@ class KDStream(IterableDataset):
                 f"KDStream state was saved with {expected} rank×worker streams, this run has {total}: "
                 "resume with the same world size and num_workers"
             )
-
-    def rows_per_epoch(self) -> int:
-        return int(self.shard_rows.sum())
 
     # ------------------------------------------------------------ state
 
@@ -242,6 +269,9 @@ class KDLoader:
             multiprocessing_context=self.multiprocessing_context,
         )
         for batch in loader:
+            self.stream.skipped.update(batch.pop(SKIPPED_KEY, {}))
+            if WORKER_KEY not in batch:  # a worker's last word: shards it skipped, no rows
+                continue
             worker = int(batch.pop(WORKER_KEY))
             self.stream._consumed[worker] = int(batch.pop(POSITION_KEY))
             yield batch
@@ -270,7 +300,8 @@ def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.nd
     return out
 
 
-def _gather(cache: dict[int, dict[str, np.ndarray]], chunk: np.ndarray, fields: Sequence[str]) -> dict[str, torch.Tensor]:
+def _gather(cache: dict[int, dict[str, np.ndarray]], rowmap: dict[int, np.ndarray], chunk: np.ndarray,
+            fields: Sequence[str]) -> dict[str, torch.Tensor]:
     shards = chunk[:, 0]
     out = {}
     for name in fields:
@@ -278,6 +309,7 @@ def _gather(cache: dict[int, dict[str, np.ndarray]], chunk: np.ndarray, fields: 
         dest = np.empty((len(chunk), *first.shape[1:]), dtype=first.dtype)
         for shard in np.unique(shards):
             mask = shards == shard
-            dest[mask] = cache[shard][name][chunk[mask, 1]]
+            rows = chunk[mask, 1]
+            dest[mask] = cache[shard][name][rowmap[shard][rows] if shard in rowmap else rows]
         out[name] = dest.tolist() if dest.dtype == object else torch.from_numpy(dest)  # text: a list of str
     return out

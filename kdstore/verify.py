@@ -10,10 +10,14 @@ teacher/ against teacher/COMMIT.json. A file that belongs to none of these is na
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from kdstore.digest import digest_file, digest_local
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, StoreError
 from kdstore.fields import fields_for_spec
 from kdstore.location import Location
@@ -21,6 +25,7 @@ from kdstore.reader import StoreReader
 from kdstore.records import (
     COMMIT_JSON,
     COMMIT_JSON_INDENT,
+    RECORD_SHA256,
     SHARDS_DIR,
     STORE_JSON,
     STORE_JSON_INDENT,
@@ -29,14 +34,13 @@ from kdstore.records import (
     FileRecord,
     StoreMeta,
     json_bytes,
-    read_commit,
+    parse_commit,
     read_store_meta,
     read_teacher_record,
-    sha256_of,
 )
 from kdstore.spec import fingerprint as spec_fingerprint
 
-CHECKS = ("hash", "size")
+CHECKS = ("hash", "size", "record")  # record: the commit record alone, no file of the shard read or listed
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,18 @@ def check_shard(
     `fingerprint` None (store.json unreadable): the shard is checked against its own record."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
-    if not location.exists(SHARDS_DIR, shard_id, COMMIT_JSON):
+    try:
+        raw = location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)
+    except FileNotFoundError:
         if location.exists(SHARDS_DIR, shard_id):
             return [Problem(shard_id, COMMIT_JSON, "missing: the shard has files but no commit record")], None
         return [], None
     try:
-        record = read_commit(location, shard_id)
+        record = parse_commit(raw, location, shard_id)
     except CorruptShardError as exc:
         return [Problem(shard_id, COMMIT_JSON, str(exc))], None
     problems = []
-    raw = location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)
-    if raw != json_bytes(record.to_json(), COMMIT_JSON_INDENT):
+    if raw != json_bytes(record.to_json(checksum=json.loads(raw).get(RECORD_SHA256)), COMMIT_JSON_INDENT):
         problems.append(Problem(shard_id, COMMIT_JSON, "its bytes differ from the record they parse to (altered)"))
     if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(
@@ -98,15 +103,16 @@ def check_shard(
         )
     if record.shard_id != shard_id:
         problems.append(Problem(shard_id, COMMIT_JSON, f"records shard id {record.shard_id!r}"))
-    problems += [Problem(shard_id, rel, message)
-                 for rel, message in check_listed_files(location, (SHARDS_DIR, shard_id), record.files, check)]
+    if check != "record":
+        problems += [Problem(shard_id, rel, message)
+                     for rel, message in check_listed_files(location, (SHARDS_DIR, shard_id), record.files, check)]
     return problems, record
 
 
 def check_listed_files(location: Location, folder: tuple[str, ...], files: Mapping[str, FileRecord],
                        check: str) -> list[tuple[str, str]]:
     """(file, problem) for each file a commit record lists that is missing, of another size or
-    (check "hash") another sha256, and for each file in the folder that it does not list."""
+    (check "hash") another digest, and for each file in the folder that it does not list."""
     commit = f"{TEACHER_DIR}/{COMMIT_JSON}" if folder == (TEACHER_DIR,) else COMMIT_JSON
     on_disk = location.walk_files(*folder)
     on_disk.pop(COMMIT_JSON, None)
@@ -118,9 +124,11 @@ def check_listed_files(location: Location, folder: tuple[str, ...], files: Mappi
         elif size != expected.bytes:
             found.append((rel, f"{size} bytes, {commit} says {expected.bytes} (this file or {commit} truncated or altered)"))
         elif check == "hash":
-            actual = sha256_of(location.fs.open, location.path(*folder, rel))
-            if actual != expected.sha256:
-                found.append((rel, f"sha256 {actual[:16]}… differs from {commit}'s {expected.sha256[:16]}… "
+            path = location.path(*folder, rel)
+            actual = (digest_local(path, expected.algorithm) if location.is_local
+                      else digest_file(location.fs.open, path, expected.algorithm))
+            if actual != expected.digest:
+                found.append((rel, f"{expected.algorithm} {actual[:16]}… differs from {commit}'s {expected.digest[:16]}… "
                                    f"(this file or {commit} altered)"))
     return found + [(rel, f"not listed in {commit}") for rel in sorted(on_disk)]
 
@@ -136,21 +144,20 @@ def verify_store(url: str, check: str = "hash") -> VerifyReport:
     problems += check_teacher(location, fingerprint, check)
     problems += [Problem(None, rel, "not a file of a kdcache store (store.json, teacher/, shards/<id>/)")
                  for rel in sorted(top) if rel != STORE_JSON and rel.split("/")[0] not in (SHARDS_DIR, TEACHER_DIR)]
-    leftovers = []
-    checked = 0
+    names = location.list_dirs(SHARDS_DIR)
+    leftovers = [posixpath.join(SHARDS_DIR, n) for n in names if n.startswith(".")]
+    names = [n for n in names if not n.startswith(".")]
     ranges = []
-    for name in location.list_dirs(SHARDS_DIR):
-        if name.startswith("."):
-            leftovers.append(posixpath.join(SHARDS_DIR, name))
-            continue
-        checked += 1
-        shard_problems, record = check_shard(location, name, fingerprint, check)
-        problems.extend(shard_problems)
-        if record is not None and not shard_problems:
-            ranges.append((record.sample_id_min, record.sample_id_max, name))
+    # shards in parallel: the digests release the GIL, and object-store reads overlap
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checked = pool.map(lambda n: check_shard(location, n, fingerprint, check), names)
+        for name, (shard_problems, record) in zip(names, checked, strict=True):
+            problems.extend(shard_problems)
+            if record is not None and not shard_problems:
+                ranges.append((record.sample_id_min, record.sample_id_max, name))
     if fingerprint is not None:
         problems.extend(_overlapping_sample_ids(url, ranges))
-    return VerifyReport(url, checked, tuple(problems), tuple(leftovers))
+    return VerifyReport(url, len(names), tuple(problems), tuple(leftovers))
 
 
 def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
@@ -185,6 +192,23 @@ def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
     return problems, None if problems else meta.fingerprint
 
 
+def check_structure(url: str) -> VerifyReport:
+    """The check before training, reading no shard payload: store.json against its fingerprint,
+    teacher/COMMIT.json, and every shard's COMMIT.json present and self-consistent (fetched in
+    parallel: one small read per shard, also on object stores). Payload bytes are checked as
+    they are read (verify on read); `verify_store` is the full re-hash."""
+    location = Location.of(url)
+    if not location.exists(STORE_JSON):
+        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(STORE_JSON)} does not exist")
+    problems, fingerprint = check_store_json(location)
+    problems += check_teacher(location, fingerprint, "record")
+    names = [n for n in location.list_dirs(SHARDS_DIR) if not n.startswith(".")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for shard_problems, _ in pool.map(lambda n: check_shard(location, n, fingerprint, "record"), names):
+            problems += shard_problems
+    return VerifyReport(url, len(names), tuple(problems))
+
+
 def check_teacher(location: Location, fingerprint: str | None, check: str = "hash") -> list[Problem]:
     """teacher/ against teacher/COMMIT.json: every listed file there and intact, nothing unlisted."""
     if not location.exists(TEACHER_DIR) or not location.walk_files(TEACHER_DIR):
@@ -200,8 +224,9 @@ def check_teacher(location: Location, fingerprint: str | None, check: str = "has
     problems = []
     if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(Problem(None, commit, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}"))
-    problems += [Problem(None, f"{TEACHER_DIR}/{rel}", message)
-                 for rel, message in check_listed_files(location, (TEACHER_DIR,), record.files, check)]
+    if check != "record":
+        problems += [Problem(None, f"{TEACHER_DIR}/{rel}", message)
+                     for rel, message in check_listed_files(location, (TEACHER_DIR,), record.files, check)]
     return problems
 
 

@@ -9,6 +9,7 @@ removed by `cleanup_stale`. A committed, valid shard is never rewritten.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
-from kdstore.errors import FingerprintMismatchError, ShardDataError, StoreError
+from kdstore.digest import digest_file
+from kdstore.errors import FingerprintMismatchError, ShardDataError, StoreError, StoreWriteError
 from kdstore.fields import check_rows, fields_for_spec
 from kdstore.location import Location
 from kdstore.records import (
@@ -41,7 +43,6 @@ from kdstore.records import (
     TeacherRecord,
     json_bytes,
     read_store_meta,
-    sha256_of,
 )
 from kdstore.shard_io import write_shard_files
 from kdstore.spec import Provenance, StoreSpec, canonical_json
@@ -112,8 +113,9 @@ class StoreWriter:
         n_rows = check_rows(self.meta.fields, rows, f"shard {shard_id!r}")
         if n_rows > spec.shard_rows:
             raise ShardDataError(f"shard {shard_id!r} has {n_rows} rows; the spec allows {spec.shard_rows}")
-        stage = self._stage_dir(shard_id)
+        stage = None
         try:
+            stage = self._stage_dir(shard_id)
             try:
                 write_shard_files(stage, self.meta.fields, rows, spec.zstd_level, spec.record_batch_rows)
             except ShardDataError as exc:  # a value out of range for its stored dtype
@@ -121,8 +123,16 @@ class StoreWriter:
             record = self._record(shard_id, stage, rows, n_rows, meta or {})
             _write_synced(stage / COMMIT_JSON, json_bytes(record.to_json(), COMMIT_JSON_INDENT))
             return self._publish(shard_id, stage, record)
+        except OSError as exc:
+            if not out_of_space(exc):
+                raise
+            where = "its local staging folder" if not self.location.is_local else "the store's disk"
+            raise StoreWriteError(f"store {self.location.url!r}, shard {shard_id}: no space left on {where} "
+                                  f"({_one_line(exc)}); the staged shard was removed and committed shards are "
+                                  "kept: free space (`kdcache plan` estimates what the pass needs) and re-run, "
+                                  "it resumes here") from exc
         finally:
-            if stage.exists():
+            if stage is not None and stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
 
     def _stage_dir(self, shard_id: str) -> Path:
@@ -140,7 +150,7 @@ class StoreWriter:
         files = {}
         for path in sorted(p for p in stage.rglob("*") if p.is_file()):
             _fsync(path)
-            files[path.relative_to(stage).as_posix()] = FileRecord(path.stat().st_size, sha256_of(open, str(path)))
+            files[path.relative_to(stage).as_posix()] = FileRecord(path.stat().st_size, digest_file(open, str(path)))
         valid = np.asarray(rows["valid"], dtype=bool)
         stats: dict[str, float] = {}
         if "topk_tail" in rows:
@@ -181,12 +191,22 @@ class StoreWriter:
             os.rename(stage, final)
             return WriteResult(record, skipped=False)
         target = loc.path(SHARDS_DIR, shard_id)
-        if loc.fs.exists(target):
-            loc.fs.rm(target, recursive=True)
-        for rel in record.files:
-            loc.fs.makedirs(os.path.dirname(f"{target}/{rel}"), exist_ok=True)
-            loc.fs.put_file(str(stage / rel), f"{target}/{rel}")
-        loc.fs.put_file(str(stage / COMMIT_JSON), f"{target}/{COMMIT_JSON}")  # last: the commit
+        try:
+            if loc.fs.exists(target):
+                loc.fs.rm(target, recursive=True)
+            for rel in record.files:
+                loc.fs.makedirs(os.path.dirname(f"{target}/{rel}"), exist_ok=True)
+                loc.fs.put_file(str(stage / rel), f"{target}/{rel}")
+            loc.fs.put_file(str(stage / COMMIT_JSON), f"{target}/{COMMIT_JSON}")  # last: the commit
+        except Exception as exc:  # the object store's client raises its own types (botocore, aiohttp, OSError)
+            try:  # without its commit record the partial upload is invisible; remove it where possible
+                loc.fs.rm(target, recursive=True)
+            except Exception:
+                pass
+            raise StoreWriteError(f"store {loc.url!r}, shard {shard_id}: upload failed ({type(exc).__name__}: "
+                                  f"{_one_line(exc)}); nothing was committed for this shard and committed shards "
+                                  "are kept: check the bucket, credentials and network, then re-run (it resumes "
+                                  "here)") from exc
         return WriteResult(record, skipped=False)
 
     def retire_shard(self, shard_id: str) -> str:
@@ -226,7 +246,7 @@ class StoreWriter:
     def commit_teacher(self) -> str:
         """Hash every file of teacher/ into teacher/COMMIT.json (written last: the marker that
         teacher/ is complete, and the checklist `verify` re-hashes)."""
-        files = {rel: FileRecord(size, sha256_of(self.location.fs.open, self.location.path(TEACHER_DIR, rel)))
+        files = {rel: FileRecord(size, digest_file(self.location.fs.open, self.location.path(TEACHER_DIR, rel)))
                  for rel, size in sorted(self.location.walk_files(TEACHER_DIR).items()) if rel != COMMIT_JSON}
         record = TeacherRecord(self.meta.fingerprint, files)
         self.location.write_bytes(json_bytes(record.to_json(), COMMIT_JSON_INDENT), TEACHER_DIR, COMMIT_JSON)
@@ -237,7 +257,13 @@ class StoreWriter:
             if self.location.read_bytes(TEACHER_DIR, name) != data:
                 raise StoreError(f"{self.location.path(TEACHER_DIR, name)} exists with other contents")
         else:
-            self.location.write_bytes(data, TEACHER_DIR, name)
+            try:
+                self.location.write_bytes(data, TEACHER_DIR, name)
+            except OSError as exc:
+                if not out_of_space(exc):
+                    raise
+                raise StoreWriteError(f"store {self.location.url!r}, file {TEACHER_DIR}/{name}: no space left on the "
+                                      f"store's disk ({_one_line(exc)}): free space and re-run") from exc
         return self.location.path(TEACHER_DIR, name)
 
 
@@ -249,6 +275,18 @@ def _differences(a: StoreMeta, b: StoreMeta) -> str:
             if canonical_json(da.get(key)) != canonical_json(db.get(key)):
                 diffs.append(f"{part}.{key} ({da.get(key)!r} vs {db.get(key)!r})")
     return "; ".join(diffs) or "(identical content, different fingerprint: store.json was edited)"
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether an error means the disk (or quota) is full; Arrow's IO errors carry no errno."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+        text in str(exc) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _write_synced(path: Path, data: bytes) -> None:

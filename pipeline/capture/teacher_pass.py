@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdstore.errors import NotEnoughSpaceError
 from kdstore.records import SHARDS_DIR
 from kdstore.spec import StoreSpec
 from kdstore.summary import summarize
@@ -32,7 +33,7 @@ from pipeline.capture import extract
 from pipeline.capture.devices import is_out_of_memory, out_of_memory
 from pipeline.capture.model_head import fusable_head
 from pipeline.capture.pass_setup import Teacher, open_writer, teacher_for
-from pipeline.capture.shard_plan import ShardPlan, plan_shards
+from pipeline.capture.shard_plan import ShardPlan, field_bytes_per_token, plan_shards
 from pipeline.capture.teacher_files import write_teacher_files
 from pipeline.config import CacheConfig
 
@@ -172,24 +173,49 @@ class PassPlan:
     retired: list[str]
 
 
-def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = print) -> PassPlan:
-    """Open the store, clean crash leftovers, write teacher/ once, plan, retire stale shards."""
+def prepare_pass(config: CacheConfig, progress: Callable[[str], None] | None = print,
+                 force: bool = False) -> PassPlan:
+    """Open the store, clean crash leftovers, plan, check the disk has room for what is left
+    (unless `force`), write teacher/ once, retire stale shards."""
     teacher = teacher_for(config)
     writer = open_writer(config, teacher)
     writer.cleanup_stale()
     plans = plan_shards(config, teacher.tokenizer)
+    todo = [p for p in plans if writer.committed(p.shard_id) is None]
+    if not force:
+        check_free_space(writer, todo, config.row_length, teacher)
     write_teacher_files(writer, teacher, plans[0].rows if plans else None, config.teacher.batch_size)
     retired = retire_stale_shards(writer, plans)
-    todo = [p for p in plans if writer.committed(p.shard_id) is None]
     if progress:
         progress(f"{len(plans)} shards planned, {len(plans) - len(todo)} already committed, {len(todo)} to compute")
     return PassPlan(teacher, writer, plans, todo, retired)
 
 
-def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """The teacher pass as a plain function: a forward loop and a writer thread (queue of 2)."""
+def check_free_space(writer: StoreWriter, todo: list[ShardPlan], row_length: int, teacher: Teacher) -> None:
+    """Refuse a pass whose shards still to compute (by `kdcache plan`'s estimate), plus the
+    teacher's head and embeddings when teacher/ is not written yet, need more than the store's
+    disk has free (object stores: no check)."""
+    free = writer.location.free_bytes()
+    if free is None or not todo:
+        return
+    tokens = sum(p.rows.num_rows for p in todo) * row_length
+    needed = int(sum(field_bytes_per_token(writer.meta.spec)[1].values()) * tokens)
+    if not writer.teacher_committed():  # float16 head (+ input embeddings when untied)
+        tables = 1 if teacher.facts["tied_embeddings"] else 2
+        needed += 2 * tables * teacher.model.get_output_embeddings().weight.numel()
+    if needed > free:
+        raise NotEnoughSpaceError(
+            f"store {writer.location.url!r}: the pass needs about {needed:,} bytes ({len(todo)} shard(s) by "
+            f"`kdcache plan`'s estimate, and teacher/), the disk has {free:,} free: free space or choose another "
+            "store (`--force` starts anyway; a full disk then stops the pass, committed shards kept)")
+
+
+def run_cache(config: CacheConfig, progress: Callable[[str], None] | None = print,
+              force: bool = False) -> dict[str, Any]:
+    """The teacher pass as a plain function: a forward loop and a writer thread (queue of 2).
+    `force`: start even when the disk looks too small for the plan."""
     started = time.perf_counter()
-    p = prepare_pass(config, progress)
+    p = prepare_pass(config, progress, force)
     pass_started = time.perf_counter()  # the rate counts the pass, not the one-time set-up
     results = cache_pipelined(p.teacher, p.writer, p.todo, config, progress, pass_started)
     done = time.perf_counter()

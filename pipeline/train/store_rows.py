@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset
 from transformers import TrainerCallback
 
 from kdstore.reader import StoreReader
-from kdstore.torch_stream import POSITION_KEY, WORKER_KEY, KDLoader, KDStream
+from kdstore.torch_stream import POSITION_KEY, SKIPPED_KEY, WORKER_KEY, KDLoader, KDStream
 from pipeline.config import ConfigError
 
 STATE_FILE = "kd_stream_rank{rank}.json"
@@ -44,8 +44,9 @@ class StoreRows(IterableDataset):
     """
 
     def __init__(self, store: str | StoreReader, fields: Sequence[str], *, seed: int = 0, shuffle: bool = True,
-                 buffer_rows: int = 256, block_rows: int = 64):
+                 buffer_rows: int = 256, block_rows: int = 64, on_corrupt: str = "raise"):
         super().__init__()
+        self.on_corrupt = on_corrupt  # "skip": a shard that fails its digest check is left out, counted
         self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
         mask = ["loss_mask"] if self.reader.spec.loss_mask else []  # a chat store: the tokens to learn
         self.names = list(dict.fromkeys(["input_ids", "valid", *mask, *fields]))
@@ -60,7 +61,7 @@ class StoreRows(IterableDataset):
     def stream_for(self, batch_size: int, *, rank: int, world_size: int) -> KDStream:
         """A `KDStream` of these rows in batches of `batch_size`: rank `rank`'s part of `world_size`."""
         return KDStream(self.reader, self.names, batch_size, seed=self.seed, shuffle=self.shuffle,
-                        buffer_rows=self.buffer_rows, rank=rank, world_size=world_size)
+                        buffer_rows=self.buffer_rows, rank=rank, world_size=world_size, on_corrupt=self.on_corrupt)
 
     def loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> RankLoader:
         return RankLoader(self.stream_for(batch_size, rank=rank, world_size=world_size), num_workers)
@@ -86,6 +87,9 @@ def _rows(stream: KDStream) -> Iterator[dict[str, Any]]:
     for block in stream:
         block.pop(WORKER_KEY, None)
         block.pop(POSITION_KEY, None)
+        stream.skipped.update(block.pop(SKIPPED_KEY, {}))
+        if "sample_id" not in block:  # a skip report, no rows
+            continue
         for i in range(len(block["sample_id"])):
             yield {name: value[i] for name, value in block.items()}
 

@@ -264,7 +264,9 @@ class Trainer:
             elif self.rank == 0:
                 self.student.model.save_pretrained(self.out / "model")
                 self.student.tokenizer.save_pretrained(self.out / "model")
-        return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin}
+        skipped = dict(sorted(self.stream.skipped.items()))  # on_corrupt_shard: skip
+        return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin,
+                "corrupt_shards_skipped": len(skipped), "corrupt_shards": skipped}
 
 
 def check_loss_masks(reader: StoreReader, extra: list[StoreReader], cross: bool) -> None:

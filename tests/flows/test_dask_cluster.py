@@ -89,7 +89,7 @@ def _config(store: Path, teacher: Path, **over) -> dict:
 
 def _commits(url: str) -> dict[str, dict]:
     reader = StoreReader(url)
-    return {sid: {k: (v.bytes, v.sha256) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
+    return {sid: {k: (v.bytes, v.digest) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
 
 
 def _task_run_states() -> list[str]:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from kdstore.errors import StoreError
+from kdstore.errors import CorruptShardError, StoreError, StoreWriteError
 from kdstore.location import Location
 from kdstore.reader import StoreReader
 from kdstore.records import COMMIT_JSON
@@ -80,9 +80,9 @@ def _config(store: str, teacher: Path, **over) -> dict:
 
 
 def _commits(url: str) -> dict[str, dict]:
-    """Shard id → the files of its commit record (size + sha256 of every file)."""
+    """Shard id → the files of its commit record (size + digest of every file)."""
     reader = StoreReader(url)
-    return {sid: {k: (v.bytes, v.sha256) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
+    return {sid: {k: (v.bytes, v.digest) for k, v in reader.record(sid).files.items()} for sid in reader.shard_ids()}
 
 
 @pytest.mark.slow
@@ -115,6 +115,46 @@ def test_pass_verify_and_train_on_s3(s3, tmp_path, tiny_teacher_dir, capsys):
     assert main(["verify", url]) == 1
     out = capsys.readouterr().out
     assert reader.shard_ids()[0] in out and "topk_ids.arrow" in out
+    # ... and by every read of it, before it is decoded (verify on read)
+    with pytest.raises(CorruptShardError, match=rf"store '{url}', shard {reader.shard_ids()[0]}, file topk_ids\.arrow"):
+        StoreReader(url).read_shard(reader.shard_ids()[0], ["topk_ids"])
+
+
+def test_a_failed_upload_is_one_line_and_a_rerun_resumes(s3, tmp_path):
+    import importlib.util
+
+    from kdstore.writer import StoreWriter
+
+    spec_file = importlib.util.spec_from_file_location("kdstore_rows", REPO / "tests" / "kdstore" / "conftest.py")
+    rows_module = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(rows_module)
+    spec = rows_module.full_spec(hidden=None, attention=None, text=False, sampled=None)
+    url = _bucket(s3, "kd-upload")
+    writer = StoreWriter(url, spec, rows_module.PROVENANCE)
+    writer.write_shard("a", rows_module.make_rows(spec, 4, first_id=0))
+    fs = writer.location.fs
+    saved = {path: fs.cat_file(path) for path in fs.find("kd-upload")}
+    real_put = fs.put_file
+
+    def bucket_gone_mid_upload(*args, **kwargs):  # the server then answers NoSuchBucket
+        fs.rm("kd-upload", recursive=True)
+        fs.put_file = real_put
+        return real_put(*args, **kwargs)
+
+    fs.put_file = bucket_gone_mid_upload
+    try:
+        with pytest.raises(StoreWriteError, match=rf"store '{url}', shard b: upload failed .*re-run") as info:
+            writer.write_shard("b", rows_module.make_rows(spec, 4, first_id=10))
+    finally:
+        fs.put_file = real_put
+    assert "\n" not in str(info.value) and SECRET not in str(info.value)
+    fs.mkdir("kd-upload")
+    for path, data in saved.items():
+        fs.pipe_file(path, data)
+    writer = StoreWriter(url, spec, rows_module.PROVENANCE)
+    assert writer.write_shard("a", rows_module.make_rows(spec, 4, first_id=0)).skipped
+    assert not writer.write_shard("b", rows_module.make_rows(spec, 4, first_id=10)).skipped
+    assert verify_store(url).ok and StoreReader(url).num_rows() == 8
 
 
 def test_credentials_in_a_store_url_are_refused():

@@ -279,10 +279,10 @@ CORRUPTIONS = [
     # (id, file, damage, reader raises CorruptShardError naming the file)
     ("truncate-arrow", "tokens.arrow", _truncate, True),
     ("truncate-logp", "topk_logp.arrow", _truncate, True),
-    ("flip-byte-arrow", "topk_ids.arrow", _flip_byte, False),
+    ("flip-byte-arrow", "topk_ids.arrow", _flip_byte, True),
     ("delete-arrow", "topk_tail.arrow", lambda p: p.unlink(), True),
     ("truncate-zarr", HIDDEN_CHUNK, _truncate, True),
-    ("flip-byte-zarr", HIDDEN_CHUNK, _flip_byte, False),
+    ("flip-byte-zarr", HIDDEN_CHUNK, _flip_byte, True),
     ("delete-zarr", HIDDEN_CHUNK, lambda p: p.unlink(), True),
     ("delete-zarr-meta", "dense.zarr/hidden_0/zarr.json", lambda p: p.unlink(), True),
     ("stray-file", "notes.txt", lambda p: p.write_text("hello"), False),

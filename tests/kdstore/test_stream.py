@@ -140,3 +140,35 @@ def test_unknown_field_is_refused_up_front(store):
 
     with pytest.raises(MissingFieldError, match="hidden_3"):
         KDStream(store, ["hidden_3"], batch_size=2)
+
+
+def test_rows_lingering_in_the_buffer_keep_their_values_and_memory_stays_bounded(tmp_path, monkeypatch):
+    """Shards big enough to be compacted (only the rows still to come kept): every row comes out
+    once with its own values, and the stream never holds more rows than a few shards' worth."""
+    path = str(tmp_path / "store")
+    spec = StoreSpec(vocab_size=V, row_length=T, shard_rows=100, topk=TopKSpec(k=K), record_batch_rows=16)
+    writer = StoreWriter(path, spec, Provenance(teacher={"name": "random"}))
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        writer.write_shard(f"b{i:02d}", _rows(100 * i, 100, rng))
+    reader = StoreReader(path)
+    truth = {}
+    for shard in reader.shard_ids():
+        part = reader.read_shard(shard, ["sample_id", "topk_logp"])
+        truth.update({int(s): v for s, v in zip(part["sample_id"], part["topk_logp"], strict=True)})
+    held = []
+    compact = KDStream._compact
+
+    def watch(self, cache, rowmap, shard, rest, left):
+        compact(self, cache, rowmap, shard, rest, left)
+        held.append(sum(len(entry["sample_id"]) for entry in cache.values() if entry is not None))
+
+    monkeypatch.setattr(KDStream, "_compact", watch)
+    stream = KDStream(reader, ["topk_logp"], 7, seed=1, buffer_rows=150, rank=0, world_size=1)
+    seen = []
+    for batch in stream:
+        for sid, logp in zip(batch["sample_id"].tolist(), batch["topk_logp"].numpy(), strict=True):
+            np.testing.assert_array_equal(logp, truth[sid])
+            seen.append(sid)
+    assert sorted(seen) == sorted(truth)
+    assert held and max(held) <= 6 * 100, max(held)  # 1200 rows in the store; whole shards would pile up

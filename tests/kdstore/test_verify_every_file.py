@@ -16,6 +16,7 @@ import pytest
 
 from kdstore.errors import CorruptShardError, NotAStoreError
 from kdstore.reader import StoreReader
+from kdstore.records import COMMIT_JSON_INDENT, CommitRecord, json_bytes
 from kdstore.verify import verify_store
 from kdstore.writer import StoreWriter
 
@@ -128,3 +129,108 @@ def test_a_stray_file_is_named_and_an_empty_folder_is_not_a_store(full_store, tm
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotAStoreError, match="no kdcache store"):
         verify_store(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- the read paths
+
+def _every_case_in_one_store(full_store, root) -> tuple[dict[str, str], list[int]]:
+    """A copy of the store holding, besides its clean shards, one copy of shard s0 per (file,
+    alteration) with that alteration applied: {altered shard: altered file}, and the sample ids
+    of the clean shards (the altered copies share s0's ids: a row of one that came out would
+    show as a second copy of an id)."""
+    shutil.copytree(full_store, root)
+    rng = np.random.default_rng(99)
+    files = sorted(p.relative_to(root / "shards" / "s0").as_posix() for p in (root / "shards" / "s0").rglob("*")
+                   if p.is_file() and p.name != "COMMIT.json")
+    altered = {}
+    for j, rel in enumerate(files):
+        for how in ALTERATIONS:
+            shard = f"x{j:02d}{how}"
+            shutil.copytree(root / "shards" / "s0", root / "shards" / shard)
+            record = json.loads((root / "shards" / shard / "COMMIT.json").read_text())
+            record["shard_id"] = shard
+            (root / "shards" / shard / "COMMIT.json").write_bytes(
+                json_bytes(CommitRecord.from_json({k: v for k, v in record.items() if k != "record_sha256"}).to_json(),
+                           COMMIT_JSON_INDENT))
+            _alter(root / "shards" / shard / rel, how, rng)
+            altered[shard] = rel
+    reader = StoreReader(str(root))
+    clean = sorted(int(x) for s in ("s0", "s1") for x in reader.read_shard(s, ["sample_id"])["sample_id"])
+    return altered, clean
+
+
+@pytest.fixture(scope="module")
+def every_case(full_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("every_case") / "store"
+    altered, clean = _every_case_in_one_store(full_store, root)
+    return root, altered, clean
+
+
+def _check_skipped(skipped: dict[str, str], altered: dict[str, str]) -> None:
+    assert set(skipped) == set(altered), sorted(set(altered) ^ set(skipped))
+    unnamed = {s: why for s, why in skipped.items() if f"shard {s}, file {altered[s]}" not in why}
+    assert not unnamed, list(unnamed.items())[:3]
+
+
+def test_kdstream_with_workers_catches_every_alteration_before_a_batch(every_case):
+    import warnings
+
+    from kdstore.digest import forget_all
+    from kdstore.torch_stream import KDLoader, KDStream
+
+    root, altered, clean = every_case
+    forget_all()
+    reader = StoreReader(str(root))
+    stream = KDStream(reader, reader.field_names, 4, on_corrupt="skip", rank=0, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seen = [int(i) for batch in KDLoader(stream, num_workers=2) for i in batch["sample_id"]]
+    assert len(altered) >= 50 and sorted(seen) == clean  # no row of an altered shard came out
+    _check_skipped(stream.skipped, altered)
+
+
+def test_store_rows_catch_every_alteration(every_case):
+    import warnings
+
+    from kdstore.digest import forget_all
+    from pipeline.train.hf_trainer import StoreRows
+
+    root, altered, clean = every_case
+    forget_all()
+    rows = StoreRows(str(root), StoreReader(str(root)).field_names, on_corrupt="skip", block_rows=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seen = [int(row["sample_id"]) for row in rows]
+    assert sorted(seen) == clean
+    _check_skipped(rows.stream.skipped, altered)
+    with pytest.raises(CorruptShardError, match=r"store '.*', shard x\d\d\w+, file "):
+        list(StoreRows(str(root), ["topk_ids"], block_rows=4))  # the default stops at the first
+
+
+def test_every_alteration_of_a_commit_record_is_caught_before_training(full_store, tmp_path):
+    from kdstore.verify import check_structure
+
+    rng = np.random.default_rng(5)
+    for how in ALTERATIONS:
+        copy = tmp_path / how
+        shutil.copytree(full_store, copy)
+        _alter(copy / "shards" / "s0" / "COMMIT.json", how, rng)
+        report = check_structure(str(copy))
+        assert [(p.shard, p.file) for p in report.problems] == [("s0", "COMMIT.json")], (how, report.problems)
+
+
+def test_the_structural_check_reads_no_payload(full_store, tmp_path):
+    """An altered payload byte passes the check before training (it is caught when read); a
+    shard folder without its commit record does not."""
+    from kdstore.verify import check_structure
+
+    copy = tmp_path / "s"
+    shutil.copytree(full_store, copy)
+    assert check_structure(str(copy)).ok and check_structure(str(copy)).shards_checked == 2
+    _alter(copy / "shards" / "s1" / "topk_ids.arrow", "flip", np.random.default_rng(0))
+    assert check_structure(str(copy)).ok
+    with pytest.raises(CorruptShardError, match="shard s1, file topk_ids.arrow"):
+        StoreReader(str(copy)).read_shard("s1", ["topk_ids"])
+    (copy / "shards" / "s0" / "COMMIT.json").unlink()
+    report = check_structure(str(copy))
+    assert [(p.shard, p.file) for p in report.problems] == [("s0", "COMMIT.json")]

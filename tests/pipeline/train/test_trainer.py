@@ -26,6 +26,7 @@ import torch
 
 from kdstore.errors import CorruptShardError, NotAStoreError
 from kdstore.reader import StoreReader
+from kdstore.records import COMMIT_JSON_INDENT, CommitRecord, json_bytes
 from kdstore.torch_stream import KDStream
 from pipeline.capture.teacher_pass import run_cache
 from pipeline.config import CacheConfig, parse_config
@@ -322,6 +323,7 @@ def test_corrupt_shard_skipped(store, tiny_teacher_dir, tmp_path):
     with pytest.warns(UserWarning, match=f"skipping corrupt shard.*{shard}"):
         result = train(_cfg(copy, out, tiny_teacher_dir, steps=5, on_corrupt_shard="skip"), progress=False)
     assert result["steps"] == 5 and (out / "model").is_dir()
+    assert result["corrupt_shards_skipped"] == 1 and "topk_logp.arrow" in result["corrupt_shards"][shard]
     bad = {int(x) for x in StoreReader(str(store)).read_shard(shard, ["sample_id"])["sample_id"]}
     seen = {i for e in _log(out) for i in e["sample_ids"]}
     assert seen and not seen & bad
@@ -504,3 +506,71 @@ def test_ddp_two_ranks_on_cpu(store, tiny_teacher_dir, tmp_path):
     assert (out / "model" / "config.json").is_file()
     with pytest.raises(ValueError, match=r"saved by 2 rank\(s\), this run has world size 1"):
         Trainer(TrainConfig(**{**cfg, "steps": 4}))
+
+
+def test_every_alteration_of_every_file_the_trainer_reads_is_skipped(store, tiny_teacher_dir, tmp_path):
+    """Copies of one shard, each with one file altered one way (flip, truncate, append, delete):
+    a run reading every field (fkl + hidden + attention) skips every copy, naming the file."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    first = StoreReader(str(copy)).shard_ids()[0]
+    source = copy / "shards" / first
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file() and p.name != "COMMIT.json")
+    rng = np.random.default_rng(7)
+    altered = {}
+    for j, rel in enumerate(files):
+        for how in ("flip", "truncate", "append", "delete"):
+            shard = f"x{j:02d}{how}"
+            shutil.copytree(source, copy / "shards" / shard)
+            meta = copy / "shards" / shard / "COMMIT.json"
+            record = json.loads(meta.read_text())
+            record.update(shard_id=shard)
+            record.pop("record_sha256")
+            meta.write_bytes(json_bytes(CommitRecord.from_json(record).to_json(), COMMIT_JSON_INDENT))
+            target = copy / "shards" / shard / rel
+            data = target.read_bytes()
+            at = int(rng.integers(len(data)))
+            if how == "flip":
+                target.write_bytes(data[:at] + bytes([data[at] ^ 1 << int(rng.integers(8))]) + data[at + 1:])
+            elif how == "truncate":
+                target.write_bytes(data[:at])
+            elif how == "append":
+                target.write_bytes(data + b"\0")
+            else:
+                target.unlink()
+            altered[shard] = rel
+    out = tmp_path / "run"
+    losses = [{"name": "fkl"}, {"name": "hidden"}, {"name": "attention"}]
+    steps = StoreReader(str(store)).num_rows() + 1  # an epoch yields a batch per clean row at most: one epoch whole
+    with pytest.warns(UserWarning, match="skipping corrupt shard"):
+        result = train(_cfg(copy, out, tiny_teacher_dir, steps=steps, batch_size=8, on_corrupt_shard="skip",
+                            losses=losses), progress=False)
+    assert result["steps"] == steps and all(math.isfinite(e["loss"]) for e in _log(out))
+    assert set(result["corrupt_shards"]) == set(altered) and result["corrupt_shards_skipped"] == len(altered) >= 20
+    assert all(f"shard {s}, file {altered[s]}" in why for s, why in result["corrupt_shards"].items())
+
+
+@pytest.mark.slow
+def test_the_issue_cases_stop_with_one_line_naming_the_file(store, tiny_teacher_dir, tmp_path, capsys):
+    """One bit flipped in one file of every shard (tokens, topk_ids, topk_tail, topk_logp at 30, 60
+    and 90 % of the file), then `kdcache train --no-flow`: every case stops before step 1 with
+    exit 2 and one line naming store, shard and file; none trains on."""
+    import yaml
+
+    from flows.cli import main
+
+    for name in ("tokens", "topk_ids", "topk_tail", "topk_logp"):
+        for at in (0.3, 0.6, 0.9):
+            copy = tmp_path / f"{name}-{at}"
+            shutil.copytree(store, copy / "store")
+            for target in (copy / "store" / "shards").glob(f"*/{name}.arrow"):
+                data = bytearray(target.read_bytes())
+                data[int(len(data) * at)] ^= 0x04
+                target.write_bytes(bytes(data))
+            config = copy / "train.yaml"
+            config.write_text(yaml.safe_dump(_cfg(copy / "store", copy / "run", tiny_teacher_dir, steps=4)))
+            assert main(["train", str(config), "--no-flow"]) == 2, (name, at)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"file {name}.arrow" in err and "training stopped at step 0" in err, err
+            log = copy / "run" / "train_log.jsonl"
+            assert "internal error" not in err and (not log.exists() or not log.read_text().strip())  # no step
