@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -161,3 +164,68 @@ def test_bad_input_is_refused_before_the_first_step(stores, tiny_teacher_dir, tm
     with pytest.raises(ConfigError, match=r"reads no \['loss_mask'\]"):  # a dataset that would drop the mask
         KDTrainer(model=model, args=args, kd_store=chat, kd_losses=LOSSES,
                   train_dataset=StoreRows(chat, ["topk_ids", "topk_logp", "topk_tail"]))
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts host reads of device values (`item`, `float()`, `bool()`, `int()`, `tolist`, `cpu`):
+    on a GPU each one waits for the device. On this CPU machine "device values" are traced: the
+    student's and the loss's parameters and gradients, what `.to(device)` or a factory with a
+    `device=` returns (the batch after its move, the losses' buffers), and everything computed from
+    them. Not counted: the loader's CPU batch (counted before the move), AdamW's step counters (host
+    tensors by torch's design: `skip`), and transformers' own packed-sequence check in its mask
+    preparation (`masking_utils`, one `bool()` per forward without an attention mask: not ours)."""
+
+    READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu"}
+
+    def __init__(self, params, where, skip=lambda t: False):
+        super().__init__()
+        self.skip = skip
+        self.traced: dict[int, Any] = {}
+        self.reads: list[tuple[str, int]] = []  # (what, where() at the read)
+        self.where = where
+        for p in params:
+            self._trace(p)
+            p.register_post_accumulate_grad_hook(lambda q: self._trace(q.grad))
+
+    def _trace(self, t) -> None:
+        if isinstance(t, torch.Tensor):
+            self.traced[id(t)] = weakref.ref(t)
+
+    def _is_traced(self, t) -> bool:
+        ref = self.traced.get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = [a for a in (*args, *kwargs.values()) for a in (a if isinstance(a, list | tuple) else (a,))]
+        traced = any(self._is_traced(a) for a in flat)
+        name = getattr(func, "__name__", "")
+        if traced and name in self.READS and not self.skip(args[0]) and not _from_transformers_masks():
+            self.reads.append((name, self.where()))
+        out = func(*args, **kwargs)
+        if traced or name == "to" or kwargs.get("device") is not None:
+            for o in out if isinstance(out, list | tuple) else (out,):
+                self._trace(o)
+        return out
+
+
+def _from_transformers_masks() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and "/torch/" in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.endswith("transformers/masking_utils.py")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_steps_between_log_steps_read_nothing_from_the_device(stores, tiny_teacher_dir, tmp_path, fused):
+    cfg = _cfg(stores["plain"], tmp_path / "run", tiny_teacher_dir, steps=4, log_every=4, fused_loss=fused)
+    trainer = Trainer(cfg)
+    assert trainer.fused is fused
+    reads = HostReads([*trainer.student.model.parameters(), *trainer.loss.parameters()], lambda: trainer.step,
+                      skip=lambda t: any(t is s.get("step") for s in trainer.optimizer.state.values()))
+    with reads:
+        trainer.train(progress=False)
+    # steps 1-4 run while trainer.step is 0-3; the log is read (once) after step 4
+    assert [r for r in reads.reads if r[1] < 4] == [] and ("tolist", 4) in reads.reads, reads.reads
+    log = _log(tmp_path / "run")
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(e["loss"] > 0 and len(e["sample_ids"]) == 2 for e in log)
