@@ -123,7 +123,7 @@ class KDTrainer(Trainer):
         training_args = kwargs.get("args") if "args" in kwargs else args[1] if len(args) > 1 else None
         if kwargs.get("train_dataset") is None and len(args) < 4:
             kwargs["train_dataset"] = StoreRows(readers[0], self.kd.fields, joined=readers[1:],
-                                                seed=getattr(training_args, "seed", 0))
+                                                seed=getattr(training_args, "seed", 42))  # HF default seed
         dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
         if isinstance(dataset, StoreRows) and (missing := sorted(set(self.kd.fields) - set(dataset.fields))):
             raise ConfigError(f"train_dataset reads no {missing} from store {readers[0].location.url!r}, which these "

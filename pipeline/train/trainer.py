@@ -194,7 +194,7 @@ class Trainer:
         """One step, its components read at once (floats): for tests and scripts; `train` reads
         them every `log_every` steps instead."""
         stats = self.step_on_device(batches)
-        (record, _), = self.read_log()
+        record, _ = self.read_log()[-1]
         return {**stats, **record}
 
     def _average_grads(self, params) -> None:
