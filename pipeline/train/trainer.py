@@ -33,7 +33,7 @@ from pipeline.train.core import (
     student_outputs,
 )
 from pipeline.train.fsdp import save_sharded_student, shard_student
-from pipeline.train.losses import auxiliary_steps, check_cross_tokenizer
+from pipeline.train.losses import NonFiniteLossError, auxiliary_steps, check_cross_tokenizer
 from pipeline.train.online_teacher import online_spec, online_teacher_fields
 from pipeline.train.student import build_student
 from pipeline.train.train_config import TrainConfig, lr_factor
@@ -166,10 +166,13 @@ class Trainer:
             batch = prepared.batch
             tokens, truncated, sample_ids = tokens + prepared.tokens, truncated + prepared.truncated_tokens, \
                 sample_ids + prepared.sample_ids
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                student = student_outputs(self.kd, self.forward_model, self.student.model, batch["input_ids"])
-                aux = auxiliary_steps(self.aux_losses, student, batch, sync)  # their own syncs: they step an optimizer
-                result = self.loss(student, batch)
+            try:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    student = student_outputs(self.kd, self.forward_model, self.student.model, batch["input_ids"])
+                    aux = auxiliary_steps(self.aux_losses, student, batch, sync)  # own syncs: they step an optimizer
+                    result = self.loss(student, batch)
+            except NonFiniteLossError as exc:  # a diverged discriminator, found by its own step
+                raise NonFiniteLossError(f"step {self.step + 1}: {exc}") from exc
             (result.total / cfg.grad_accum).backward()
             self.meter.add({**result.components, **aux, "loss": result.total}, 1.0 / cfg.grad_accum)
         if self.kd.retokenize is not None:
