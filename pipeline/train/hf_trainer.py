@@ -187,6 +187,8 @@ class KDTrainer(Trainer):
         if model.training:
             self.kd_meter.add({"loss": result.total, **result.components})
             self.kd_meter.end_step({}, prepared.sample_ids)
+            if len(self.kd_meter.pending) >= 1024:  # no logging for a long while: read, to bound what is held
+                self._kd_read()
         return (result.total, student) if return_outputs else result.total
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

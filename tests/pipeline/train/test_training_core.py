@@ -229,3 +229,27 @@ def test_steps_between_log_steps_read_nothing_from_the_device(stores, tiny_teach
     assert [r for r in reads.reads if r[1] < 4] == [] and ("tolist", 4) in reads.reads, reads.reads
     log = _log(tmp_path / "run")
     assert [e["step"] for e in log] == [1, 2, 3, 4] and all(e["loss"] > 0 and len(e["sample_ids"]) == 2 for e in log)
+
+
+def test_hidden_through_a_wrapper_is_the_last_hidden_state(tiny_teacher_dir):
+    """Accelerate's DDP wraps the whole LM: the fused forward goes through the wrapper (which syncs
+    gradients) and still gives the last hidden state, the head restored after the call."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train.core import HiddenThrough, fused_forward
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    head = model.get_output_embeddings()
+    ids = torch.arange(12)[None] % 100
+    through = HiddenThrough(Wrapper(model), model)(ids)
+    assert through.shape == (1, 12, model.config.hidden_size)
+    torch.testing.assert_close(through, fused_forward(model)(ids), rtol=0, atol=0)
+    assert model.get_output_embeddings() is head
