@@ -1,7 +1,7 @@
 """Student training step: KD from the cache vs CE only vs online KD (teacher resident), same
 student and batches, one run; plus the peak memory of offline and online KD.
 
-    .venv/bin/python bench/train.py [--steps N] [--warmup W] [--batch-size 4] [--tokens 12288]
+    .venv/bin/python -m bench.train [--steps N] [--warmup W] [--batch-size 4] [--tokens 12288]
                                     [--device auto] [--quick]
 
 Store: the real default teacher (SmolLM2-135M-Instruct) over the built-in corpus, top-64,
@@ -11,7 +11,11 @@ layers, then (timing only) a smaller one, 2 layers by default (--small-student-l
 online/offline arithmetic limit is above 2 (the teacher's forward weighs more against a cheaper
 student step). The output losses run fused (last hidden state + head, no whole logits) in
 every mode, as the trainer runs them. Modes, each a fresh `Trainer` with the same seed (so the same sample ids, checked):
-`ce` (CE only), `kd` (fkl from the cache), `kd+ce`, `online` (fkl from the resident teacher).
+`ce` (CE only), `kd` (fkl from the cache), `kd+ce`, `online` (fkl from the resident teacher);
+and the same student through the Hugging Face `KDTrainer` (fused, same seed so the same rows):
+`hf-kd` and `hf-ce`, each step its `training_step` (forward + loss + backward) then clipping,
+AdamW and the schedule, as its inner loop does; its KD/CE ratio is reported next to `kdcache
+train`'s (target: within 0.03).
 Warm-up steps first, then rounds in which every mode takes one step, the order rotating each
 round, so a noisy neighbour hits all modes alike; the median step is reported.
 Peak memory: each of `kd` and `online` in its own process (`--mode X --measure-memory`).
@@ -28,16 +32,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+
+from bench.bench_stores import cached_store
+from bench.common import log, proc_status_kb, reset_peak_rss, sync
+from pipeline.train.trainer import TrainConfig, Trainer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-from bench_stores import cached_store, log  # noqa: E402
-
-from pipeline.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
     "ce": {"losses": [{"name": "ce"}]},
@@ -45,6 +50,8 @@ MODES: dict[str, dict[str, Any]] = {
     "kd+ce": {"losses": [{"name": "fkl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]},
     "online": {"losses": [{"name": "fkl"}], "online_teacher": "default"},
 }
+HF_MODES: dict[str, list[dict[str, Any]]] = {"hf-kd": [{"name": "fkl"}], "hf-ce": [{"name": "ce"}]}
+ALL_MODES = [*MODES, *HF_MODES]
 MEMORY_MODES = ("kd", "online")
 MB = 1024 * 1024
 
@@ -102,18 +109,63 @@ class Recorder:
         return batch
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_step(trainer: Trainer, batches: Recorder) -> tuple[float, float, int]:
+def timed(step: Callable[[], Any], device: torch.device) -> tuple[float, float, int]:
     """(wall s, process CPU s, tokens) of one training step."""
-    sync(trainer.device)
+    sync(device)
     start, cpu = time.perf_counter(), time.process_time()
-    stats = trainer.train_step(batches)
-    sync(trainer.device)
-    return time.perf_counter() - start, time.process_time() - cpu, int(stats["tokens"])
+    tokens = step()
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu, int(tokens)
+
+
+def kdcache_step(trainer: Trainer, batches: Recorder) -> Callable[[], int]:
+    """`kdcache train`'s step as `train` takes it (components stay on the device between log steps)."""
+    return lambda: int(trainer.step_on_device(batches)["tokens"])
+
+
+class HFStepper:
+    """One `KDTrainer` (fused) on the bench student, stepped as its inner loop steps: `training_step`
+    (forward, kdcache loss, backward), clipping, AdamW, the schedule, zero_grad."""
+
+    def __init__(self, mode: str, store: str, out: str, args: argparse.Namespace, layers: int):
+        from transformers import TrainingArguments
+
+        from kdstore.reader import StoreReader
+        from pipeline.train.hf_trainer import KDTrainer
+        from pipeline.train.student import StudentConfig, build_student
+
+        reader = StoreReader(store)
+        torch.manual_seed(args.seed)
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        student = build_student(StudentConfig(init="teacher_layers", teacher=args.teacher, num_layers=layers), reader,
+                                False, "cuda" if cuda else "cpu")
+        bf16 = args.bf16 == "on" if args.bf16 is not None else cuda
+        targs = TrainingArguments(output_dir=out, max_steps=10_000, per_device_train_batch_size=args.batch_size,
+                                  learning_rate=3e-4, weight_decay=0.0, max_grad_norm=1.0, warmup_steps=0,
+                                  use_cpu=not cuda, bf16=bf16, seed=args.seed, report_to=[], save_strategy="no",
+                                  disable_tqdm=True, dataloader_num_workers=0, logging_strategy="no")
+        self.trainer = KDTrainer(model=student.model, args=targs, kd_store=reader, kd_losses=HF_MODES[mode])
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=targs.max_steps)
+        self.trainer.current_gradient_accumulation_steps = 1  # the inner loop sets it per step
+        self.model = self.trainer.model
+        self.model.train()
+        self.batches = iter(self.trainer.get_train_dataloader())
+        self.device = self.trainer.args.device
+        self.ids: list[list[int]] = []
+        self.fused = self.trainer.kd.fused
+
+    def step(self) -> torch.Tensor:
+        """One step; its token count as a tensor (read after the timing: Accelerate puts the
+        batch on the device already)."""
+        batch = next(self.batches)
+        self.ids.append(batch["sample_id"])
+        tokens = batch["valid"].sum()
+        self.trainer.training_step(self.model, batch)
+        self.trainer.accelerator.clip_grad_norm_(self.model.parameters(), self.trainer.args.max_grad_norm)
+        self.trainer.optimizer.step()
+        self.trainer.lr_scheduler.step()
+        self.model.zero_grad(set_to_none=True)
+        return tokens
 
 
 def unique_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -123,25 +175,6 @@ def unique_params(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- memory (own process)
-
-
-def proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,14 +212,14 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def memory_in_subprocess(mode: str, store: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--measure-memory", "--store", store,
+    cmd = [sys.executable, "-m", "bench.train", "--mode", mode, "--measure-memory", "--store", store,
            "--batch-size", str(args.batch_size), "--device", args.device, "--memory-steps", str(args.memory_steps),
            "--teacher", args.teacher, "--student-layers", str(args.student_layers), "--seed", str(args.seed),
            "--row-length", str(args.row_length), "--threads", str(args.threads)]
     if args.bf16 is not None:
         cmd += ["--bf16", args.bf16]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"memory run of mode {mode!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -205,21 +238,27 @@ def peak_mb(m: dict[str, Any]) -> float:
 def time_student(store: str, args: argparse.Namespace, layers: int) -> dict[str, Any]:
     """Every mode with a student of `layers` teacher layers: warm-up, then interleaved rounds."""
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-train-") as tmp:
-        trainers, recorders, times, cpu_times, tokens = {}, {}, {}, {}, {}
-        for mode in MODES:
+        trainers, hf, steps, ids, times, cpu_times, tokens = {}, {}, {}, {}, {}, {}, {}
+        for mode in ALL_MODES:
             t0 = time.perf_counter()
-            trainers[mode] = make_trainer(mode, store, f"{tmp}/{mode}", args, layers)
-            recorders[mode] = Recorder(trainers[mode])
+            if mode in MODES:
+                trainers[mode] = make_trainer(mode, store, f"{tmp}/{mode}", args, layers)
+                recorder = Recorder(trainers[mode])
+                steps[mode], ids[mode], fused = kdcache_step(trainers[mode], recorder), recorder.ids, trainers[mode].fused
+            else:
+                hf[mode] = HFStepper(mode, store, f"{tmp}/{mode}", args, layers)
+                steps[mode], ids[mode], fused = hf[mode].step, hf[mode].ids, hf[mode].fused
             times[mode], cpu_times[mode], tokens[mode] = [], [], []
-            log(f"built trainer {mode} ({layers} layers, fused losses {trainers[mode].fused}) in {time.perf_counter() - t0:.1f} s")
-        modes = list(MODES)
+            log(f"built trainer {mode} ({layers} layers, fused losses {fused}) in {time.perf_counter() - t0:.1f} s")
+        device = trainers["kd"].device
+        modes = list(ALL_MODES)
         for _ in range(args.warmup):
             for mode in modes:
-                timed_step(trainers[mode], recorders[mode])
+                timed(steps[mode], device)
         for r in range(args.steps):
             order = modes[r % len(modes):] + modes[: r % len(modes)]
             for mode in order:
-                dt, cpu, n = timed_step(trainers[mode], recorders[mode])
+                dt, cpu, n = timed(steps[mode], device)
                 times[mode].append(dt)
                 cpu_times[mode].append(cpu)
                 tokens[mode].append(n)
@@ -227,14 +266,15 @@ def time_student(store: str, args: argparse.Namespace, layers: int) -> dict[str,
         student_params, student_bytes = unique_params(trainers["kd"].student.model)
         teacher_params, teacher_bytes = unique_params(trainers["online"].teacher.model)
         out = {
-            "times": times, "cpu_times": cpu_times, "tokens": tokens, "device": trainers["kd"].device,
-            "same_batches": all(recorders[m].ids == recorders["kd"].ids for m in modes),
+            "times": times, "cpu_times": cpu_times, "tokens": tokens, "device": device,
+            "same_batches": all([list(map(int, b)) for b in ids[m]] == ids["kd"] for m in modes),
             "student_params": student_params, "student_bytes": student_bytes,
             "teacher_params": teacher_params, "teacher_bytes": teacher_bytes,
             "teacher_dtype": str(next(trainers["online"].teacher.model.parameters()).dtype).removeprefix("torch."),
-            "student_origin": trainers["kd"].student.origin, "first_ids": recorders["kd"].ids[0],
+            "student_origin": trainers["kd"].student.origin, "first_ids": ids["kd"][0],
+            "hf_fused": all(h.fused for h in hf.values()),
         }
-        del trainers, recorders
+        del trainers, hf, steps
     return out
 
 
@@ -294,15 +334,17 @@ def main() -> None:
         for mode in MEMORY_MODES:
             memory[mode] = memory_in_subprocess(mode, store, args)
 
-    med = {m: statistics.median(times[m]) for m in MODES}
-    best = {m: min(times[m]) for m in MODES}
-    cpu = {m: statistics.median(cpu_times[m]) for m in MODES}
-    tok = {m: statistics.median(tokens[m]) for m in MODES}
+    med = {m: statistics.median(times[m]) for m in ALL_MODES}
+    best = {m: min(times[m]) for m in ALL_MODES}
+    cpu = {m: statistics.median(cpu_times[m]) for m in ALL_MODES}
+    tok = {m: statistics.median(tokens[m]) for m in ALL_MODES}
 
     def ratios(num: str, den: str) -> dict[str, float]:
         return ratio_figures(times, cpu_times, num, den)
 
     kd_ce, kdce_ce, on_off = ratios("kd", "ce"), ratios("kd+ce", "ce"), ratios("online", "kd")
+    hf_kd_ce = ratios("hf-kd", "hf-ce")
+    hf_gap = abs(hf_kd_ce["median"] - kd_ce["median"])
     limit = (2 * teacher_params + 6 * student_params) / (6 * student_params)
     dev_name = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
     if device.type == "cpu":
@@ -318,16 +360,18 @@ def main() -> None:
     print()
     print("| mode | losses | median ms/step | best ms/step | median CPU s/step | tokens/step | tokens/s (median) | vs CE | vs KD-from-cache |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for m in MODES:
-        where = " (teacher resident)" if m == "online" else "" if m == "ce" else " (cache)"
-        losses = "+".join(x["name"] for x in MODES[m]["losses"]) + where
+    for m in ALL_MODES:
+        where = " (teacher resident)" if m == "online" else "" if m.endswith("ce") else " (cache)"
+        spec = MODES[m]["losses"] if m in MODES else HF_MODES[m]
+        losses = "+".join(x["name"] for x in spec) + where + (", HF KDTrainer" if m in HF_MODES else "")
         print(f"| {m} | {losses} | {med[m] * 1e3:,.0f} | {best[m] * 1e3:,.0f} | {cpu[m]:.2f} | {tok[m]:,.0f} | "
               f"{tok[m] / med[m]:,.0f} | {med[m] / med['ce']:.3f} | {med[m] / med['kd']:.3f} |")
     print()
     print("| ratio | of medians (target figure) | of bests | median of per-round ratios | of CPU time | target |")
     print("|---|---:|---:|---:|---:|---|")
     for name, r, target in (("KD-from-cache / CE", kd_ce, "≤ 1.05"), ("KD+CE from cache / CE", kdce_ce, "≤ 1.08"),
-                            ("online KD / KD-from-cache", on_off, f"≥ 0.95 × arithmetic limit {limit:.3f}")):
+                            ("online KD / KD-from-cache", on_off, f"≥ 0.95 × arithmetic limit {limit:.3f}"),
+                            ("HF KDTrainer: KD / CE (fused)", hf_kd_ce, f"within 0.03 of kdcache train's {kd_ce['median']:.3f}")):
         print(f"| {name} | {r['median']:.3f} | {r['best']:.3f} | {r['paired']:.3f} | {r['cpu']:.3f} | {target} |")
     print()
     print(f"arithmetic limit of online/offline = (2·T + 6·S)/(6·S) = (2·{teacher_params / 1e6:.1f}M + "
@@ -364,13 +408,17 @@ def main() -> None:
                                       "pass": kd_ce["median"] <= 1.05},
         "kdce_vs_ce_step_ratio<=1.08": {"value": round(kdce_ce["median"], 4), "limit": 1.08,
                                         "pass": kdce_ce["median"] <= 1.08},
+        "hf_kd_vs_ce_within_0.03_of_kdcache": {"value": round(hf_gap, 4), "limit": 0.03, "pass": hf_gap <= 0.03},
     }
     result: dict[str, Any] = {
         "kd_vs_ce_step_ratio": round(kd_ce["median"], 4),
         "online_vs_offline_step_ratio": round(on_off["median"], 4),
         "kdce_vs_ce_step_ratio": round(kdce_ce["median"], 4),
+        "hf_kd_vs_ce_step_ratio": round(hf_kd_ce["median"], 4),
+        "hf_fused": run["hf_fused"],
         "ratios": {name: {k: round(v, 4) for k, v in r.items()}
-                   for name, r in (("kd_vs_ce", kd_ce), ("kdce_vs_ce", kdce_ce), ("online_vs_offline", on_off))},
+                   for name, r in (("kd_vs_ce", kd_ce), ("kdce_vs_ce", kdce_ce), ("online_vs_offline", on_off),
+                                   ("hf_kd_vs_ce", hf_kd_ce))},
         "arithmetic_limit": round(limit, 4),
         "offline_peak_mem_mb": round(peak_mb(memory["kd"]), 1) if memory else None,
         "online_peak_mem_mb": round(peak_mb(memory["online"]), 1) if memory else None,
@@ -383,11 +431,11 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "same_batches": same_batches,
-        "ms_per_step": {m: round(med[m] * 1e3, 1) for m in MODES},
-        "ms_per_step_best": {m: round(best[m] * 1e3, 1) for m in MODES},
-        "cpu_s_per_step": {m: round(cpu[m], 3) for m in MODES},
-        "tokens_per_step": {m: tok[m] for m in MODES},
-        "tokens_per_s": {m: round(tok[m] / med[m], 1) for m in MODES},
+        "ms_per_step": {m: round(med[m] * 1e3, 1) for m in ALL_MODES},
+        "ms_per_step_best": {m: round(best[m] * 1e3, 1) for m in ALL_MODES},
+        "cpu_s_per_step": {m: round(cpu[m], 3) for m in ALL_MODES},
+        "tokens_per_step": {m: tok[m] for m in ALL_MODES},
+        "tokens_per_s": {m: round(tok[m] / med[m], 1) for m in ALL_MODES},
         "memory": memory,
         "timing_wall_s": round(timing_s, 1),
     }
@@ -400,7 +448,8 @@ def main() -> None:
     students: dict[str, Any] = {}
     for layers, small in smaller.items():
         r = {name: ratio_figures(small["times"], small["cpu_times"], num, den)
-             for name, num, den in (("kd_vs_ce", "kd", "ce"), ("kdce_vs_ce", "kd+ce", "ce"), ("online_vs_offline", "online", "kd"))}
+             for name, num, den in (("kd_vs_ce", "kd", "ce"), ("kdce_vs_ce", "kd+ce", "ce"),
+                                    ("online_vs_offline", "online", "kd"), ("hf_kd_vs_ce", "hf-kd", "hf-ce"))}
         small_limit = (2 * small["teacher_params"] + 6 * small["student_params"]) / (6 * small["student_params"])
         students[f"{layers}_layers"] = {
             "student_params": small["student_params"], "arithmetic_limit": round(small_limit, 4),
@@ -408,8 +457,9 @@ def main() -> None:
             "kdce_vs_ce_step_ratio": round(r["kdce_vs_ce"]["median"], 4),
             "online_vs_offline_step_ratio": round(r["online_vs_offline"]["median"], 4),
             "online_vs_offline_of_limit": round(r["online_vs_offline"]["median"] / small_limit, 4),
+            "hf_kd_vs_ce_step_ratio": round(r["hf_kd_vs_ce"]["median"], 4),
             "ratios": {name: {k: round(v, 4) for k, v in x.items()} for name, x in r.items()},
-            "ms_per_step": {m: round(statistics.median(small["times"][m]) * 1e3, 1) for m in MODES},
+            "ms_per_step": {m: round(statistics.median(small["times"][m]) * 1e3, 1) for m in ALL_MODES},
             "same_batches": small["same_batches"],
         }
         targets[f"online_vs_offline_{layers}_layers>=0.95*limit"] = {

@@ -27,6 +27,7 @@ class HFKDConfig(Strict):
     store: str
     student: StudentConfig = StudentConfig()
     losses: Any = [{"name": "fkl"}]
+    fused_loss: bool = True  # output losses from the last hidden state + head (no whole logits), as kdcache train
     seed: int = 0
     buffer_rows: int = 256
     training: dict[str, Any] = {}  # transformers.TrainingArguments values (output_dir required)
@@ -44,7 +45,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     args = TrainingArguments(**{"report_to": [], "seed": cfg.seed, **cfg.training})
     rows = StoreRows(reader, kd_fields(reader, cfg.losses, student.model), seed=cfg.seed, buffer_rows=cfg.buffer_rows)
     trainer = KDTrainer(model=student.model, args=args, train_dataset=rows, processing_class=student.tokenizer,
-                        kd_store=reader, kd_losses=cfg.losses)
+                        kd_store=reader, kd_losses=cfg.losses, fused_loss=cfg.fused_loss)
     result = trainer.train()
     out = Path(args.output_dir) / "model"
     trainer.save_model(str(out))

@@ -44,8 +44,10 @@ class StoreRows(IterableDataset):
     """
 
     def __init__(self, store: str | StoreReader, fields: Sequence[str], *, seed: int = 0, shuffle: bool = True,
-                 buffer_rows: int = 256, block_rows: int = 64, on_corrupt: str = "raise"):
+                 buffer_rows: int = 256, block_rows: int = 64, on_corrupt: str = "raise",
+                 joined: Sequence[str | StoreReader] = ()):
         super().__init__()
+        self.joined = list(joined)  # the stores of teachers 1..n, row-aligned with this one
         self.on_corrupt = on_corrupt  # "skip": a shard that fails its digest check is left out, counted
         self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
         mask = ["loss_mask"] if self.reader.spec.loss_mask else []  # a chat store: the tokens to learn
@@ -61,7 +63,8 @@ class StoreRows(IterableDataset):
     def stream_for(self, batch_size: int, *, rank: int, world_size: int) -> KDStream:
         """A `KDStream` of these rows in batches of `batch_size`: rank `rank`'s part of `world_size`."""
         return KDStream(self.reader, self.names, batch_size, seed=self.seed, shuffle=self.shuffle,
-                        buffer_rows=self.buffer_rows, rank=rank, world_size=world_size, on_corrupt=self.on_corrupt)
+                        buffer_rows=self.buffer_rows, rank=rank, world_size=world_size, on_corrupt=self.on_corrupt,
+                        joined=self.joined)
 
     def loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> RankLoader:
         return RankLoader(self.stream_for(batch_size, rank=rank, world_size=world_size), num_workers)

@@ -28,6 +28,9 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     steps: int = Field(100, ge=1)
+    # passes over the store a run may take: None cycles it as often as `steps` need; a number makes
+    # a run whose steps × batch_size × grad_accum (× ranks) exceed rows × epochs an error before step 1
+    epochs: int | None = Field(None, ge=1)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)

@@ -18,28 +18,22 @@ from typing import Any
 import torch
 
 from kdstore.errors import CorruptShardError, StoreError
-from kdstore.join import check_aligned
-from kdstore.reader import StoreReader
 from kdstore.torch_stream import KDLoader, KDStream
-from pipeline.capture.model_head import LastHidden, fusable_head
-from pipeline.config import ConfigError, parse_config
+from pipeline.config import parse_config
 from pipeline.train.checkpoint import CHECKPOINT, Resumable, load_checkpoint, save_checkpoint
-from pipeline.train.cross_tokenizer import STORE_FIELDS, retokenizer
-from pipeline.train.fsdp import save_sharded_student, shard_student
-from pipeline.train.losses import (
-    NonFiniteLossError,
-    StoreInfo,
-    StudentDims,
-    StudentOutputs,
-    auxiliary_losses,
-    auxiliary_steps,
-    build_loss,
-    check_cross_tokenizer,
-    check_fields,
-    check_finite,
-    fold_loss_mask,
-    required_fields,
+from pipeline.train.core import (
+    DeviceMeter,
+    build_kd,
+    check_kd_input,
+    check_steps,
+    fused_forward,
+    needs_attentions,
+    open_stores,
+    prepare_batch,
+    student_outputs,
 )
+from pipeline.train.fsdp import save_sharded_student, shard_student
+from pipeline.train.losses import NonFiniteLossError, auxiliary_steps, check_cross_tokenizer
 from pipeline.train.online_teacher import online_spec, online_teacher_fields
 from pipeline.train.student import build_student
 from pipeline.train.train_config import TrainConfig, lr_factor
@@ -70,49 +64,46 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.reader = StoreReader(cfg.store)
-        self.extra_readers = [StoreReader(s) for s in cfg.extra_stores]
-        check_aligned([self.reader, *self.extra_readers])  # multi-teacher: stores line up, before any step
-        store_info = StoreInfo.joined([self.reader, *self.extra_readers])
+        readers = open_stores(cfg.store, cfg.extra_stores)
+        self.reader, self.extra_readers = readers[0], readers[1:]
         cross = check_cross_tokenizer(cfg.losses, cfg.student.tokenizer is not None)
-        check_loss_masks(self.reader, self.extra_readers, cross)
-        # Field check before the student is built (the losses themselves need the student's sizes).
-        check_fields(cfg.losses, store_info.field_names)
-        needs_attentions = any(f.startswith("attn_") for f in required_fields(cfg.losses, store_info.field_names))
-        self.student = build_student(cfg.student, self.reader, needs_attentions, str(self.device), cross)
-        model = self.student.model
-        dims = StudentDims.from_config(model.config, self.student.tokenizer)
-        self.loss = build_loss(cfg.losses, store_info, dims).to(self.device)
-        # a student with its own tokenizer: the store's rows are re-tokenised and aligned per batch
-        self.retokenize = retokenizer(self.student.tokenizer, self.reader, cfg.student_row_length) if cross else None
+        # the stores and the losses' fields are checked before the student is built (the losses
+        # themselves need the student's sizes)
+        info = check_kd_input(cfg.losses, readers, cross=cross)
+        self.student = build_student(cfg.student, self.reader, needs_attentions(cfg.losses, info), str(self.device), cross)
+        model = self.student.model  # build_student checked its tokenizer against the store's
+        self.sharded = cfg.parallel == "fsdp" and self.world > 1  # FSDP2: before the optimizer sees the params
+        # fused output losses read the head's weight outside the forward: not with a sharded head
+        self.kd = build_kd(cfg.losses, readers, model, self.student.tokenizer if cross else None, info=info, cross=cross,
+                           fused_loss=cfg.fused_loss and not cfg.online_full_logits, can_fuse=not self.sharded,
+                           online=cfg.online_teacher is not None, student_row_length=cfg.student_row_length,
+                           device=self.device)
+        if cfg.fused_loss and self.kd.why_not_fused and not self.sharded and self.rank == 0:
+            print(f"fused output losses off: {self.kd.why_not_fused}; computing whole logits", flush=True)
+        self.loss, self.fused = self.kd.loss, self.kd.fused
         # losses with a part trained by their own optimizer (the adversarial discriminator): stepped
         # before the loss each micro-batch, checkpointed under "aux"; never in self.optimizer
-        self.aux_losses = auxiliary_losses(self.loss)
-        fields = sorted(set(self.loss.fields) | {"input_ids", "valid"} | (set(STORE_FIELDS) if cross else set()))
-        if cfg.online_teacher:
-            fields = ["input_ids", "valid", "doc_ids"]
-        if self.reader.spec.loss_mask:  # a chat store: every loss counts the assistant's tokens only
-            fields = sorted({*fields, "loss_mask"})
-        self.stream = KDStream(self.reader, fields, cfg.batch_size, seed=cfg.seed, buffer_rows=cfg.buffer_rows,
-                               rank=self.rank, world_size=self.world,
+        self.aux_losses = list(self.kd.aux_losses)
+        self.stream = KDStream(self.reader, list(self.kd.fields), cfg.batch_size, seed=cfg.seed,
+                               buffer_rows=cfg.buffer_rows, rank=self.rank, world_size=self.world,
                                on_corrupt="skip" if cfg.on_corrupt_shard == "skip" else "raise",
                                joined=self.extra_readers)
+        check_steps(self._rank_rows(), cfg.steps, cfg.batch_size * cfg.grad_accum, cfg.epochs,
+                    f"store {self.reader.location.url!r}" + (f" (rank {self.rank} of {self.world})" if self.world > 1 else ""))
         self.loader = KDLoader(self.stream, num_workers=cfg.num_workers)
-        self.sharded = cfg.parallel == "fsdp" and self.world > 1  # FSDP2: before the optimizer sees the params
         if self.sharded:
             shard_student(model, self.loss)
-        # fused output losses read the head's weight outside the forward: not with a sharded head
-        self.fused = not self.sharded and self._fuse(cfg, model)
         params = [p for p in list(model.parameters()) + list(self.loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         # fused output losses: the base model's last hidden state, the head applied by the losses
-        self.forward_model = LastHidden(model) if self.fused else model
+        self.forward_model = fused_forward(model) if self.fused else model
         if self.world > 1 and not self.sharded:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
+        self.meter = DeviceMeter()
         self.bf16 = self._bf16()
         self.out = Path(cfg.out)
         self.teacher = None
@@ -126,16 +117,11 @@ class Trainer:
                                    sharded=self.sharded)
         self._resume()
 
-    def _fuse(self, cfg: TrainConfig, model: Any) -> bool:
-        """Whether the losses run fused (no whole logits): every loss can, and the head allows it."""
-        if not (cfg.fused_loss and self.loss.fusable and not cfg.online_full_logits and not self.aux_losses):
-            return False
-        if self.loss.needs - {"logits", "output_head"}:
-            return False
-        why = fusable_head(model, getattr(model.config, "vocab_size", None))
-        if why is not None and self.rank == 0:
-            print(f"fused output losses off: the student's {why}; computing whole logits", flush=True)
-        return why is None
+    def _rank_rows(self) -> int:
+        """Rows this rank reads per epoch (all its loader workers together)."""
+        workers = max(1, self.cfg.num_workers)
+        return sum(len(self.stream.worker_order(0, self.rank * workers + w, self.world * workers))
+                   for w in range(workers))
 
     # ------------------------------------------------------------ checkpoints
 
@@ -163,45 +149,34 @@ class Trainer:
             if empty_passes >= 2:
                 raise StoreError(f"store {self.cfg.store!r} yields no rows to rank {self.rank}")
 
-    def train_step(self, batches) -> dict[str, Any]:
+    def step_on_device(self, batches) -> dict[str, Any]:
+        """One optimizer step, with no host-device sync: the loss components stay on the device
+        (`self.meter` holds them until `read_log`); tokens and sample ids are the host's counts."""
         cfg = self.cfg
-        model = self.forward_model
-        needs = self.loss.needs
-        components: dict[str, float] = {}
-        tokens = 0
+        tokens = truncated = 0
         sample_ids: list[int] = []
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        sync = self._average_grads if self.world > 1 else None
         for _ in range(cfg.grad_accum):
             batch = next(batches)
-            sample_ids += batch["sample_id"].tolist()
             if self.teacher is not None:
                 batch.update(online_teacher_fields(self.teacher, self.online_spec, batch["input_ids"],
                                                    cfg.online_full_logits))
-            if self.retokenize is not None:
-                batch = self.retokenize(batch)
-                components["truncated_tokens"] = components.get("truncated_tokens", 0.0) + float(batch.pop("truncated_tokens"))
-            batch = fold_loss_mask({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-            sync = self._average_grads if self.world > 1 else None
+            prepared = prepare_batch(batch, self.device, self.kd.retokenize)
+            batch = prepared.batch
+            tokens, truncated, sample_ids = tokens + prepared.tokens, truncated + prepared.truncated_tokens, \
+                sample_ids + prepared.sample_ids
             try:
-                with autocast:
-                    head = self.student.model.get_output_embeddings().weight
-                    if self.fused:  # no [tokens, V] logits: the losses apply the head chunk by chunk
-                        student = StudentOutputs(None, output_head=head, last_hidden=model(batch["input_ids"]))
-                    else:
-                        out = model(input_ids=batch["input_ids"], output_hidden_states="hidden_states" in needs,
-                                    output_attentions="attentions" in needs, use_cache=False)
-                        student = StudentOutputs(out.logits, out.hidden_states, out.attentions, head)
-                    aux = auxiliary_steps(self.aux_losses, student, batch, sync)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    student = student_outputs(self.kd, self.forward_model, self.student.model, batch["input_ids"])
+                    aux = auxiliary_steps(self.aux_losses, student, batch, sync)  # own syncs: they step an optimizer
                     result = self.loss(student, batch)
-                check_finite(result, batch)
-            except NonFiniteLossError as exc:
+            except NonFiniteLossError as exc:  # a diverged discriminator, found by its own step
                 raise NonFiniteLossError(f"step {self.step + 1}: {exc}") from exc
             (result.total / cfg.grad_accum).backward()
-            for name, value in {**result.components, **aux}.items():
-                components[name] = components.get(name, 0.0) + float(value) / cfg.grad_accum
-            components["loss"] = components.get("loss", 0.0) + float(result.total.detach()) / cfg.grad_accum
-            tokens += int(batch["valid"].sum())
+            self.meter.add({**result.components, **aux, "loss": result.total}, 1.0 / cfg.grad_accum)
+        if self.kd.retokenize is not None:
+            self.meter.add({"truncated_tokens": float(truncated)})
         if self.world > 1:
             self._average_grads(self.loss.parameters())
         if cfg.clip is not None:
@@ -210,7 +185,20 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**components, "lr": lr, "tokens": tokens, "sample_ids": sample_ids}
+        values = self.meter.end_step({"step": self.step, "lr": lr}, sample_ids)
+        return {**values, "lr": lr, "tokens": tokens, "sample_ids": sample_ids}
+
+    def read_log(self) -> list[tuple[dict[str, Any], list[int]]]:
+        """The pending steps' records (one sync), each (record, sample ids); a non-finite component
+        raises `NonFiniteLossError` naming its step and sample ids."""
+        return self.meter.read()
+
+    def train_step(self, batches) -> dict[str, Any]:
+        """One step, its components read at once (floats): for tests and scripts; `train` reads
+        them every `log_every` steps instead."""
+        stats = self.step_on_device(batches)
+        record, _ = self.read_log()[-1]
+        return {**stats, **record}
 
     def _average_grads(self, params) -> None:
         """DDP averages the student's gradients; the losses' own projections (and, from their
@@ -232,7 +220,9 @@ class Trainer:
     def train(self, progress: bool = True, on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
               ) -> dict[str, Any]:
         """Train to `cfg.steps`; `on_step(trainer, record)` runs after every step (an evaluation hook:
-        held-out scoring every N steps, early stopping by raising), with the step's log record."""
+        held-out scoring every N steps, early stopping by raising), with the step's log record.
+        Without a hook the loss components are read from the device only every `log_every` steps
+        and before each checkpoint (the log still has one line per step)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.student.model.train()
@@ -241,19 +231,20 @@ class Trainer:
         with TrainLog(self.out, self.step, cfg.tensorboard, enabled=self.rank == 0) as log:
             while self.step < cfg.steps:
                 try:
-                    stats = self.train_step(batches)
+                    stats = self.step_on_device(batches)
                 except CorruptShardError as exc:
+                    self._write(log, progress=False)
                     saved = self.save_checkpoint()
                     raise CorruptShardError(f"{exc}; training stopped at step {self.step}, checkpoint {saved} "
                                             "(set on_corrupt_shard: skip to train on without it)") from exc
-                window_tokens += stats.pop("tokens")
-                sample_ids = stats.pop("sample_ids")
-                elapsed = time.perf_counter() - started
-                last = {"step": self.step, "lr": stats.pop("lr"),
-                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), **stats}
-                log.record(last, sample_ids)
-                if progress and self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    print(progress_line(last, cfg.steps), flush=True)
+                window_tokens += stats["tokens"]
+                self.meter.pending[-1].info["tokens_per_s"] = round(
+                    window_tokens / max(time.perf_counter() - started, 1e-9), 1)
+                # values are read (one sync, the finiteness check) at log steps and before a checkpoint;
+                # an on_step hook gets every step's record, so it reads every step
+                shown = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if shown or self.step % cfg.checkpoint_every == 0 or on_step is not None:
+                    last = self._write(log, progress and shown) or last
                 if on_step is not None:
                     on_step(self, last)
                 if self.step % cfg.checkpoint_every == 0:
@@ -268,19 +259,15 @@ class Trainer:
         return {"out": str(self.out), "steps": self.step, "last": last, "student": self.student.origin,
                 "corrupt_shards_skipped": len(skipped), "corrupt_shards": skipped}
 
-
-def check_loss_masks(reader: StoreReader, extra: list[StoreReader], cross: bool) -> None:
-    """A chat store's loss mask reaches every loss through the primary store's rows; refuse what
-    cannot honour it: a student with another tokenizer (its re-tokenised rows carry no mask), or
-    a join of stores that disagree on having one."""
-    if not reader.spec.loss_mask:
-        if masked := [r.location.url for r in extra if r.spec.loss_mask]:
-            raise ConfigError(f"store {masked[0]!r} has a chat loss_mask but the primary store {reader.location.url!r} "
-                             "has none: list the chat store first so its mask applies to every teacher")
-        return
-    if cross:
-        raise ConfigError(f"store {reader.location.url!r} is a chat store (a loss_mask over assistant tokens): a student "
-                         "with its own tokenizer cannot carry that mask over; use the teacher's tokenizer")
+    def _write(self, log: TrainLog, progress: bool) -> dict[str, Any]:
+        """Read the pending steps (one sync), write their log lines; the last step's record."""
+        last: dict[str, Any] = {}
+        for record, sample_ids in self.read_log():
+            last = record
+            log.record(record, sample_ids)
+        if progress and last and self.rank == 0:
+            print(progress_line(last, self.cfg.steps), flush=True)
+        return last
 
 
 def train(config: dict[str, Any] | TrainConfig, progress: bool = True) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from kdstore.errors import StoreMismatchError
 from kdstore.reader import StoreReader
 from pipeline.config import ConfigError
 from pipeline.train.hf_trainer import KDTrainer
-from pipeline.train.losses import fold_loss_mask
 from pipeline.train.store_rows import StoreRows
 
 SAMPLE_ID = "sample_id"
@@ -110,8 +109,4 @@ class KDSFTTrainer(KDTrainer, SFTTrainer):
         if rows is not None:
             self.train_dataset = rows  # streamed per rank by StoreRowsMixin
         elif "data_collator" not in kwargs:
-            self.data_collator = SampleIdCollator(reader, self.kd_loss.fields)
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        return super().compute_loss(model, fold_loss_mask(inputs), return_outputs, num_items_in_batch)
+            self.data_collator = SampleIdCollator(reader, self.kd.fields)

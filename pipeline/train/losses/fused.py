@@ -146,8 +146,8 @@ class _Fused(torch.autograd.Function):
             raise RuntimeError("the fused output loss's backward runs once (its gradients were computed in the "
                                "forward pass and handed over); recompute the loss to differentiate it again")
         grads, ctx.grads = ctx.grads, None
-        one = bool(grad_total == 1)
-        scaled = [g if g is None or one else g.mul_(grad_total.to(g.dtype)) for g in grads]
+        # always scaled (× 1 is exact): testing grad_total == 1 on the host would sync the device
+        scaled = [g if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
         return scaled[0], scaled[1], None, None
 
 

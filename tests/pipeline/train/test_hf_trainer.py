@@ -53,7 +53,7 @@ def test_hf_trainer_takes_the_same_steps_as_ours(store, tiny_teacher_dir, tmp_pa
                              use_cpu=True, seed=cfg.seed, disable_tqdm=True, dataloader_num_workers=0)
     rows = StoreRows(reader, kd_fields(reader, LOSSES, model), seed=cfg.seed, buffer_rows=cfg.buffer_rows)
     trainer = KDTrainer(model=model, args=args, train_dataset=rows, optimizers=(optimizer, scheduler),
-                        kd_store=reader, kd_losses=LOSSES)
+                        kd_store=reader, kd_losses=LOSSES, fused_loss=False)
     trainer.train()
 
     assert trainer.kd_sample_ids == [e["sample_ids"] for e in ours]  # the same batches

@@ -174,11 +174,11 @@ _KILLABLE = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 from pipeline.train import trainer
-step = trainer.Trainer.train_step
+step = trainer.Trainer.step_on_device
 def slow_step(self, batches):  # slow enough to be killed mid-run
     time.sleep({sleep})
     return step(self, batches)
-trainer.Trainer.train_step = slow_step
+trainer.Trainer.step_on_device = slow_step
 trainer.train(json.loads(open(sys.argv[1]).read()), progress=False)
 """
 
@@ -341,8 +341,11 @@ def test_nan_loss_names_step_component_and_samples(store, tiny_teacher_dir, smol
     smollm2_tokenizer.save_pretrained(folder)
     ids = _first_batches(store, 1)[0]
     cfg = _cfg(store, tmp_path / "run", tiny_teacher_dir, student={"init": "pretrained", "path": str(folder)})
-    with pytest.raises(NonFiniteLossError, match=rf"step 1: .*fkl=nan.*ce=nan.*sample ids \[{ids[0]}, {ids[1]}\]"):
+    # read at the first log step (log_every 10, steps 4: the last): the error names the step it happened at
+    with pytest.raises(NonFiniteLossError, match=rf"step 1 \(of steps 1-4 read together\): .*fkl=nan.*ce=nan.*"
+                                                 rf"sample ids \[{ids[0]}, {ids[1]}\]"):
         train(cfg, progress=False)
+    assert not (tmp_path / "run" / CHECKPOINT).exists()  # nothing non-finite was checkpointed
 
 
 # ---------------------------------------------------------------- alignment and dual-space losses
@@ -460,12 +463,12 @@ import hashlib, json, sys
 sys.path.insert(0, {repo!r})
 from pipeline.train import trainer
 seen = []
-step = trainer.Trainer.train_step
+step = trainer.Trainer.step_on_device
 def recording_step(self, batches):
     stats = step(self, batches)
     seen.append(stats["sample_ids"])
     return stats
-trainer.Trainer.train_step = recording_step
+trainer.Trainer.step_on_device = recording_step
 t = trainer.Trainer(trainer.TrainConfig(**json.loads(open(sys.argv[1]).read())))
 t.train(progress=False)
 def digest(module):
