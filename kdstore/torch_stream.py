@@ -205,6 +205,10 @@ class KDStream(IterableDataset):
                 "resume with the same world size and num_workers"
             )
 
+    def rows_per_epoch(self) -> int:
+        """Rows of all ranks and workers in one epoch (before any corrupt shard is skipped)."""
+        return int(self.shard_rows.sum())
+
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:

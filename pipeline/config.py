@@ -151,7 +151,7 @@ class RunnerConfig(Strict):
     workers: int = Field(1, ge=1)
     dask_address: str | None = None  # a scheduler address; None with kind=dask = a LocalCluster
     retries: int = Field(2, ge=0)
-    devices: list[Annotated[int, Field(ge=0)]] | None = None
+    devices: list[Annotated[int, Field(ge=0)]] | None = None  # CUDA indices: one worker process per device
 
     @model_validator(mode="after")
     def _devices(self) -> RunnerConfig:

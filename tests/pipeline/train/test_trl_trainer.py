@@ -55,11 +55,12 @@ def _sft_config(out: Path, steps: int, **over):
 @pytest.mark.parametrize("kind", ["plain", "chat"])
 def test_trl_takes_the_same_steps_as_kdcache_train(kind, plain_store, chat_store, tiny_teacher_dir, tmp_path):
     store = plain_store if kind == "plain" else chat_store
+    fused = kind == "plain"  # fused output losses on one store, whole logits on the other: both paths
     steps = 5
     cfg = TrainConfig(store=store, out=str(tmp_path / "ours"), losses=LOSSES, batch_size=2, steps=steps, lr=1e-3,
                       warmup_steps=2, clip=1.0, device="cpu", tensorboard=False, checkpoint_every=100,
                       student={"init": "teacher_layers", "teacher": str(tiny_teacher_dir), "num_layers": 1},
-                      fused_loss=False)  # the HF loss computes whole logits: compare the same arithmetic
+                      fused_loss=fused)
     train(cfg, progress=False)
     ours = [json.loads(x) for x in (tmp_path / "ours" / "train_log.jsonl").read_text().splitlines()]
 
@@ -72,7 +73,8 @@ def test_trl_takes_the_same_steps_as_kdcache_train(kind, plain_store, chat_store
     assert ("loss_mask" in rows.fields) == (kind == "chat")
     trainer = KDSFTTrainer(model=model, args=_sft_config(tmp_path / "trl", steps), train_dataset=rows,
                            processing_class=student.tokenizer, optimizers=(optimizer, scheduler),
-                           kd_store=reader, kd_losses=LOSSES)
+                           kd_store=reader, kd_losses=LOSSES, fused_loss=fused)
+    assert trainer.kd.fused == fused
     trainer.train()
 
     assert trainer.kd_sample_ids == [e["sample_ids"] for e in ours]  # the store's rows, in kdcache's order
