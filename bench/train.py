@@ -149,7 +149,8 @@ class HFStepper:
         self.trainer.current_gradient_accumulation_steps = 1  # the inner loop sets it per step
         self.model = self.trainer.model
         self.model.train()
-        self.batches = iter(self.trainer.get_train_dataloader())
+        self.loader = self.trainer.get_train_dataloader()
+        self.batches = iter(self.loader)
         self.device = self.trainer.args.device
         self.ids: list[list[int]] = []
         self.fused = self.trainer.kd.fused
@@ -157,7 +158,10 @@ class HFStepper:
     def step(self) -> torch.Tensor:
         """One step; its token count as a tensor (read after the timing: Accelerate puts the
         batch on the device already)."""
-        batch = next(self.batches)
+        batch = next(self.batches, None)
+        if batch is None:  # the end of an epoch: the next one, as the Trainer's own loop would
+            self.batches = iter(self.loader)
+            batch = next(self.batches)
         self.ids.append(batch["sample_id"])
         tokens = batch["valid"].sum()
         self.trainer.training_step(self.model, batch)
