@@ -17,27 +17,12 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from kdstore import records
 from kdstore.digest import digest_file, digest_local
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, StoreError
 from kdstore.fields import fields_for_spec
 from kdstore.location import Location
 from kdstore.reader import StoreReader
-from kdstore.records import (
-    COMMIT_JSON,
-    COMMIT_JSON_INDENT,
-    RECORD_SHA256,
-    SHARDS_DIR,
-    STORE_JSON,
-    STORE_JSON_INDENT,
-    TEACHER_DIR,
-    CommitRecord,
-    FileRecord,
-    StoreMeta,
-    json_bytes,
-    parse_commit,
-    read_store_meta,
-    read_teacher_record,
-)
 from kdstore.spec import fingerprint as spec_fingerprint
 
 CHECKS = ("hash", "size", "record")  # record: the commit record alone, no file of the shard read or listed
@@ -79,43 +64,44 @@ class VerifyReport:
 
 def check_shard(
     location: Location, shard_id: str, fingerprint: str | None, check: str = "hash"
-) -> tuple[list[Problem], CommitRecord | None]:
+) -> tuple[list[Problem], records.CommitRecord | None]:
     """Problems of one shard (empty when intact) and its record (None when not committed).
     `fingerprint` None (store.json unreadable): the shard is checked against its own record."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     try:
-        raw = location.read_bytes(SHARDS_DIR, shard_id, COMMIT_JSON)
+        raw = location.read_bytes(records.SHARDS_DIR, shard_id, records.COMMIT_JSON)
     except FileNotFoundError:
-        if location.exists(SHARDS_DIR, shard_id):
-            return [Problem(shard_id, COMMIT_JSON, "missing: the shard has files but no commit record")], None
+        if location.exists(records.SHARDS_DIR, shard_id):
+            return [Problem(shard_id, records.COMMIT_JSON, "missing: the shard has files but no commit record")], None
         return [], None
     try:
-        record = parse_commit(raw, location, shard_id)
+        record = records.parse_commit(raw, location, shard_id)
     except CorruptShardError as exc:
-        return [Problem(shard_id, COMMIT_JSON, str(exc))], None
+        return [Problem(shard_id, records.COMMIT_JSON, str(exc))], None
     problems = []
-    if raw != json_bytes(record.to_json(checksum=json.loads(raw).get(RECORD_SHA256)), COMMIT_JSON_INDENT):
-        problems.append(Problem(shard_id, COMMIT_JSON, "its bytes differ from the record they parse to (altered)"))
+    checksum = json.loads(raw).get(records.RECORD_SHA256)
+    if raw != records.json_bytes(record.to_json(checksum=checksum), records.COMMIT_JSON_INDENT):
+        problems.append(Problem(shard_id, records.COMMIT_JSON, "its bytes differ from the record they parse to (altered)"))
     if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(
-            Problem(shard_id, COMMIT_JSON, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}")
+            Problem(shard_id, records.COMMIT_JSON, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}")
         )
     if record.shard_id != shard_id:
-        problems.append(Problem(shard_id, COMMIT_JSON, f"records shard id {record.shard_id!r}"))
+        problems.append(Problem(shard_id, records.COMMIT_JSON, f"records shard id {record.shard_id!r}"))
     if check != "record":
         problems += [Problem(shard_id, rel, message)
-                     for rel, message in check_listed_files(location, (SHARDS_DIR, shard_id), record.files, check)]
+                     for rel, message in check_listed_files(location, (records.SHARDS_DIR, shard_id), record.files, check)]
     return problems, record
 
 
-def check_listed_files(location: Location, folder: tuple[str, ...], files: Mapping[str, FileRecord],
+def check_listed_files(location: Location, folder: tuple[str, ...], files: Mapping[str, records.FileRecord],
                        check: str) -> list[tuple[str, str]]:
     """(file, problem) for each file a commit record lists that is missing, of another size or
     (check "hash") another digest, and for each file in the folder that it does not list."""
-    commit = f"{TEACHER_DIR}/{COMMIT_JSON}" if folder == (TEACHER_DIR,) else COMMIT_JSON
+    commit = f"{records.TEACHER_DIR}/{records.COMMIT_JSON}" if folder == (records.TEACHER_DIR,) else records.COMMIT_JSON
     on_disk = location.walk_files(*folder)
-    on_disk.pop(COMMIT_JSON, None)
+    on_disk.pop(records.COMMIT_JSON, None)
     found = []
     for rel, expected in sorted(files.items()):
         size = on_disk.pop(rel, None)
@@ -139,13 +125,14 @@ def verify_store(url: str, check: str = "hash") -> VerifyReport:
     location = Location.of(url)
     top = location.walk_files() if location.exists() else {}
     if not top:
-        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(STORE_JSON)} does not exist")
+        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(records.STORE_JSON)} does not exist")
     problems, fingerprint = check_store_json(location)
     problems += check_teacher(location, fingerprint, check)
     problems += [Problem(None, rel, "not a file of a kdcache store (store.json, teacher/, shards/<id>/)")
-                 for rel in sorted(top) if rel != STORE_JSON and rel.split("/")[0] not in (SHARDS_DIR, TEACHER_DIR)]
-    names = location.list_dirs(SHARDS_DIR)
-    leftovers = [posixpath.join(SHARDS_DIR, n) for n in names if n.startswith(".")]
+                 for rel in sorted(top)
+                 if rel != records.STORE_JSON and rel.split("/")[0] not in (records.SHARDS_DIR, records.TEACHER_DIR)]
+    names = location.list_dirs(records.SHARDS_DIR)
+    leftovers = [posixpath.join(records.SHARDS_DIR, n) for n in names if n.startswith(".")]
     names = [n for n in names if not n.startswith(".")]
     ranges = []
     # shards in parallel: the digests release the GIL, and object-store reads overlap
@@ -164,31 +151,32 @@ def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
     """Problems of store.json and the fingerprint the shards are checked against (None when
     store.json cannot be trusted: the shards are then checked against their own records only)."""
     try:
-        raw = location.read_bytes(STORE_JSON)
+        raw = location.read_bytes(records.STORE_JSON)
     except FileNotFoundError:
-        return [Problem(None, STORE_JSON, "missing: the store has files but no store.json")], None
+        return [Problem(None, records.STORE_JSON, "missing: the store has files but no store.json")], None
     try:
-        meta = read_store_meta(location)
+        meta = records.read_store_meta(location)
     except FormatVersionError:
         raise  # not damage: a newer kdcache wrote it
     except StoreError as exc:
-        return [Problem(None, STORE_JSON, str(exc))], None
+        return [Problem(None, records.STORE_JSON, str(exc))], None
     problems = []
     if meta.format_version < 1:
-        problems.append(Problem(None, STORE_JSON, f"format_version {meta.format_version} is not a kdcache format"))
+        problems.append(Problem(None, records.STORE_JSON, f"format_version {meta.format_version} is not a kdcache format"))
     recomputed = spec_fingerprint(meta.spec, meta.provenance)
     if recomputed != meta.fingerprint:
-        problems.append(Problem(None, STORE_JSON, f"fingerprint {meta.fingerprint} does not match its spec + provenance "
-                                                  f"({recomputed}): the spec or provenance was altered"))
+        problems.append(Problem(None, records.STORE_JSON, f"fingerprint {meta.fingerprint} does not match its spec + provenance "
+                                                          f"({recomputed}): the spec or provenance was altered"))
     expected = {f.name: f for f in fields_for_spec(meta.spec, meta.format_version)}
     actual = {f.name: f for f in meta.fields}
     for name in sorted(expected.keys() | actual.keys()):
         if expected.get(name) != actual.get(name):
-            problems.append(Problem(None, STORE_JSON, f"field {name!r} in the field layout differs from what the spec "
-                                                      "implies (codec chain, dtype or shape altered)"))
-    if not problems and raw != json_bytes(StoreMeta(meta.spec, meta.provenance, meta.fingerprint, meta.fields,
-                                                    meta.format_version).to_json(), STORE_JSON_INDENT):
-        problems.append(Problem(None, STORE_JSON, "its bytes differ from the store.json they parse to (altered)"))
+            problems.append(Problem(None, records.STORE_JSON, f"field {name!r} in the field layout differs from what the spec "
+                                                              "implies (codec chain, dtype or shape altered)"))
+    if not problems:
+        rewritten = records.StoreMeta(meta.spec, meta.provenance, meta.fingerprint, meta.fields, meta.format_version)
+        if raw != records.json_bytes(rewritten.to_json(), records.STORE_JSON_INDENT):
+            problems.append(Problem(None, records.STORE_JSON, "its bytes differ from the store.json they parse to (altered)"))
     return problems, None if problems else meta.fingerprint
 
 
@@ -198,11 +186,11 @@ def check_structure(url: str) -> VerifyReport:
     parallel: one small read per shard, also on object stores). Payload bytes are checked as
     they are read (verify on read); `verify_store` is the full re-hash."""
     location = Location.of(url)
-    if not location.exists(STORE_JSON):
-        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(STORE_JSON)} does not exist")
+    if not location.exists(records.STORE_JSON):
+        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(records.STORE_JSON)} does not exist")
     problems, fingerprint = check_store_json(location)
     problems += check_teacher(location, fingerprint, "record")
-    names = [n for n in location.list_dirs(SHARDS_DIR) if not n.startswith(".")]
+    names = [n for n in location.list_dirs(records.SHARDS_DIR) if not n.startswith(".")]
     with ThreadPoolExecutor(max_workers=16) as pool:
         for shard_problems, _ in pool.map(lambda n: check_shard(location, n, fingerprint, "record"), names):
             problems += shard_problems
@@ -211,11 +199,11 @@ def check_structure(url: str) -> VerifyReport:
 
 def check_teacher(location: Location, fingerprint: str | None, check: str = "hash") -> list[Problem]:
     """teacher/ against teacher/COMMIT.json: every listed file there and intact, nothing unlisted."""
-    if not location.exists(TEACHER_DIR) or not location.walk_files(TEACHER_DIR):
+    if not location.exists(records.TEACHER_DIR) or not location.walk_files(records.TEACHER_DIR):
         return []
-    commit = f"{TEACHER_DIR}/{COMMIT_JSON}"
+    commit = f"{records.TEACHER_DIR}/{records.COMMIT_JSON}"
     try:
-        record = read_teacher_record(location)
+        record = records.read_teacher_record(location)
     except (ValueError, KeyError, TypeError) as exc:
         return [Problem(None, commit, f"not a valid commit record ({exc})")]
     if record is None:
@@ -225,8 +213,8 @@ def check_teacher(location: Location, fingerprint: str | None, check: str = "has
     if fingerprint is not None and record.fingerprint != fingerprint:
         problems.append(Problem(None, commit, f"written for fingerprint {record.fingerprint}, the store's is {fingerprint}"))
     if check != "record":
-        problems += [Problem(None, f"{TEACHER_DIR}/{rel}", message)
-                     for rel, message in check_listed_files(location, (TEACHER_DIR,), record.files, check)]
+        problems += [Problem(None, f"{records.TEACHER_DIR}/{rel}", message)
+                     for rel, message in check_listed_files(location, (records.TEACHER_DIR,), record.files, check)]
     return problems
 
 

@@ -38,17 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.train.losses.base import (
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    kd_mask,
-    masked_mean,
-    require,
-)
+from pipeline.train.losses import base
 from pipeline.train.losses.config import LAYER_MAP, LayerMapConfig
 from pipeline.train.losses.registry import LossConfig, register_loss
 from pipeline.train.losses.store_info import StoreInfo
@@ -92,7 +82,7 @@ def resolve_layer_map(
     pairs = [(int(s), int(t)) for s, t in layer_map]
     bad = [s for s, _ in pairs if not 0 <= s <= top]
     if bad:
-        raise LossConfigError(f"layer_map student layer(s) {bad} out of range: the student has {kind} indices 0..{top}")
+        raise base.LossConfigError(f"layer_map student layer(s) {bad} out of range: the student has {kind} indices 0..{top}")
     return pairs
 
 
@@ -113,7 +103,7 @@ def attention_fields(layer_map: LayerMap, field_names: Sequence[str]) -> tuple[s
 # ---------------------------------------------------------------- hidden states
 
 
-class HiddenLoss(KDLoss):
+class HiddenLoss(base.KDLoss):
     needs = frozenset({"hidden_states"})
 
     def __init__(
@@ -126,19 +116,19 @@ class HiddenLoss(KDLoss):
     ):
         super().__init__()
         if not pairs:
-            raise LossConfigError("loss 'hidden': the layer map pairs no layers")
+            raise base.LossConfigError("loss 'hidden': the layer map pairs no layers")
         self.pairs = tuple(pairs)
         self.metric = metric
         if metric == "zmse":
             if teacher_std is None:
-                raise LossConfigError("loss 'hidden' with metric zmse needs the teacher's hidden statistics")
+                raise base.LossConfigError("loss 'hidden' with metric zmse needs the teacher's hidden statistics")
             scales = []
             for _, t in self.pairs:
                 if t not in teacher_std:
-                    raise LossConfigError(f"loss 'hidden': no statistics for teacher layer {t} (have {sorted(teacher_std)})")
+                    raise base.LossConfigError(f"loss 'hidden': no statistics for teacher layer {t} (have {sorted(teacher_std)})")
                 std = teacher_std[t].float()
                 if std.shape != (teacher_width,):
-                    raise LossConfigError(f"loss 'hidden': statistics of layer {t} have shape {tuple(std.shape)}, "
+                    raise base.LossConfigError(f"loss 'hidden': statistics of layer {t} have shape {tuple(std.shape)}, "
                                           f"expected ({teacher_width},)")
                 # a constant feature (std 0) must not divide by zero: floor at 1e-3 of the median std
                 scales.append(1.0 / std.clamp_min(max(float(std.median()) * 1e-3, 1e-8)))
@@ -151,11 +141,11 @@ class HiddenLoss(KDLoss):
             else None
         )
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
-        require(student, "hidden_states", self.label)
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
+        base.require(student, "hidden_states", self.label)
         hidden = student.hidden_states
         assert hidden is not None
-        mask = kd_mask(batch)
+        mask = base.kd_mask(batch)
         values = []
         for i, (s, t) in enumerate(self.pairs):
             if s >= len(hidden):
@@ -163,14 +153,14 @@ class HiddenLoss(KDLoss):
             hs = hidden[s].float()
             if self.projections is not None:
                 hs = self.projections[i](hs)
-            ht = batch_field(batch, f"hidden_{t}", self.label).to(hs.dtype)
+            ht = base.batch_field(batch, f"hidden_{t}", self.label).to(hs.dtype)
             if self.metric == "mse":
                 per = (hs - ht).pow(2).mean(-1)
             elif self.metric == "zmse":
                 per = ((hs - ht) * self.inv_std[i].to(hs.dtype)).pow(2).mean(-1)
             else:
                 per = 1.0 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-8)
-            values.append(masked_mean(per, mask))
+            values.append(base.masked_mean(per, mask))
         return self.result(torch.stack(values).mean())
 
 
@@ -208,7 +198,7 @@ def attention_divergence(
     return (p - q_kept).pow(2).sum(-1) + (p_tail - q_tail).pow(2)
 
 
-class AttentionLoss(KDLoss):
+class AttentionLoss(base.KDLoss):
     needs = frozenset({"attentions"})
 
     def __init__(
@@ -221,7 +211,7 @@ class AttentionLoss(KDLoss):
     ):
         super().__init__()
         if not pairs:
-            raise LossConfigError("loss 'attention': the layer map pairs no layers")
+            raise base.LossConfigError("loss 'attention': the layer map pairs no layers")
         self.pairs = tuple(pairs)
         self.metric = metric
         self.label = f"attn_{metric}"
@@ -236,27 +226,27 @@ class AttentionLoss(KDLoss):
             stored = list(stored_heads)
             missing = [int(t) for _, t in head_map if int(t) not in stored]
             if missing:
-                raise LossConfigError(f"loss 'attention': head_map teacher head(s) {missing} are not stored; stored heads: {stored}")
+                raise base.LossConfigError(f"loss 'attention': head_map teacher head(s) {missing} are not stored; stored heads: {stored}")
             self.heads = tuple((int(s), stored.index(int(t))) for s, t in head_map)
             if not self.heads:
-                raise LossConfigError("loss 'attention': head_map is empty")
+                raise base.LossConfigError("loss 'attention': head_map is empty")
 
     def _teacher(self, batch: Mapping[str, Tensor], layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Teacher probs [B,H,T,T] (0 off the kept keys), kept-key mask and tail ([B,H,T]) or None."""
         if layer not in self.topk_layers:
-            return batch_field(batch, f"attn_{layer}", self.label).to(dtype), None, None
-        ids = batch_field(batch, f"attn_{layer}_ids", self.label).long()
-        vals = batch_field(batch, f"attn_{layer}_p", self.label).to(dtype)
+            return base.batch_field(batch, f"attn_{layer}", self.label).to(dtype), None, None
+        ids = base.batch_field(batch, f"attn_{layer}_ids", self.label).long()
+        vals = base.batch_field(batch, f"attn_{layer}_p", self.label).to(dtype)
         T = ids.shape[-2]
         p = torch.zeros((*ids.shape[:-1], T), dtype=dtype, device=ids.device).scatter_add_(-1, ids, vals)
         keys = torch.zeros(p.shape, dtype=torch.bool, device=ids.device).scatter_(-1, ids, True)
         return p, keys, (1.0 - vals.sum(-1)).clamp_min(0.0)
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
-        require(student, "attentions", self.label)
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
+        base.require(student, "attentions", self.label)
         attentions = student.attentions
         assert attentions is not None
-        rows = kd_mask(batch)[:, None, :]  # [B,1,T] query rows
+        rows = base.kd_mask(batch)[:, None, :]  # [B,1,T] query rows
         values = []
         for s, t in self.pairs:
             if s >= len(attentions):
@@ -276,7 +266,7 @@ class AttentionLoss(KDLoss):
                 keys = None if keys is None else keys[:, t_idx]
                 tail = None if tail is None else tail[:, t_idx]
             per_row = attention_divergence(p, q, self.metric, keys, tail)  # [B,H',T]
-            values.append(masked_mean(per_row, rows.expand_as(per_row)))
+            values.append(base.masked_mean(per_row, rows.expand_as(per_row)))
         return self.result(torch.stack(values).mean())
 
 
@@ -305,8 +295,8 @@ class AttentionLossConfig(LossConfig):
 @register_loss("hidden", config=HiddenLossConfig, summary="hidden-state MSE / cosine / standardised MSE",
                fields=lambda cfg, names: (*hidden_fields(cfg.layer_map, names), "valid"),
                reads="hidden_<layer> of each mapped teacher layer, valid")
-def build_hidden(cfg: HiddenLossConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = StudentDims.required(student, cfg.name)
+def build_hidden(cfg: HiddenLossConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
+    dims = base.StudentDims.required(student, cfg.name)
     stored = stored_layers(store.field_names, "hidden")
     width = store.spec.hidden.width if store.spec.hidden is not None else dims.hidden_size
     pairs = resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "hidden")
@@ -319,8 +309,8 @@ def build_hidden(cfg: HiddenLossConfig, store: StoreInfo, student: StudentDims |
 @register_loss("attention", config=AttentionLossConfig, summary="attention KL / MSE",
                fields=lambda cfg, names: (*attention_fields(cfg.layer_map, names), "valid"),
                reads="attn_<layer> (or attn_<layer>_ids + attn_<layer>_p) of each mapped teacher layer, valid")
-def build_attention(cfg: AttentionLossConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = StudentDims.required(student, cfg.name)
+def build_attention(cfg: AttentionLossConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
+    dims = base.StudentDims.required(student, cfg.name)
     stored = stored_layers(store.field_names, "attn")
     pairs = resolve_layer_map(cfg.layer_map, stored, dims.num_layers, "attn")
     heads = store.spec.attention.heads if store.spec.attention is not None else ()

@@ -44,27 +44,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pipeline.train.cross_tokenizer import STORE_FIELDS, TEACHER_PREFIX, vocab_map
-from pipeline.train.losses.base import (
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    compute_dtype,
-    label_mask,
-    masked_mean,
-    projection,
-    require,
-)
-from pipeline.train.losses.coarse import (
-    coarse_live,
-    dense_log_probs,
-    divergence,
-    retemper,
-    student_coarse,
-    teacher_coarse,
-)
+from pipeline.train.losses import base, coarse
 from pipeline.train.losses.config import DivergenceConfig, capture_power
 from pipeline.train.losses.dskd import (
     DualSpaceConfig,
@@ -87,7 +67,7 @@ def gather_aligned(values: Tensor, pos: Tensor) -> Tensor:
     return values.gather(1, index)
 
 
-class TokenAlignKD(KDLoss):
+class TokenAlignKD(base.KDLoss):
     label = "xtok_align"
     fields = XTOK_FIELDS
 
@@ -95,29 +75,29 @@ class TokenAlignKD(KDLoss):
                  temperature: float = 1.0, teacher_power: float = 1.0):
         super().__init__()
         self.register_buffer("id_map", id_map.long(), persistent=False)
-        self.divergence = divergence(divergence_name, param)
+        self.divergence = coarse.divergence(divergence_name, param)
         self.temperature = float(temperature)
         self.teacher_power = float(teacher_power)
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         logits = student.logits
-        dtype = compute_dtype(logits)
-        pos = batch_field(batch, ALIGN, self.label)
+        dtype = base.compute_dtype(logits)
+        pos = base.batch_field(batch, ALIGN, self.label)
         mask = (pos >= 0) & batch["valid"].bool()
-        ids = gather_aligned(batch_field(batch, "topk_ids", self.label).long(), pos)
-        logp = gather_aligned(batch_field(batch, "topk_logp", self.label), pos).to(dtype)
-        tail = gather_aligned(batch_field(batch, "topk_tail", self.label), pos)
+        ids = gather_aligned(base.batch_field(batch, "topk_ids", self.label).long(), pos)
+        logp = gather_aligned(base.batch_field(batch, "topk_logp", self.label), pos).to(dtype)
+        tail = gather_aligned(base.batch_field(batch, "topk_tail", self.label), pos)
         kept_p = torch.where(torch.isfinite(logp), logp.exp(), 0.0)
         vocab = logits.shape[-1]
         target = torch.zeros(*ids.shape[:-1], vocab, dtype=dtype, device=logits.device)
         target.scatter_add_(-1, self.id_map[ids], kept_p)
         target_logp = torch.where(target > 0, target.log(), float("-inf"))
-        live = coarse_live(target_logp, mask, vocab)
-        lt = retemper(teacher_coarse(target_logp, tail, live, dtype), live, self.teacher_power)
+        live = coarse.coarse_live(target_logp, mask, vocab)
+        lt = coarse.retemper(coarse.teacher_coarse(target_logp, tail, live, dtype), live, self.teacher_power)
         every_id = torch.arange(vocab, device=logits.device).expand_as(target)
-        ls = student_coarse(logits, every_id, live, self.temperature, dtype)
-        value = masked_mean(self.divergence(lt, ls, live), mask)
-        return LossResult(value, {self.label: value.detach(), "aligned_fraction": _fraction(mask, batch)})
+        ls = coarse.student_coarse(logits, every_id, live, self.temperature, dtype)
+        value = base.masked_mean(self.divergence(lt, ls, live), mask)
+        return base.LossResult(value, {self.label: value.detach(), "aligned_fraction": _fraction(mask, batch)})
 
 
 def _fraction(mask: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
@@ -133,7 +113,7 @@ class CMAConfig(DualSpaceConfig):
     target_values: bool = Field(True, description="the authors' values: h_t / std + e_t(next) / std")
 
 
-class CrossModelAttentionKD(KDLoss):
+class CrossModelAttentionKD(base.KDLoss):
     """DSKD-CMA; its settings are a `CMAConfig` (default: the config's defaults)."""
 
     label = "dskd_cma"
@@ -144,14 +124,14 @@ class CrossModelAttentionKD(KDLoss):
         super().__init__()
         cfg = cfg or CMAConfig()
         d_t = int(teacher_head.shape[1])
-        self.query = projection(2 * student_width, 2 * d_t)
-        self.t2s = projection(d_t, student_width)
-        self.s2t = projection(student_width, d_t)
+        self.query = base.projection(2 * student_width, 2 * d_t)
+        self.t2s = base.projection(d_t, student_width)
+        self.s2t = base.projection(student_width, d_t)
         self.register_buffer("teacher_head", teacher_head.detach().float(), persistent=False)
         self.register_buffer("teacher_embeddings", teacher_embeddings.detach().float(), persistent=False)
         self.teacher_layer = int(teacher_layer)
         self.fields = (*XTOK_FIELDS, f"hidden_{self.teacher_layer}")
-        self.divergence = divergence(cfg.divergence, cfg.divergence_param)
+        self.divergence = coarse.divergence(cfg.divergence, cfg.divergence_param)
         self.temperature = float(cfg.temperature)
         self.teacher_power = float(teacher_power)
         self.weights = (float(cfg.s2t_weight), float(cfg.t2s_weight), float(cfg.t2s_ce_weight))
@@ -165,11 +145,11 @@ class CrossModelAttentionKD(KDLoss):
     def set_extra_state(self, state: Any) -> None:
         self.recipe.load(state)
 
-    def attention_scores(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def attention_scores(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Scores [B, L, T] of student queries against teacher keys, and where a pair may attend."""
         assert student.output_head is not None
         s_ids = batch["input_ids"].long()
-        t_ids = batch_field(batch, TEACHER_PREFIX + "input_ids", self.label).long()
+        t_ids = base.batch_field(batch, TEACHER_PREFIX + "input_ids", self.label).long()
         s_emb = student.output_head.detach().float()
         query = self.query(_normalised(torch.cat([s_emb[s_ids], _next(s_emb[s_ids])], dim=-1)))
         keys = _normalised(torch.cat([self.teacher_embeddings[t_ids], _next(self.teacher_embeddings[t_ids])], dim=-1))
@@ -179,32 +159,32 @@ class CrossModelAttentionKD(KDLoss):
         allowed = same_doc & batch["valid"].bool()[:, :, None] & t_valid[:, None, :]
         return scores, allowed
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         for what in ("hidden_states", "output_head"):
-            require(student, what, self.label)
+            base.require(student, what, self.label)
         assert student.hidden_states is not None and student.output_head is not None
         scores, allowed = self.attention_scores(student, batch)
         s_head = student.output_head.detach().float()
         warming = self.recipe.warming(self.training)
 
         # teacher → student: stored teacher hidden states mixed onto student positions
-        h_t = batch_field(batch, f"hidden_{self.teacher_layer}", self.label).float()
+        h_t = base.batch_field(batch, f"hidden_{self.teacher_layer}", self.label).float()
         if self.target_values:  # the authors' values: h_t / std + e_t(next token) / std
             t_valid = batch[TEACHER_PREFIX + "valid"].bool()
             t_next = _next(self.teacher_embeddings[batch[TEACHER_PREFIX + "input_ids"].long()])
             h_t = h_t / _global_std(h_t, t_valid) + t_next / _global_std(t_next, t_valid)
         a_t2s = _softmax(scores, allowed)
         t2s_logits = F.linear(a_t2s @ self.t2s(h_t), s_head)[:, :-1]
-        labels, mask = label_mask(batch)
+        labels, mask = base.label_mask(batch)
         ce = F.cross_entropy(t2s_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        t2s_ce = masked_mean(ce, mask)
+        t2s_ce = base.masked_mean(ce, mask)
         scale = 1.0 / self.temperature
-        target = dense_log_probs(t2s_logits.detach() * scale, 1.0, torch.float32)
-        mine = dense_log_probs(student.logits[:, :-1] * scale, 1.0, torch.float32)
+        target = coarse.dense_log_probs(t2s_logits.detach() * scale, 1.0, torch.float32)
+        mine = coarse.dense_log_probs(student.logits[:, :-1] * scale, 1.0, torch.float32)
         per = self.divergence(target, mine, None)
         if self.t2s_correct_only:
             per = torch.where(t2s_logits.detach().argmax(-1) == labels, per, 0.0)
-        t2s = masked_mean(per, mask)
+        t2s = base.masked_mean(per, mask)
 
         # student → teacher: student hidden states mixed onto teacher positions, teacher head
         a_s2t = _softmax(scores.transpose(1, 2), allowed.transpose(1, 2))
@@ -213,7 +193,7 @@ class CrossModelAttentionKD(KDLoss):
         t_mask = batch[TEACHER_PREFIX + "valid"].bool() & allowed.any(1)
         teacher_view = {**batch, "valid": t_mask}
         lt, ls, live = coarse_pair(s2t_logits, teacher_view, self.temperature, self.teacher_power, self.label)
-        s2t = masked_mean(self.divergence(lt, ls, live), t_mask)
+        s2t = base.masked_mean(self.divergence(lt, ls, live), t_mask)
 
         parts = {"cma_s2t": s2t, "cma_t2s": t2s, "cma_t2s_ce": t2s_ce}
         return self.recipe.combine(parts, self.weights, student.logits, batch, warming, "cma_ce")
@@ -259,13 +239,13 @@ class XTokAlignConfig(DivergenceConfig):
 
 @register_loss("xtok_align", config=XTokAlignConfig, fields=XTOK_FIELDS, tokens="student",
                summary="token-alignment KD (position pairing + id map): a student with its own tokenizer")
-def build_xtok(cfg: XTokAlignConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = StudentDims.required(student, cfg.name)
+def build_xtok(cfg: XTokAlignConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
+    dims = base.StudentDims.required(student, cfg.name)
     if dims.tokenizer is None:
-        raise LossConfigError(f"loss {cfg.name!r} needs the student's tokenizer: StudentDims(..., tokenizer=...)")
+        raise base.LossConfigError(f"loss {cfg.name!r} needs the student's tokenizer: StudentDims(..., tokenizer=...)")
     id_map = vocab_map(store.teacher_tokenizer(cfg.name), dims.tokenizer, cfg.vocab_map)
     if int(id_map.max()) >= (dims.vocab_size or len(dims.tokenizer)):
-        raise LossConfigError(f"loss {cfg.name!r}: the student tokenizer has ids beyond the model's vocabulary "
+        raise base.LossConfigError(f"loss {cfg.name!r}: the student tokenizer has ids beyond the model's vocabulary "
                               f"({dims.vocab_size})")
     return TokenAlignKD(id_map, cfg.divergence, cfg.divergence_param, cfg.temperature,
                         capture_power(cfg.temperature, cfg.retemper, store, cfg.name))
@@ -276,8 +256,8 @@ def build_xtok(cfg: XTokAlignConfig, store: StoreInfo, student: StudentDims | No
                fields=lambda cfg, names: (*XTOK_FIELDS, last_hidden_field(cfg, names)),
                reads=", ".join(XTOK_FIELDS) + ", hidden_<teacher's last layer> (+ teacher/output_head, "
                      "input embeddings)")
-def build_cma(cfg: CMAConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = StudentDims.required(student, cfg.name)
+def build_cma(cfg: CMAConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
+    dims = base.StudentDims.required(student, cfg.name)
     layer, head = last_layer_and_head(cfg, store)
     return CrossModelAttentionKD(head, store.teacher_embeddings(cfg.name), dims.hidden_size, layer, cfg,
                                  capture_power(cfg.temperature, cfg.retemper, store, cfg.name))

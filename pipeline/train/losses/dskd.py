@@ -47,20 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from pipeline.train.losses import alignment
-from pipeline.train.losses.base import (
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    kd_mask,
-    label_mask,
-    masked_mean,
-    projection,
-    require,
-)
+from pipeline.train.losses import alignment, base
 from pipeline.train.losses.coarse import dense_log_probs, divergence
 from pipeline.train.losses.config import DivergenceConfig, capture_power
 from pipeline.train.losses.output import CE_FIELDS, TOPK_FIELDS, coarse_pair
@@ -91,7 +78,7 @@ class DSKDConfig(DualSpaceConfig):
     name: Literal["dskd"] = Field("dskd", description="dskd")
 
 
-class DualSpaceKD(KDLoss):
+class DualSpaceKD(base.KDLoss):
     """Dual-space KD; its settings are a `DSKDConfig` (default: the config's defaults)."""
 
     label = "dskd"
@@ -102,8 +89,8 @@ class DualSpaceKD(KDLoss):
         super().__init__()
         cfg = cfg or DSKDConfig()
         teacher_width = int(teacher_head.shape[1])
-        self.s2t = projection(student_width, teacher_width)
-        self.t2s = projection(teacher_width, student_width)
+        self.s2t = base.projection(student_width, teacher_width)
+        self.t2s = base.projection(teacher_width, student_width)
         # Frozen and not part of the state dict: it lives in the store.
         self.register_buffer("teacher_head", teacher_head.detach().float(), persistent=False)
         self.teacher_layer = int(teacher_layer)
@@ -124,9 +111,9 @@ class DualSpaceKD(KDLoss):
     def _scaled(self, logits: Tensor) -> Tensor:
         return logits / self.temperature if self.temperature != 1.0 else logits
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         for what in ("hidden_states", "output_head"):
-            require(student, what, self.label)
+            base.require(student, what, self.label)
         assert student.hidden_states is not None and student.output_head is not None
         h_s = student.hidden_states[-1].float()
         warming = self.recipe.warming(self.training)
@@ -136,20 +123,20 @@ class DualSpaceKD(KDLoss):
         # teacher space: student hidden → teacher space → teacher head, KD against the cache
         s2t_logits = F.linear(self.s2t(h_s), self.teacher_head)
         lt, ls, live = coarse_pair(s2t_logits, batch, self.temperature, self.teacher_power, self.label)
-        s2t = masked_mean(self.divergence(lt, ls, live), kd_mask(batch))
+        s2t = base.masked_mean(self.divergence(lt, ls, live), base.kd_mask(batch))
 
         # student space: stored teacher hidden → student space → student head (detached)
-        h_t = batch_field(batch, f"hidden_{self.teacher_layer}", self.label).float()
+        h_t = base.batch_field(batch, f"hidden_{self.teacher_layer}", self.label).float()
         t2s_logits = F.linear(self.t2s(h_t), student.output_head.detach().float())[:, :-1]
-        labels, mask = label_mask(batch)
+        labels, mask = base.label_mask(batch)
         ce = F.cross_entropy(t2s_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        t2s_ce = masked_mean(ce, mask)
+        t2s_ce = base.masked_mean(ce, mask)
         target = dense_log_probs(self._scaled(t2s_logits.detach()), 1.0, torch.float32)
         mine = dense_log_probs(self._scaled(student.logits[:, :-1]), 1.0, torch.float32)
         per = self.divergence(target, mine, None)
         if self.t2s_correct_only:
             per = torch.where(t2s_logits.detach().argmax(-1) == labels, per, 0.0)
-        t2s = masked_mean(per, mask)
+        t2s = base.masked_mean(per, mask)
 
         parts = {"dskd_s2t": s2t, "dskd_t2s": t2s, "dskd_t2s_ce": t2s_ce}
         return self.recipe.combine(parts, self.weights, student.logits, batch, warming, "dskd_ce")
@@ -178,18 +165,18 @@ class DualSpaceRecipe:
         return warming
 
     def combine(self, parts: dict[str, Tensor], weights: tuple[float, float, float], logits: Tensor,
-                batch: Mapping[str, Tensor], warming: bool, ce_label: str) -> LossResult:
+                batch: Mapping[str, Tensor], warming: bool, ce_label: str) -> base.LossResult:
         """parts: s2t, t2s, t2s_ce (in that order) → the weighted total (kd_rate: with the CE)."""
         (s2t, t2s, t2s_ce), (w_s2t, w_t2s, w_ce) = parts.values(), weights
         kd = w_s2t * s2t + (0.0 if warming else w_t2s) * t2s + w_ce * t2s_ce
         components = {k: v.detach() for k, v in parts.items()}
         if self.kd_rate is None:
-            return LossResult(kd, components)
-        labels, mask = label_mask(batch)
+            return base.LossResult(kd, components)
+        labels, mask = base.label_mask(batch)
         ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        ce = masked_mean(ce, mask)
+        ce = base.masked_mean(ce, mask)
         components[ce_label] = ce.detach()
-        return LossResult((1.0 - self.kd_rate) * ce + self.kd_rate * kd, components)
+        return base.LossResult((1.0 - self.kd_rate) * ce + self.kd_rate * kd, components)
 
 
 # ---------------------------------------------------------------- building
@@ -200,13 +187,13 @@ def last_layer_and_head(cfg: DualSpaceConfig, store: StoreInfo) -> tuple[int, Te
     stored = alignment.stored_layers(store.field_names, "hidden")
     layer = cfg.teacher_layer if cfg.teacher_layer is not None else (max(stored) if stored else 0)
     if store.teacher_num_layers is not None and layer != store.teacher_num_layers:
-        raise LossConfigError(
+        raise base.LossConfigError(
             f"loss {cfg.name!r} needs the teacher's last hidden states (layer {store.teacher_num_layers}, what its head "
             f"reads); it would use hidden_{layer} (stored hidden layers: {stored})"
         )
     head = store.teacher_head(cfg.name)
     if store.spec.hidden is not None and head.shape[1] != store.spec.hidden.width:
-        raise LossConfigError(f"loss {cfg.name!r}: teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
+        raise base.LossConfigError(f"loss {cfg.name!r}: teacher head width {head.shape[1]} ≠ stored hidden width {store.spec.hidden.width}")
     return layer, head
 
 
@@ -220,7 +207,7 @@ def last_hidden_field(cfg: DualSpaceConfig, names: Sequence[str]) -> str:
                fields=lambda cfg, names: (*TOPK_FIELDS[:-1], last_hidden_field(cfg, names), *CE_FIELDS),
                reads="topk_ids, topk_logp, topk_tail, hidden_<teacher's last layer>, input_ids, valid "
                      "(+ teacher/output_head)")
-def build_dskd(cfg: DSKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
-    dims = StudentDims.required(student, cfg.name)
+def build_dskd(cfg: DSKDConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
+    dims = base.StudentDims.required(student, cfg.name)
     layer, head = last_layer_and_head(cfg, store)
     return DualSpaceKD(head, dims.hidden_size, layer, cfg, capture_power(cfg.temperature, cfg.retemper, store, cfg.name))

@@ -46,18 +46,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pipeline.train.losses.base import (
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    compute_dtype,
-    kd_mask,
-    masked_mean,
-    mean_weights,
-)
+from pipeline.train.losses import base
 from pipeline.train.losses.coarse import coarse_live, dense_log_probs, fkl, teacher_coarse
 from pipeline.train.losses.fused import CoarseTerm, SparseCETerm, Term
 from pipeline.train.losses.output import (
@@ -80,7 +69,7 @@ class TailDrawError(ValueError):
     negative counts, more draws than the store's n_draws); names the sample ids."""
 
 
-class HybridKDLoss(KDLoss):
+class HybridKDLoss(base.KDLoss):
     label = "hybrid_kd"
     fields = HYBRID_FIELDS
     fusable = True
@@ -107,20 +96,20 @@ class HybridKDLoss(KDLoss):
     def set_extra_state(self, state: Any) -> None:
         self.visits = {int(k): int(v) for k, v in dict(state.get("visits", {})).items()}
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         if student.logits is None:
             # one component, as unfused: the terms of positions with and without draws summed
             return self.result(fused_result(self, student, batch).total)
         logits = student.logits
-        mask = kd_mask(batch)
+        mask = base.kd_mask(batch)
         if TEACHER_LOGP in batch:  # online full-logit KD: the dense forward KL (k = V)
-            dtype = compute_dtype(logits)
+            dtype = base.compute_dtype(logits)
             dense = fkl(batch[TEACHER_LOGP].to(dtype), dense_log_probs(logits, self.temperature, dtype), None)
-            return self.result(masked_mean(dense, mask))
+            return self.result(base.masked_mean(dense, mask))
         lt, ls, live = coarse_pair(logits, batch, self.temperature, 1.0, self.label)
         head = fkl(lt, ls, live)
-        ids = batch_field(batch, "tail_ids", self.label).long()
-        counts = batch_field(batch, "tail_counts", self.label).long()
+        ids = base.batch_field(batch, "tail_ids", self.label).long()
+        counts = base.batch_field(batch, "tail_counts", self.label).long()
         self._check(batch, ids, counts)
         dtype = lt.dtype
         weights, ids = self._weights(batch, ids, counts.to(dtype))  # [B,T,S] draw weights summing to 1 (or 0)
@@ -137,19 +126,19 @@ class HybridKDLoss(KDLoss):
             labels, in_tail = next_token_in_tail(batch, live, self.label)
             log_qy = s.gather(-1, labels[..., None])[..., 0] - torch.logsumexp(s, dim=-1)
             value = value + self.label_tail * torch.where(in_tail & has_tail, ls[..., -1] - log_qy, 0.0)
-        return self.result(masked_mean(value, mask))
+        return self.result(base.masked_mean(value, mask))
 
     def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
         """The loss as one sparse CE where a position has draws: KL_coarse + P_T · Σ_j w_j (-log s_j)
         = -Σ_kept p_i log q_i - P_T Σ_j w_j log q_j + Σ_buckets p log p (log Q_T cancels), the last
         sum an offset without gradient; the coarsened KL alone where it has none (k = V)."""
-        logp = batch_field(batch, "topk_logp", self.label)
-        mask = kd_mask(batch)
+        logp = base.batch_field(batch, "topk_logp", self.label)
+        mask = base.kd_mask(batch)
         live = coarse_live(logp, mask, vocab_size)
-        lt = teacher_coarse(logp, batch_field(batch, "topk_tail", self.label), live, dtype)
-        top_ids = batch_field(batch, "topk_ids", self.label).long()
-        ids = batch_field(batch, "tail_ids", self.label).long()
-        counts = batch_field(batch, "tail_counts", self.label).long()
+        lt = teacher_coarse(logp, base.batch_field(batch, "topk_tail", self.label), live, dtype)
+        top_ids = base.batch_field(batch, "topk_ids", self.label).long()
+        ids = base.batch_field(batch, "tail_ids", self.label).long()
+        counts = base.batch_field(batch, "tail_counts", self.label).long()
         self._check(batch, ids, counts)
         weights, ids = self._weights(batch, ids, counts.to(dtype))
         drawn = (live[..., -1] & (weights.sum(-1) > 0)).reshape(-1)
@@ -158,7 +147,7 @@ class HybridKDLoss(KDLoss):
         targets = torch.cat([p[..., :-1], (1 - lam) * p[..., -1:] * weights], -1)
         ids = torch.cat([top_ids, ids], -1)
         offset = torch.where(live, p * lt, 0.0).sum(-1).reshape(-1)
-        token_weight = mean_weights(mask, dtype)
+        token_weight = base.mean_weights(mask, dtype)
         tail_coef = None
         if lam:
             # the label joins the sparse CE; log Q_T then keeps λ·(1[y ∉ K] - P_T) of its coefficient
@@ -225,7 +214,7 @@ class HybridKDLoss(KDLoss):
         return torch.where(chosen, 1.0 / used.clamp_min(1).to(counts.dtype), 0.0), slot_ids
 
     def _ranks(self, batch: Mapping[str, Tensor], rows: int, length: int, n: int, device: torch.device) -> Tensor:
-        sample_ids = batch_field(batch, "sample_id", self.label).tolist()
+        sample_ids = base.batch_field(batch, "sample_id", self.label).tolist()
         out = []
         for sid in sample_ids:
             digest = hashlib.sha256(f"hybrid:{self.seed}:{int(sid)}".encode()).digest()
@@ -236,7 +225,7 @@ class HybridKDLoss(KDLoss):
     def _epochs(self, batch: Mapping[str, Tensor]) -> Tensor:
         if "epoch" in batch:
             return batch["epoch"].long().reshape(-1).expand(len(batch["sample_id"])).cpu()
-        sample_ids = [int(s) for s in batch_field(batch, "sample_id", self.label).tolist()]
+        sample_ids = [int(s) for s in base.batch_field(batch, "sample_id", self.label).tolist()]
         epochs = torch.tensor([self.visits.get(s, 0) for s in sample_ids], dtype=torch.long)
         if self.training and torch.is_grad_enabled():
             for s in sample_ids:
@@ -264,15 +253,15 @@ def hybrid_fields(cfg: HybridKDConfig, names: Sequence[str]) -> tuple[str, ...]:
 @register_loss("hybrid_kd", config=HybridKDConfig, fields=hybrid_fields,
                summary="top-k head exact + tail draws (topk_tail_sample stores): forward KL, unbiased gradient",
                reads=", ".join(HYBRID_FIELDS) + " (+ input_ids with label_tail)")
-def build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+def build_hybrid(cfg: HybridKDConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
     tail = store.spec.tail_sample
     if tail is None:  # check_fields has named the missing tail fields already; a bare spec lands here
-        raise LossConfigError("loss 'hybrid_kd' needs a topk_tail_sample store (signals.tail_sample)")
+        raise base.LossConfigError("loss 'hybrid_kd' needs a topk_tail_sample store (signals.tail_sample)")
     if cfg.draws_per_step is not None and cfg.draws_per_step > tail.n_draws:
-        raise LossConfigError(f"loss 'hybrid_kd': draws_per_step {cfg.draws_per_step} > the store's "
+        raise base.LossConfigError(f"loss 'hybrid_kd': draws_per_step {cfg.draws_per_step} > the store's "
                               f"tail_sample.n_draws {tail.n_draws}")
     captured = store.spec.topk.temperature if store.spec.topk is not None else 1.0
     if abs(cfg.temperature - captured) > 1e-12:
-        raise LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
+        raise base.LossConfigError(f"loss 'hybrid_kd': temperature {cfg.temperature} differs from the store's top-k capture "
                               f"temperature {captured} (its tail draws cannot be re-tempered); use temperature {captured}")
     return HybridKDLoss(tail.n_draws, cfg.temperature, cfg.draws_per_step, cfg.seed, cfg.label_tail)

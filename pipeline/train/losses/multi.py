@@ -49,18 +49,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdstore.join import prefixed, split_field
-from pipeline.train.losses.base import (
-    TARGET_MASK,
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    compute_dtype,
-    kd_mask,
-    masked_mean,
-)
+from pipeline.train.losses import base
 from pipeline.train.losses.coarse import (
     coarse_live,
     divergence,
@@ -84,10 +73,10 @@ def teacher_fields(teacher: int) -> tuple[str, ...]:
 
 def teacher_view(batch: Mapping[str, Tensor], teacher: int, label: str = LABEL) -> dict[str, Tensor]:
     """Teacher `teacher`'s top-k fields under the plain names a single-teacher loss reads."""
-    view = {f: batch_field(batch, prefixed(teacher, f), label) for f in SIGNALS}
-    view["valid"] = batch_field(batch, "valid", label)
-    if TARGET_MASK in batch:  # a chat store's loss mask (folded by the trainer) counts for every teacher
-        view[TARGET_MASK] = batch[TARGET_MASK]
+    view = {f: base.batch_field(batch, prefixed(teacher, f), label) for f in SIGNALS}
+    view["valid"] = base.batch_field(batch, "valid", label)
+    if base.TARGET_MASK in batch:  # a chat store's loss mask (folded by the trainer) counts for every teacher
+        view[base.TARGET_MASK] = batch[base.TARGET_MASK]
     return view
 
 
@@ -103,7 +92,7 @@ def resolve_weights(weights: Sequence[float] | None, field_names: Sequence[str])
     if weights is None:
         return [1.0 / stores] * stores
     if len(weights) > stores:
-        raise LossConfigError(
+        raise base.LossConfigError(
             f"loss {LABEL!r} has {len(weights)} weights (teachers 0..{len(weights) - 1}) but only {stores} "
             f"store(s) are joined (teacher 0 = `store`, teachers 1.. = `extra_stores`): give one weight per "
             "teacher or add the missing stores to extra_stores"
@@ -117,7 +106,7 @@ def multi_fields(cfg: MultiTeacherConfig, field_names: Sequence[str]) -> tuple[s
     return (*(f for i in range(n) for f in teacher_fields(i)), "valid")
 
 
-class MultiTeacherLoss(KDLoss):
+class MultiTeacherLoss(base.KDLoss):
     """Several cached teachers at once: `per_teacher` or `mixture` (see the module docstring).
 
     `weights[i]` weighs teacher i; `teacher_powers[i]` = τc_i/τ re-tempers teacher i (1 = as
@@ -138,12 +127,12 @@ class MultiTeacherLoss(KDLoss):
     ):
         super().__init__()
         if mode not in ("per_teacher", "mixture"):
-            raise LossConfigError(f"loss {LABEL!r}: mode must be 'per_teacher' or 'mixture', got {mode!r}")
+            raise base.LossConfigError(f"loss {LABEL!r}: mode must be 'per_teacher' or 'mixture', got {mode!r}")
         if not weights or any(w <= 0 for w in weights):
-            raise LossConfigError(f"loss {LABEL!r}: weights must be positive, one per teacher, got {list(weights)}")
+            raise base.LossConfigError(f"loss {LABEL!r}: weights must be positive, one per teacher, got {list(weights)}")
         powers = [1.0] * len(weights) if teacher_powers is None else [float(p) for p in teacher_powers]
         if len(powers) != len(weights):
-            raise LossConfigError(f"loss {LABEL!r}: {len(powers)} teacher powers for {len(weights)} weights")
+            raise base.LossConfigError(f"loss {LABEL!r}: {len(powers)} teacher powers for {len(weights)} weights")
         self.mode, self.name = mode, name
         self.weights = tuple(float(w) for w in weights)
         self.temperature = float(temperature)
@@ -152,12 +141,12 @@ class MultiTeacherLoss(KDLoss):
         self.fields = (*(f for i in range(len(weights)) for f in teacher_fields(i)), "valid")
         self.parts = nn.ModuleList(DistributionLoss(name, param, temperature, p) for p in powers)
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
-        mask = kd_mask(batch)
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
+        mask = base.kd_mask(batch)
         if self.mode == "mixture":
             lt, ls, live = mixture_pair(student.logits, batch, self.weights, self.temperature, self.teacher_powers)
-            value = masked_mean(self.divergence(lt, ls, live), mask)
-            return LossResult(value, {f"{self.name}_mix": value.detach()})
+            value = base.masked_mean(self.divergence(lt, ls, live), mask)
+            return base.LossResult(value, {f"{self.name}_mix": value.detach()})
         total: Tensor | None = None
         components = {}
         for i, (weight, part) in enumerate(zip(self.weights, self.parts, strict=True)):
@@ -165,7 +154,7 @@ class MultiTeacherLoss(KDLoss):
             components[f"{self.name}_t{i}"] = value.detach()
             total = weight * value if total is None else total + weight * value
         assert total is not None
-        return LossResult(total, components)
+        return base.LossResult(total, components)
 
 
 def mixture_pair(
@@ -179,9 +168,9 @@ def mixture_pair(
     """Mixed-teacher and student log-probs over [teacher 0's kept slots, rest] [B,T,k0+1] and
     the live buckets: a slot is live when every teacher kept its id; the rest bucket is live
     when any id is left over (0 at dead buckets)."""
-    dtype = compute_dtype(logits)
+    dtype = base.compute_dtype(logits)
     vocab = logits.shape[-1]
-    mask = kd_mask(batch)
+    mask = base.kd_mask(batch)
     powers = teacher_powers or [1.0] * len(weights)
     own = []  # each teacher on its own buckets: ids, live [.., k_i+1], renormalised log-probs
     for i, power in enumerate(powers):
@@ -230,7 +219,7 @@ class MultiTeacherConfig(DivergenceConfig):
 @register_loss("multi_teacher", config=MultiTeacherConfig, fields=multi_fields,
                summary="joined teacher stores: per teacher or mixture",
                reads="topk_ids, topk_logp, topk_tail of each teacher (t<i>/topk_ids... for teacher i ≥ 1), valid")
-def build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+def build_multi(cfg: MultiTeacherConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
     weights = resolve_weights(cfg.weights, store.field_names)
     powers = [capture_power(cfg.temperature, cfg.retemper, StoreInfo(store.spec_of(i), store.field_names),
                             f"{cfg.name} (teacher {i})") for i in range(len(weights))]

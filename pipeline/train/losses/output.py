@@ -20,21 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from pipeline.train.losses.base import (
-    KDLoss,
-    LossConfigError,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    compute_dtype,
-    kd_mask,
-    label_mask,
-    masked_mean,
-    mean_weights,
-    require,
-    unique_key,
-)
+from pipeline.train.losses import base
 from pipeline.train.losses.coarse import (
     coarse_live,
     dense_log_probs,
@@ -57,21 +43,21 @@ CE_FIELDS = ("input_ids", "valid")
 TEACHER_LOGP = "teacher_logp"
 
 
-def fused_result(loss: KDLoss, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+def fused_result(loss: base.KDLoss, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
     """`loss` (a fusable loss or a weighted sum of them) from last_hidden + output_head, in one
     fused pass; components named as the unfused path names them (a repeated key gets '#2'...)."""
-    require(student, "last_hidden", loss.label)
-    require(student, "output_head", loss.label)
+    base.require(student, "last_hidden", loss.label)
+    base.require(student, "output_head", loss.label)
     hidden, head = student.last_hidden, student.output_head
     if TEACHER_LOGP in batch:
         raise ValueError(f"loss {loss.label!r}: a batch with the teacher's full log-probs needs whole logits "
                          "(online_full_logits runs unfused)")
-    terms: list[Term] = loss.fused_terms(batch, 1.0, head.shape[0], compute_dtype(hidden))
+    terms: list[Term] = loss.fused_terms(batch, 1.0, head.shape[0], base.compute_dtype(hidden))
     total, values = fused_output_loss(hidden, head, terms)
     components: dict[str, Tensor] = {}
     for term, value in zip(terms, values, strict=True):
-        components[unique_key(term.label, components)] = value
-    return LossResult(total, components)
+        components[base.unique_key(term.label, components)] = value
+    return base.LossResult(total, components)
 
 
 def coarse_pair(
@@ -82,16 +68,16 @@ def coarse_pair(
     label: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher and student log-probs over kept ids + tail [B,T,k+1], and the live buckets."""
-    dtype = compute_dtype(logits)
-    logp = batch_field(batch, "topk_logp", label)
-    live = coarse_live(logp, kd_mask(batch), logits.shape[-1])
-    lt = teacher_coarse(logp, batch_field(batch, "topk_tail", label), live, dtype)
+    dtype = base.compute_dtype(logits)
+    logp = base.batch_field(batch, "topk_logp", label)
+    live = coarse_live(logp, base.kd_mask(batch), logits.shape[-1])
+    lt = teacher_coarse(logp, base.batch_field(batch, "topk_tail", label), live, dtype)
     lt = retemper(lt, live, teacher_power)
-    ls = student_coarse(logits, batch_field(batch, "topk_ids", label), live, temperature, dtype)
+    ls = student_coarse(logits, base.batch_field(batch, "topk_ids", label), live, temperature, dtype)
     return lt, ls, live
 
 
-class DistributionLoss(KDLoss):
+class DistributionLoss(base.KDLoss):
     """A divergence between the cached teacher and the student over kept ids + one tail bucket.
 
     Per position: the divergence of the coarsened distributions (exact; the dense divergence when
@@ -122,12 +108,12 @@ class DistributionLoss(KDLoss):
                              f"the data at τ = 1); got {name} at temperature {temperature}")
         self.fields = (*TOPK_FIELDS, *CE_FIELDS) if self.label_tail else TOPK_FIELDS
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         if student.logits is None:
             result = fused_result(self, student, batch)
             return self.result(result.total) if self.label_tail else result
         if TEACHER_LOGP in batch:
-            return self.result(masked_mean(self.dense(student.logits, batch[TEACHER_LOGP]), kd_mask(batch)))
+            return self.result(base.masked_mean(self.dense(student.logits, batch[TEACHER_LOGP]), base.kd_mask(batch)))
         lt, ls, live = coarse_pair(student.logits, batch, self.temperature, self.teacher_power, self.label)
         value = self.divergence(lt, ls, live)
         if self.label_tail:
@@ -135,24 +121,24 @@ class DistributionLoss(KDLoss):
             s = student.logits.to(ls.dtype)
             log_q = s.gather(-1, labels[..., None])[..., 0] - torch.logsumexp(s, dim=-1)
             value = value + self.label_tail * torch.where(in_tail, ls[..., -1] - log_q, 0.0)
-        return self.result(masked_mean(value, kd_mask(batch)))
+        return self.result(base.masked_mean(value, base.kd_mask(batch)))
 
 
     def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
-        logp = batch_field(batch, "topk_logp", self.label)
-        mask = kd_mask(batch)
+        logp = base.batch_field(batch, "topk_logp", self.label)
+        mask = base.kd_mask(batch)
         live = coarse_live(logp, mask, vocab_size)
-        lt = retemper(teacher_coarse(logp, batch_field(batch, "topk_tail", self.label), live, dtype), live,
+        lt = retemper(teacher_coarse(logp, base.batch_field(batch, "topk_tail", self.label), live, dtype), live,
                       self.teacher_power)
-        ids = batch_field(batch, "topk_ids", self.label).long()
+        ids = base.batch_field(batch, "topk_ids", self.label).long()
         terms: list[Term] = [CoarseTerm(self.label, weight, self.divergence, self.temperature, ids.flatten(0, -2),
-                                        lt.flatten(0, -2), live.flatten(0, -2), mean_weights(mask, dtype))]
+                                        lt.flatten(0, -2), live.flatten(0, -2), base.mean_weights(mask, dtype))]
         if not self.label_tail:
             return terms
         labels, in_tail = next_token_in_tail(batch, live, self.label)
         # -log q_y as a sparse CE, + log Q_T as a coarse "divergence" over the same kept ids; a batch
         # without a label in the tail gives them zero weights (exact zeros, no host-device sync)
-        tw = torch.where(in_tail.reshape(-1), mean_weights(mask, dtype), 0.0)
+        tw = torch.where(in_tail.reshape(-1), base.mean_weights(mask, dtype), 0.0)
         w = weight * self.label_tail
         ys = labels.reshape(-1, 1)
         terms += [SparseCETerm(f"{self.label}_label_tail", w, 1.0, ys, torch.ones(ys.shape, dtype=dtype, device=ys.device), tw),
@@ -163,7 +149,7 @@ class DistributionLoss(KDLoss):
     def dense(self, logits: Tensor, teacher_logp: Tensor) -> Tensor:
         """Per-position divergence against the teacher's full distribution (online full-logit
         KD): the k = V case of the coarsened loss; re-tempering is exact here."""
-        dtype = compute_dtype(logits)
+        dtype = base.compute_dtype(logits)
         lt = teacher_logp.to(dtype)
         if self.teacher_power != 1.0:
             lt = torch.log_softmax(lt * self.teacher_power, dim=-1)
@@ -173,9 +159,9 @@ class DistributionLoss(KDLoss):
 def next_token_in_tail(batch: Mapping[str, Tensor], live: Tensor, label: str) -> tuple[Tensor, Tensor]:
     """The next token of each position [B,T] (0 where none), and where it is counted (a label and
     a KD position) and falls in the teacher's tail: not a live kept id, the tail bucket live."""
-    labels, mask = label_mask(batch)
-    labels, mask = F.pad(labels, (0, 1)), F.pad(mask, (0, 1)) & kd_mask(batch)
-    ids = batch_field(batch, "topk_ids", label).long()
+    labels, mask = base.label_mask(batch)
+    labels, mask = F.pad(labels, (0, 1)), F.pad(mask, (0, 1)) & base.kd_mask(batch)
+    ids = base.batch_field(batch, "topk_ids", label).long()
     kept = ((ids == labels[..., None]) & live[..., :-1]).any(-1)
     return labels, mask & ~kept & live[..., -1]
 
@@ -185,7 +171,7 @@ def student_tail_log_mass(lt: Tensor, ls: Tensor, live: Tensor) -> Tensor:
     return torch.where(live[..., -1], ls[..., -1], 0.0)
 
 
-class CrossEntropyLoss(KDLoss):
+class CrossEntropyLoss(base.KDLoss):
     """Hard-label CE on the next token: position t against input_ids[t+1], where valid[t] and
     valid[t+1]. Reduction: mean over those positions. No temperature."""
 
@@ -194,22 +180,22 @@ class CrossEntropyLoss(KDLoss):
     fusable = True
 
     def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
-        labels, mask = label_mask(batch)  # [B,T-1]: the last position has no label
+        labels, mask = base.label_mask(batch)  # [B,T-1]: the last position has no label
         labels = torch.nn.functional.pad(labels, (0, 1))
         mask = torch.nn.functional.pad(mask, (0, 1))
         ids = labels.reshape(-1, 1)
         return [SparseCETerm(self.label, weight, 1.0, ids, torch.ones(ids.shape, dtype=dtype, device=ids.device),
-                             mean_weights(mask, dtype))]
+                             base.mean_weights(mask, dtype))]
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         if student.logits is None:
             return fused_result(self, student, batch)
-        labels, mask = label_mask(batch)
+        labels, mask = base.label_mask(batch)
         logits = student.logits[:, :-1]
         per_token = F.cross_entropy(
-            logits.to(compute_dtype(logits)).flatten(0, 1), labels.flatten(), reduction="none"
+            logits.to(base.compute_dtype(logits)).flatten(0, 1), labels.flatten(), reduction="none"
         ).view_as(labels)
-        return self.result(masked_mean(per_token, mask))
+        return self.result(base.masked_mean(per_token, mask))
 
 
 # ---------------------------------------------------------------- configs and registration
@@ -247,10 +233,10 @@ def topk_fields(cfg: DistributionConfig, names: Sequence[str]) -> tuple[str, ...
     return (*TOPK_FIELDS, *CE_FIELDS) if cfg.label_tail else TOPK_FIELDS
 
 
-def build_distribution(cfg: DistributionConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+def build_distribution(cfg: DistributionConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
     power = capture_power(cfg.temperature, cfg.retemper, store, cfg.name)
     if cfg.label_tail and power != 1.0:
-        raise LossConfigError(f"loss {cfg.name!r}: label_tail needs the cached teacher at temperature 1 (the labels "
+        raise base.LossConfigError(f"loss {cfg.name!r}: label_tail needs the cached teacher at temperature 1 (the labels "
                               f"are draws at τ = 1), and this store's top-k was captured at τ = {power:g}")
     return DistributionLoss(cfg.name, cfg.param(), cfg.temperature, power, cfg.label_tail)
 
@@ -270,5 +256,5 @@ for _name, _summary in DIVERGENCES.items():
 
 
 @register_loss("ce", config=CEConfig, summary="hard-label next-token cross-entropy", fields=CE_FIELDS, tokens="any")
-def build_ce(cfg: CEConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+def build_ce(cfg: CEConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
     return CrossEntropyLoss()

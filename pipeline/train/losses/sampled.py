@@ -20,18 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from pipeline.train.losses.base import (
-    TARGET_MASK,
-    KDLoss,
-    LossResult,
-    StudentDims,
-    StudentOutputs,
-    batch_field,
-    compute_dtype,
-    kd_mask,
-    masked_mean,
-    mean_weights,
-)
+from pipeline.train.losses import base
 from pipeline.train.losses.config import capture_power
 from pipeline.train.losses.fused import SparseCETerm, Term
 from pipeline.train.losses.hybrid import HybridKDLoss
@@ -40,7 +29,7 @@ from pipeline.train.losses.registry import LossConfig, register_loss
 from pipeline.train.losses.store_info import StoreInfo
 
 
-class SampledKDLoss(KDLoss):
+class SampledKDLoss(base.KDLoss):
     """Random-sampling KD (arXiv 2503.16870): CE of the student against the draws' empirical
     distribution, -Σ_i (c_i / n) log q(i), n = Σ_i c_i.
 
@@ -61,28 +50,28 @@ class SampledKDLoss(KDLoss):
 
     def targets(self, batch: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Draw ids [B,T,n], their empirical weights c/n (0 where not counted), the counted positions."""
-        counts = batch_field(batch, "draw_counts", self.label).to(dtype)
-        ids = batch_field(batch, "draw_ids", self.label).long()
+        counts = base.batch_field(batch, "draw_counts", self.label).to(dtype)
+        ids = base.batch_field(batch, "draw_ids", self.label).long()
         n = counts.sum(-1, keepdim=True)
-        mask = kd_mask(batch) & (n[..., 0] > 0)
+        mask = base.kd_mask(batch) & (n[..., 0] > 0)
         return ids, torch.where(mask[..., None], counts / n.clamp_min(1), 0.0), mask
 
     def fused_terms(self, batch: Mapping[str, Tensor], weight: float, vocab_size: int, dtype: torch.dtype) -> list[Term]:
         ids, weights, mask = self.targets(batch, dtype)
         return [SparseCETerm(self.label, weight, self.temperature, ids.flatten(0, -2), weights.flatten(0, -2),
-                             mean_weights(mask, dtype))]
+                             base.mean_weights(mask, dtype))]
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         if student.logits is None:
             return fused_result(self, student, batch)
         logits = student.logits
-        dtype = compute_dtype(logits)
+        dtype = base.compute_dtype(logits)
         s = logits.to(dtype)
         if self.temperature != 1.0:
             s = s / self.temperature
         ids, weights, mask = self.targets(batch, dtype)
         lq = s.gather(-1, ids) - torch.logsumexp(s, dim=-1, keepdim=True)
-        return self.result(masked_mean(-(weights * lq).sum(-1), mask))
+        return self.result(base.masked_mean(-(weights * lq).sum(-1), mask))
 
 
 class SampledTailKDLoss(HybridKDLoss):
@@ -94,7 +83,7 @@ class SampledTailKDLoss(HybridKDLoss):
         super().__init__(stored_draws, label_tail=label_tail)
         self.fields = (*SAMPLED_FIELDS, *CE_FIELDS)
 
-    def forward(self, student: StudentOutputs, batch: Mapping[str, Tensor]) -> LossResult:
+    def forward(self, student: base.StudentOutputs, batch: Mapping[str, Tensor]) -> base.LossResult:
         if student.logits is None:
             return self.result(fused_result(self, student, batch).total)
         return super().forward(student, sampled_as_hybrid(batch, self.label))
@@ -107,8 +96,8 @@ def sampled_as_hybrid(batch: Mapping[str, Tensor], label: str) -> dict[str, Tens
     """A sampled batch with the fields of a topk_tail_sample one: head = ids drawn ≥ 2 times
     (log c/N), tail mass = once-drawn ids / N, tail draws = the once-drawn ids; positions without
     draws leave the target mask."""
-    counts = batch_field(batch, "draw_counts", label).long()
-    ids = batch_field(batch, "draw_ids", label).long()
+    counts = base.batch_field(batch, "draw_counts", label).long()
+    ids = base.batch_field(batch, "draw_ids", label).long()
     total = counts.sum(-1, keepdim=True)
     head, once = counts >= 2, counts == 1
     # dead head slots need distinct ids outside the head (the student's tail is a scatter over
@@ -127,7 +116,7 @@ def sampled_as_hybrid(batch: Mapping[str, Tensor], label: str) -> dict[str, Tens
         "topk_tail": once.sum(-1).double() / total[..., 0].clamp_min(1),
         "tail_ids": torch.where(once, ids, 0),
         "tail_counts": once.long(),
-        TARGET_MASK: drawn & batch[TARGET_MASK].bool() if TARGET_MASK in batch else drawn,
+        base.TARGET_MASK: drawn & batch[base.TARGET_MASK].bool() if base.TARGET_MASK in batch else drawn,
     }
 
 
@@ -153,7 +142,7 @@ def sampled_fields(cfg: SampledKDConfig, names: Sequence[str]) -> tuple[str, ...
 
 @register_loss("sampled_kd", config=SampledKDConfig, summary="CE against sampled teacher draws (unbiased)",
                fields=sampled_fields, reads=", ".join(SAMPLED_FIELDS) + " (+ input_ids with label_tail)")
-def build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: StudentDims | None) -> KDLoss:
+def build_sampled(cfg: SampledKDConfig, store: StoreInfo, student: base.StudentDims | None) -> base.KDLoss:
     capture_power(cfg.temperature, False, store, cfg.name, "sampled")
     if cfg.label_tail:
         return SampledTailKDLoss(store.spec.sampled.n_draws if store.spec.sampled else 255, cfg.label_tail)
