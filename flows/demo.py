@@ -73,7 +73,7 @@ def demo_flow(out_dir: str = "runs/demo", tokens: int | None = None, steps: int 
         print(f"      {summary['shards_computed']} shards computed at {summary['teacher_tokens_per_s']} tokens/s, "
               f"{summary['shards_skipped']} reused; {summary['bytes_per_token']} B/token", flush=True)
     print("[2/4] training the same student twice from the cache alone (no teacher in memory); "
-          "each run first re-hashes the store", flush=True)
+          "each run checks the store's structure first and every file as it reads it", flush=True)
     kd = _train("KD student", store, out / "student_kd", None, steps)
     ce = _train("CE baseline", store, out / "student_ce", BASELINE_LOSSES, steps)
     print("[3/4] evaluating teacher, KD student and CE baseline on held-out documents", flush=True)

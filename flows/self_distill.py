@@ -1,7 +1,7 @@
 """Prefect flow `self-distill`: born-again rounds as sub-flows, the work in `pipeline.train.self_distill`.
 
 Per round: the `cache-teacher` sub-flow (round 0: the configured teacher; round r ≥ 1: the
-student of round r-1), the `train-student` sub-flow (re-hashes the store, then trains or, when
+student of round r-1), the `train-student` sub-flow (checks the store's structure, then trains or, when
 the student is finished, resumes and does nothing), and one task scoring the student on held-out
 rows. The rounds table is written by a task and published as a markdown artifact.
 """
