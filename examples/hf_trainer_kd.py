@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdstore.reader import StoreReader
-from pipeline.config import Strict, parse_config
+from pipeline.config import Strict, parse_config, parse_overrides, read_config
 from pipeline.train.hf_trainer import KDTrainer, StoreRows, kd_fields
 from pipeline.train.student import StudentConfig, build_student
 
@@ -59,15 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value, e.g. --set training.max_steps=10")
     ns = parser.parse_args(argv)
-    config = yaml.safe_load(Path(ns.config).read_text())
-    for pair in ns.set:
-        key, _, value = pair.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    print(run(config))
+    print(run(read_config(ns.config, parse_overrides(ns.set))))
     return 0
 
 

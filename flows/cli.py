@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from kdstore.errors import StoreError
 from pipeline.capture.corpus import CorpusError
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, parse_overrides
 from pipeline.evaluation.evaluate import EvalError
 from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.losses import NonFiniteLossError
@@ -55,23 +55,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(pairs: Sequence[str]) -> dict[str, object]:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _plan(args: argparse.Namespace) -> int:
     from pipeline.capture.shard_plan import plan_cache
     from pipeline.config import load_config
 
-    config = load_config(args.config, overrides=_overrides(args.set))
+    config = load_config(args.config, overrides=parse_overrides(args.set))
     print(plan_cache(config).to_markdown())
     return 0
 
@@ -79,7 +67,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
-    config = load_config(args.config, overrides=_overrides(args.set))
+    config = load_config(args.config, overrides=parse_overrides(args.set))
     if args.no_flow:
         from pipeline.capture.teacher_pass import run_cache
 
@@ -96,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.trainer import TrainConfig
 
-    config = load_config(args.config, TrainConfig, overrides=_overrides(args.set))
+    config = load_config(args.config, TrainConfig, overrides=parse_overrides(args.set))
     if args.no_flow:
         from pipeline.train.trainer import train
 
@@ -113,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.evaluation.evaluate import EvalConfig
 
-    config = load_config(args.config, EvalConfig, overrides=_overrides(args.set))
+    config = load_config(args.config, EvalConfig, overrides=parse_overrides(args.set))
     if args.no_flow:
         from pipeline.evaluation.evaluate import evaluate
         from pipeline.evaluation.report import metrics_table, write_report
@@ -136,7 +124,7 @@ def _self_distill(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.self_distill import SelfDistillConfig
 
-    config = load_config(args.config, SelfDistillConfig, overrides=_overrides(args.set))
+    config = load_config(args.config, SelfDistillConfig, overrides=parse_overrides(args.set))
     if args.no_flow:
         from pipeline.evaluation.self_distill_rounds import run_self_distill
 
@@ -154,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     from flows.cache_teacher import serve_cache
     from pipeline.config import load_config
 
-    config = load_config(args.config, overrides=_overrides(args.set))
+    config = load_config(args.config, overrides=parse_overrides(args.set))
     serve_cache(config.model_dump(), cron=args.cron, interval=args.interval, name=args.name)
     return 0
 

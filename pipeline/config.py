@@ -6,6 +6,7 @@ The models here are the only schema; `configs/*.yaml` hold values only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -218,6 +219,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def load_config(path: str | Path, model: type[M] = CacheConfig, overrides: dict[str, Any] | None = None) -> M:
+    return parse_config(read_config(path, overrides), model, str(Path(path)))
+
+
+def read_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML config file as a mapping, with dotted-key overrides applied (not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -229,7 +235,18 @@ def load_config(path: str | Path, model: type[M] = CacheConfig, overrides: dict[
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
-    return parse_config(data, model, str(path))
+    return data
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs → {dotted key: YAML value}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def parse_config(data: dict[str, Any], model: type[M], where: str = "config") -> M:
