@@ -17,7 +17,9 @@ from typing import Any
 
 from kdstore.reader import StoreReader
 from pipeline.config import Strict, parse_config, parse_overrides, read_config
+from pipeline.train.core import needs_attentions
 from pipeline.train.hf_trainer import KDTrainer, StoreRows, kd_fields
+from pipeline.train.losses import StoreInfo
 from pipeline.train.student import StudentConfig, build_student
 
 
@@ -39,7 +41,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     reader = StoreReader(cfg.store)
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() and not cfg.training.get("use_cpu") else "cpu"
-    student = build_student(cfg.student, reader, False, device)
+    student = build_student(cfg.student, reader, needs_attentions(cfg.losses, StoreInfo.of(reader)), device)
     args = TrainingArguments(**{"report_to": [], "seed": cfg.seed, **cfg.training})
     rows = StoreRows(reader, kd_fields(reader, cfg.losses, student.model), seed=cfg.seed, buffer_rows=cfg.buffer_rows)
     trainer = KDTrainer(model=student.model, args=args, train_dataset=rows, processing_class=student.tokenizer,

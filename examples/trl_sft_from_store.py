@@ -17,7 +17,9 @@ from typing import Any
 
 from kdstore.reader import StoreReader
 from pipeline.config import Strict, parse_config, parse_overrides, read_config
+from pipeline.train.core import needs_attentions
 from pipeline.train.hf_trainer import StoreRows, kd_fields
+from pipeline.train.losses import StoreInfo
 from pipeline.train.student import StudentConfig, build_student
 
 
@@ -42,7 +44,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     args = SFTConfig(**{"report_to": [], "seed": cfg.seed, **cfg.sft})
     device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
-    student = build_student(cfg.student, reader, False, device)
+    student = build_student(cfg.student, reader, needs_attentions(cfg.losses, StoreInfo.of(reader)), device)
     rows = StoreRows(reader, kd_fields(reader, cfg.losses, student.model), seed=cfg.seed, buffer_rows=cfg.buffer_rows)
     trainer = KDSFTTrainer(model=student.model, args=args, train_dataset=rows, processing_class=student.tokenizer,
                            kd_store=reader, kd_losses=cfg.losses)

@@ -29,6 +29,7 @@ from prefect.cache_policies import NONE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from kdstore.writer import out_of_space
 from pipeline.capture.devices import check_runner_devices
 from pipeline.capture.pass_setup import release_teachers
 from pipeline.capture.processes import gather, groups, run_group
@@ -43,13 +44,11 @@ from pipeline.config import CacheConfig, ConfigError, parse_config
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """No retry for what a retry cannot mend: a config or device error (out of memory at this
-    batch size, a missing device), whose message says what to change."""
+    batch size, a missing device), whose message says what to change, or a full disk."""
     try:
         state.result()
-    except ConfigError:
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return not (isinstance(exc, ConfigError) or out_of_space(exc.__cause__ or exc))
     return True
 
 

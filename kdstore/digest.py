@@ -70,6 +70,10 @@ def known_good(key: tuple) -> bool:
 
 
 def remember_good(key: tuple) -> None:
+    """Remember a verdict; not for an object-store file (no inode or mtime to key it on: a
+    replaced object must be checked again, and its bytes are downloaded anew anyway)."""
+    if len(key) == 2:
+        return
     with _LOCK:
         _GOOD.add(key)
 

@@ -175,8 +175,8 @@ class StoreReader:
         path = self.location.path(SHARDS_DIR, shard_id, rel)
         try:
             if self.location.is_local:
-                stat = os.stat(path)
                 with open(path, "rb") as fh:
+                    stat = os.fstat(fh.fileno())  # of the file read, not of one replaced since
                     data = fh.read()
             else:
                 stat, data = None, self.location.read_bytes(SHARDS_DIR, shard_id, rel)

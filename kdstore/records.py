@@ -188,6 +188,8 @@ class TeacherRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TeacherRecord:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a JSON object expected, got {type(data).__name__}")
         if data.get("format") != "kdcache-teacher":
             raise ValueError(f"format is {data.get('format')!r}, not 'kdcache-teacher'")
         return cls(data["fingerprint"], _files_from_json(data["files"]))

@@ -132,10 +132,11 @@ class KDTrainer(StoreRowsMixin, Trainer):
         batch = prepared.batch
         unwrapped = self.accelerator.unwrap_model(model)
         forward = model
-        if self.kd.fused:
-            if self._kd_hidden is None or self._kd_hidden.model is not unwrapped:
-                self._kd_hidden = fused_forward(unwrapped)
-            forward = self._kd_hidden if model is unwrapped else HiddenThrough(model, unwrapped)
+        if self.kd.fused:  # built once per model (and wrapper), not per step
+            if self._kd_hidden is None or self._kd_hidden[0] is not model:
+                self._kd_hidden = (model, fused_forward(unwrapped) if model is unwrapped
+                                   else HiddenThrough(model, unwrapped))
+            forward = self._kd_hidden[1]
         student = student_outputs(self.kd, forward, unwrapped, batch["input_ids"])
         result = self.kd.loss(student, batch)
         if model.training:

@@ -52,7 +52,12 @@ class SampleIdCollator:
 def check_sample_ids(dataset: Any, reader: StoreReader) -> None:
     """One-line error unless every row of `dataset` names a sample id of the store (and, where the
     dataset has `input_ids`, the store's tokens for it)."""
+    from datasets import Dataset
+
     url = reader.location.url
+    if not isinstance(dataset, Dataset):
+        raise StoreMismatchError(f"TRL train_dataset is a {type(dataset).__name__}: pass StoreRows(store, fields) or "
+                                 f"a map-style datasets.Dataset with the store's {SAMPLE_ID!r} column")
     columns = list(dataset.column_names or [])
     if SAMPLE_ID not in columns:
         raise StoreMismatchError(f"TRL dataset has no {SAMPLE_ID!r} column (columns {columns}): its rows cannot be "

@@ -99,6 +99,17 @@ def test_cli_verify_exits_1_naming_a_teacher_file(full_store, tmp_path, capsys):
     assert "teacher/output_head.safetensors" in out and "bad file" in out
 
 
+def test_cli_verify_names_a_teacher_record_that_is_not_an_object(full_store, tmp_path, capsys):
+    from flows.cli import main
+
+    copy = tmp_path / "s"
+    shutil.copytree(full_store, copy)
+    (copy / "teacher" / "COMMIT.json").write_text("[1, 2]")
+    assert main(["verify", str(copy)]) == 1
+    captured = capsys.readouterr()
+    assert "teacher/COMMIT.json" in captured.out and "Traceback" not in captured.out + captured.err
+
+
 def test_reader_refuses_an_altered_teacher_head(full_store, tmp_path):
     copy = tmp_path / "s"
     shutil.copytree(full_store, copy)
