@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.cli import USER_ERRORS, error_line
 from kdstore.reader import StoreReader
 from pipeline.config import Strict, parse_config, parse_overrides, read_config
 from pipeline.train.core import needs_attentions
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value, e.g. --set sft.max_steps=10")
     ns = parser.parse_args(argv)
-    print(run(read_config(ns.config, parse_overrides(ns.set))))
+    try:
+        print(run(read_config(ns.config, parse_overrides(ns.set))))
+    except USER_ERRORS as exc:
+        print(f"trl_sft_from_store: error: {error_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

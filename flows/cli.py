@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"kdcache {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"kdcache {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kdcache {args.command}: interrupted (committed shards and checkpoints are kept)", file=sys.stderr)
@@ -272,12 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"kdcache {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+        print(f"kdcache {args.command}: internal error: {type(exc).__name__}: {error_line(exc)} "
               "(run with --debug for the traceback, and report it)", file=sys.stderr)
         return 1
 
 
-def _one_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """The message without the noise some libraries add (a KeyError's quotes, trailing lines)."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:

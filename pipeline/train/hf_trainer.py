@@ -32,6 +32,7 @@ cross-tokenizer students, refused before the first step.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,21 +70,25 @@ class KDTrainer(StoreRowsMixin, Trainer):
     def __init__(self, *args: Any, kd_store: str | StoreReader, kd_losses: Any,
                  kd_extra_stores: Sequence[str | StoreReader] = (), fused_loss: bool = True,
                  kd_epochs: int | None = None, **kwargs: Any):
-        model = kwargs.get("model") if "model" in kwargs else args[0]
+        given = dict(inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments)
+        model = given.get("model")
+        if model is None:
+            raise ConfigError(f"{type(self).__name__} needs model=: the KD losses, their store fields and the fused "
+                              "head are built from the student before training (model_init is not supported)")
         readers = open_stores(kd_store, kd_extra_stores)
-        tokenizer = kwargs.get("processing_class")
+        tokenizer = given.get("processing_class")
         self.kd = build_kd(kd_losses, readers, model, tokenizer if hasattr(tokenizer, "get_vocab") else None,
                            fused_loss=fused_loss, allow_auxiliary=False, allow_cross=False)
-        training_args = kwargs.get("args") if "args" in kwargs else args[1] if len(args) > 1 else None
-        if kwargs.get("train_dataset") is None and len(args) < 4:
-            kwargs["train_dataset"] = StoreRows(readers[0], self.kd.fields, joined=readers[1:],
-                                                seed=getattr(training_args, "seed", 42))  # HF default seed
-        dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        dataset = given.get("train_dataset")
+        if dataset is None:
+            given["train_dataset"] = dataset = StoreRows(readers[0], self.kd.fields, joined=readers[1:],
+                                                         seed=getattr(given.get("args"), "seed", 42))  # HF's default
         if isinstance(dataset, StoreRows) and (missing := sorted(set(self.kd.fields) - set(dataset.fields))):
             raise ConfigError(f"train_dataset reads no {missing} from store {readers[0].location.url!r}, which these "
                               "losses and store need: build it as StoreRows(store, kd_fields(store, losses, model))")
-        kwargs.setdefault("data_collator", KDCollator())
-        super().__init__(*args, **kwargs)
+        if given.get("data_collator") is None:
+            given["data_collator"] = KDCollator()
+        super().__init__(**given)
         self.args.remove_unused_columns = False  # store fields are not forward() arguments
         # our loss is a per-micro-batch mean: let the Trainer divide by gradient-accumulation steps
         self.model_accepts_loss_kwargs = False

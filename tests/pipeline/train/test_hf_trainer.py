@@ -86,6 +86,21 @@ def test_kd_trainer_checks_fields_and_refuses_what_it_cannot_train(store, tiny_t
         kd_fields(reader, [{"name": "fkl"}, {"name": "adversarial", "weight": 0.1, "feature": "output"}], model)
 
 
+def test_kd_trainer_takes_positional_arguments_and_refuses_model_init(store, tiny_teacher_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from pipeline.config import ConfigError
+
+    reader = StoreReader(store)
+    model = build_student(StudentConfig(teacher=str(tiny_teacher_dir), num_layers=1), reader).model
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=1, report_to=[], use_cpu=True)
+    trainer = KDTrainer(model, args, kd_store=reader, kd_losses=LOSSES)  # Trainer's own positional order
+    assert trainer.model is model and trainer.args is args
+    assert isinstance(trainer.train_dataset, StoreRows) and isinstance(trainer.data_collator, KDCollator)
+    with pytest.raises(ConfigError, match="needs model=.*model_init"):
+        KDTrainer(args=args, model_init=lambda: model, kd_store=reader, kd_losses=LOSSES)
+
+
 def test_example_script_trains_from_the_example_config(store, tiny_teacher_dir, tmp_path, capsys):
     import importlib.util
 
@@ -109,3 +124,6 @@ def test_example_script_trains_from_the_example_config(store, tiny_teacher_dir, 
     assert (out / "model" / "config.json").is_file()
     with pytest.raises(ConfigError, match="trainig"):
         example.run({"store": store, "trainig": {}})
+    assert example.main([str(path), "--set", "store=/no/such/store"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf_trainer_kd: error:") and "/no/such/store" in err and "\n" not in err
