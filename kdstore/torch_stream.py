@@ -3,9 +3,10 @@
 Each epoch the committed shards are shuffled with (seed, epoch); the concatenated row sequence
 is cut into contiguous, balanced blocks, one per (rank, dataloader worker), so every row is
 seen exactly once per epoch and each worker decodes only the shards its block touches. Within a
-block rows go through a bounded shuffle buffer. The whole order is a pure function of
-(seed, epoch, worker), computed on row *indices*, so resuming only needs how many rows each
-worker has handed out: `state_dict()` is a few integers.
+block rows go through a bounded shuffle buffer that starts handing rows out as it fills (the
+first batch waits for about one shard, not for the buffer's worth of shards). The whole order
+is a pure function of (seed, epoch, worker), computed on row *indices*, so resuming only needs
+how many rows each worker has handed out: `state_dict()` is a few integers.
 
 Multi-teacher: `joined` stores (made over the same corpus, see `kdstore.join`) are read by sample
 id as each primary shard is loaded, in whichever process decodes it (dataloader workers
@@ -290,17 +291,39 @@ class KDLoader:
 
 
 def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Permutation produced by streaming n items through a shuffle buffer of `buffer_rows`."""
-    if buffer_rows >= n:
-        return rng.permutation(n)
+    """Permutation produced by streaming n items through a shuffle buffer of `buffer_rows` slots.
+
+    Warm-up: the buffer starts with one item and, until its slots are all filled, takes in two
+    items for each one it hands out (a new slot, and a refill of the slot just emptied); then one
+    for one; when the input runs out, what it holds comes out in a seeded random order. So the
+    first batch needs about twice its rows from the front of the input (the first shard),
+    whatever the buffer's size. Computed without a loop: the item a step hands out is the last
+    one put into the slot it picks (each slot's occupants, in step order).
+    """
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    size = max(1, buffer_rows)
+    steps = min(size - 1, (n - 1) // 2)  # warm-up steps, each reading items 2i+1 and 2i+2
+    if steps == size - 1:
+        steps = max(steps, n - size)  # steady steps, each reading item size+i
+    i = np.arange(steps, dtype=np.int64)
+    picks = (rng.random(steps) * np.minimum(i + 2, size)).astype(np.int64)
+    refill = np.where(i <= size - 2, 2 * i + 2, size + i)
+    slots = min(size, steps + 1)
+    first = np.maximum(2 * np.arange(slots, dtype=np.int64) - 1, 0)  # slot s is created holding item 2s-1 (slot 0: item 0)
+    by_slot = np.argsort(picks, kind="stable")  # each slot's picking steps, in step order
+    slot = picks[by_slot]
+    new = np.ones(steps, dtype=bool)  # a slot's first pick: it hands out the item it was created with
+    new[1:] = slot[1:] != slot[:-1]
     out = np.empty(n, dtype=np.int64)
-    buffer = list(range(buffer_rows))
-    picks = rng.integers(0, buffer_rows, size=n - buffer_rows)
-    for i, nxt in enumerate(range(buffer_rows, n)):
-        j = picks[i]
-        out[i] = buffer[j]
-        buffer[j] = nxt
-    out[n - buffer_rows :] = rng.permutation(buffer)
+    out[by_slot] = np.where(new, first[slot], refill[np.roll(by_slot, 1)])
+    last = np.ones(steps, dtype=bool)  # a slot's last pick: it holds that step's refill at the end
+    last[:-1] = new[1:]
+    held = first.copy()
+    held[slot[last]] = refill[by_slot[last]]
+    read = 2 * steps + 1 if steps <= size - 1 else size + steps
+    rest = np.concatenate([held, np.arange(read, n, dtype=np.int64)])
+    out[steps:] = rest[rng.permutation(len(rest))]
     return out
 
 
