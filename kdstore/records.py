@@ -230,11 +230,28 @@ def read_commit(location: Location, shard_id: str) -> CommitRecord:
 
 
 def parse_commit(raw: bytes, location: Location, shard_id: str) -> CommitRecord:
+    return load_commit(raw, location, shard_id)[0]
+
+
+_PARSED: dict[bytes, tuple[CommitRecord, str | None]] = {}  # by the record's bytes, so never stale
+_PARSED_MAX = 65_536
+
+
+def load_commit(raw: bytes, location: Location, shard_id: str) -> tuple[CommitRecord, str | None]:
+    """A commit record and the checksum it carries (None: written without one). Parsed once per
+    process: the check before training and the stream after it read the same records."""
+    if (known := _PARSED.get(raw)) is not None:
+        return known
     try:
-        return CommitRecord.from_json(json.loads(raw))
+        data = json.loads(raw)
+        parsed = CommitRecord.from_json(data), data.get(RECORD_SHA256)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
         raise CorruptShardError(f"shard {shard_id}: {path} is not a valid commit record ({exc!r})") from exc
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[raw] = parsed
+    return parsed
 
 
 def committed_shard_ids(location: Location) -> list[str]:

@@ -98,23 +98,18 @@ class KDStream(IterableDataset):
         """[n, 2] (shard index, row) pairs worker `worker` yields in `epoch`, in order."""
         rng = np.random.default_rng([self.seed, epoch])
         shard_order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
-        lengths = self.shard_rows[shard_order]
-        total = int(lengths.sum())
+        starts = np.concatenate([[0], np.cumsum(self.shard_rows[shard_order])])
+        total = int(starts[-1])
         lo, hi = worker * total // total_workers, (worker + 1) * total // total_workers
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        pairs = []
-        for pos, shard in enumerate(shard_order):
-            a, b = max(lo, starts[pos]), min(hi, starts[pos + 1])
-            if a >= b:
-                continue
-            rows = np.arange(a - starts[pos], b - starts[pos])
-            if self.shuffle:
-                rows = np.random.default_rng([self.seed, epoch, int(shard)]).permutation(rows)
-            pairs.append(np.stack([np.full(len(rows), shard), rows], axis=1))
-        order = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
-        if self.shuffle and len(order) > 1:
-            order = order[_buffer_shuffle(len(order), self.buffer_rows, np.random.default_rng([self.seed, epoch, 1_000_003 + worker]))]
-        return order
+        position = np.arange(lo, hi, dtype=np.int64)  # in the epoch's concatenated row sequence
+        pos = np.searchsorted(starts, position, side="right") - 1  # which shard of shard_order
+        rows, shards = position - starts[pos], shard_order[pos]
+        if not self.shuffle or len(rows) < 2:
+            return np.stack([shards, rows], axis=1)
+        within = np.random.default_rng([self.seed, epoch, 2_000_003 + worker]).random(len(rows))
+        rows = rows[np.argsort(pos + within)]  # each shard's rows (one run of `pos`) in a seeded random order
+        order = np.stack([shards, rows], axis=1)
+        return order[_buffer_shuffle(len(order), self.buffer_rows, np.random.default_rng([self.seed, epoch, 1_000_003 + worker]))]
 
     # ------------------------------------------------------------ iteration
 
