@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kdstore.digest import ALGORITHMS, WRITE_ALGORITHM
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, SpecError
@@ -27,6 +29,8 @@ TEACHER_DIR = "teacher"
 STORE_JSON_INDENT = 2  # how the writer serialises store.json; verify checks the bytes against it
 COMMIT_JSON_INDENT = 1
 RECORD_SHA256 = "record_sha256"
+SAMPLE_ID_DIGEST = "sample_id_digest"
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class CommitRecord:
     meta: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = FORMAT_VERSION
+    sample_id_digest: str | None = None  # see `sample_id_digest`; None in records written before it
 
     @property
     def bytes(self) -> int:
@@ -148,6 +153,7 @@ class CommitRecord:
             "valid_tokens": self.valid_tokens,
             "sample_id_min": self.sample_id_min,
             "sample_id_max": self.sample_id_max,
+            **({SAMPLE_ID_DIGEST: self.sample_id_digest} if self.sample_id_digest is not None else {}),
             "files": _files_json(self.files),
             "stats": dict(self.stats),
             "meta": dict(self.meta),
@@ -172,6 +178,7 @@ class CommitRecord:
             meta=data.get("meta", {}),
             created_at=data.get("created_at", ""),
             format_version=int(data.get("format_version", FORMAT_VERSION)),
+            sample_id_digest=str(data[SAMPLE_ID_DIGEST]) if SAMPLE_ID_DIGEST in data else None,
         )
 
 
@@ -205,6 +212,23 @@ def read_teacher_record(location: Location) -> TeacherRecord | None:
     if raw != json_bytes(record.to_json(), COMMIT_JSON_INDENT):
         raise ValueError("its bytes differ from the record they parse to (altered)")
     return record
+
+
+def sample_id_digest(sample_ids: np.ndarray) -> str:
+    """An order-free digest of a multiset of sample ids: the sum mod 2^64 of each id's
+    splitmix64 mix, as 16 hex digits. Shard digests add up (`combine_sample_id_digests`) to the
+    digest of the whole store, so two stores whose shards are cut differently still compare
+    their sample ids from their commit records alone."""
+    z = np.asarray(sample_ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return f"{int(z.sum(dtype=np.uint64)):016x}"
+
+
+def combine_sample_id_digests(digests: Iterable[str]) -> str:
+    """The digest of the union (as multisets) of the shards whose digests are given."""
+    return f"{sum(int(d, 16) for d in digests) & _MASK64:016x}"
 
 
 def record_checksum(data: Mapping[str, Any]) -> str:

@@ -43,6 +43,7 @@ from kdstore.records import (
     TeacherRecord,
     json_bytes,
     read_store_meta,
+    sample_id_digest,
 )
 from kdstore.shard_io import write_shard_files
 from kdstore.spec import Provenance, StoreSpec, canonical_json
@@ -167,6 +168,7 @@ class StoreWriter:
             valid_tokens=int(valid.sum()),
             sample_id_min=int(sample_ids.min()),
             sample_id_max=int(sample_ids.max()),
+            sample_id_digest=sample_id_digest(sample_ids),
             files=files,
             stats=stats,
             meta=dict(meta),
