@@ -251,9 +251,10 @@ class StoreReader:
     def _sample_index(self, wanted: np.ndarray | None) -> dict[int, tuple[str, int]]:
         """sample id -> (shard, row) for the shards that may hold `wanted` (None: every shard),
         read once each: a shard is a candidate when its record's [min, max] range holds one."""
+        committed = self.shard_ids()  # first: a first listing starts the index afresh
         if self._index is None:
             self._index, self._ids_of = {}, {}
-        shards = [s for s in self.shard_ids() if s not in self._ids_of]
+        shards = [s for s in committed if s not in self._ids_of]
         if wanted is not None and shards:
             unknown = np.unique(wanted[[int(s) not in self._index for s in wanted]])
             lo = np.array([self.record(s).sample_id_min for s in shards])
