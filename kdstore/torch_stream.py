@@ -201,6 +201,11 @@ class KDStream(IterableDataset):
                 "resume with the same world size and num_workers"
             )
 
+    def worker_rows(self, worker: int, total_workers: int) -> int:
+        """Rows worker `worker` yields per epoch (its block's length, the same every epoch)."""
+        total = self.rows_per_epoch()
+        return (worker + 1) * total // total_workers - worker * total // total_workers
+
     def rows_per_epoch(self) -> int:
         """Rows of all ranks and workers in one epoch (before any corrupt shard is skipped)."""
         return int(self.shard_rows.sum())

@@ -225,3 +225,10 @@ def test_first_batch_reads_one_shard_whatever_the_buffer(tmp_path):
     first = next(iter(stream))
     assert len(reads) == 1 and len(first["sample_id"]) == 8
     assert {int(s) for s in first["sample_id"]} <= {int(s) for s in stream.reader.read_shard(reads[0], ["sample_id"])["sample_id"]}
+
+
+def test_worker_rows_is_the_length_of_each_worker_order(store):
+    stream = KDStream(store, [], batch_size=2, seed=3)
+    for total in (1, 2, 3, 7):
+        lengths = [len(stream.worker_order(1, w, total)) for w in range(total)]
+        assert lengths == [stream.worker_rows(w, total) for w in range(total)] and sum(lengths) == sum(SHARD_SIZES)
