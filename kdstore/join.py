@@ -25,7 +25,7 @@ import numpy as np
 
 from kdstore.errors import MissingFieldError, StoreMismatchError
 from kdstore.reader import StoreReader
-from kdstore.records import combine_sample_id_digests
+from kdstore.records import add_hashes
 
 _PREFIXED = re.compile(r"^t([1-9][0-9]*)/(.+)$")
 ROW_FIELDS = ("input_ids", "valid")  # what makes two rows the same row: compared on every join
@@ -60,20 +60,20 @@ def _mapping_diff(section: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> s
     return f"provenance {section} differs at key(s) {keys} ({values})"
 
 
-def _id_digest(reader: StoreReader) -> tuple[int, str] | None:
-    """(rows, digest of every sample id) from the store's commit records alone; None when a
-    record predates the digest (the ids are then read)."""
+def _id_hash(reader: StoreReader) -> tuple[int, int] | None:
+    """(rows, hash of every sample id) from the store's commit records alone; None when a
+    record predates the hash (the ids are then read)."""
     records = [reader.record(s) for s in reader.shard_ids()]
-    if any(r.sample_id_digest is None for r in records):
+    if any(r.sample_id_hash is None for r in records):
         return None
-    return sum(r.rows for r in records), combine_sample_id_digests(r.sample_id_digest for r in records)
+    return sum(r.rows for r in records), add_hashes(r.sample_id_hash for r in records)
 
 
 def _id_diff(base: StoreReader, other: StoreReader, teacher: int) -> list[str]:
-    """What sample ids one store lacks of the other's: compared by the digests the commit
+    """What sample ids one store lacks of the other's: compared by the hashes the commit
     records carry, and the ids read only when those differ (to name them) or are missing."""
-    digests = _id_digest(base), _id_digest(other)
-    if None not in digests and digests[0] == digests[1]:
+    hashes = _id_hash(base), _id_hash(other)
+    if None not in hashes and hashes[0] == hashes[1]:
         return []
     ours, theirs = base.sample_ids(), other.sample_ids()
     out = []

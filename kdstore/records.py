@@ -29,7 +29,7 @@ TEACHER_DIR = "teacher"
 STORE_JSON_INDENT = 2  # how the writer serialises store.json; verify checks the bytes against it
 COMMIT_JSON_INDENT = 1
 RECORD_SHA256 = "record_sha256"
-SAMPLE_ID_DIGEST = "sample_id_digest"
+SAMPLE_ID_HASH = "sample_id_hash"  # a key of a commit record's stats, see `sample_id_hash`
 _MASK64 = (1 << 64) - 1
 
 
@@ -135,11 +135,16 @@ class CommitRecord:
     meta: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = FORMAT_VERSION
-    sample_id_digest: str | None = None  # see `sample_id_digest`; None in records written before it
 
     @property
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
+
+    @property
+    def sample_id_hash(self) -> int | None:
+        """`sample_id_hash` of the shard's ids, as written (None: a record written before it)."""
+        value = self.stats.get(SAMPLE_ID_HASH)
+        return None if value is None else int(value)
 
     def to_json(self, checksum: str | None = None) -> dict[str, Any]:
         """The record as written; `checksum`: one already checked against it (from_json does),
@@ -153,7 +158,6 @@ class CommitRecord:
             "valid_tokens": self.valid_tokens,
             "sample_id_min": self.sample_id_min,
             "sample_id_max": self.sample_id_max,
-            **({SAMPLE_ID_DIGEST: self.sample_id_digest} if self.sample_id_digest is not None else {}),
             "files": _files_json(self.files),
             "stats": dict(self.stats),
             "meta": dict(self.meta),
@@ -178,7 +182,6 @@ class CommitRecord:
             meta=data.get("meta", {}),
             created_at=data.get("created_at", ""),
             format_version=int(data.get("format_version", FORMAT_VERSION)),
-            sample_id_digest=str(data[SAMPLE_ID_DIGEST]) if SAMPLE_ID_DIGEST in data else None,
         )
 
 
@@ -214,21 +217,22 @@ def read_teacher_record(location: Location) -> TeacherRecord | None:
     return record
 
 
-def sample_id_digest(sample_ids: np.ndarray) -> str:
-    """An order-free digest of a multiset of sample ids: the sum mod 2^64 of each id's
-    splitmix64 mix, as 16 hex digits. Shard digests add up (`combine_sample_id_digests`) to the
-    digest of the whole store, so two stores whose shards are cut differently still compare
-    their sample ids from their commit records alone."""
+def sample_id_hash(sample_ids: np.ndarray) -> int:
+    """An order-free hash of a multiset of sample ids: the sum mod 2^64 of each id's splitmix64
+    mix. It adds up like any other sum (`add_hashes`), so the hashes in the shards' commit
+    records give the hash of the whole store, and two stores cut into shards differently
+    compare their sample ids without reading them. Kept in a record's stats, so a kdcache
+    from before it reads (and verifies) the record unchanged."""
     z = np.asarray(sample_ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
-    return f"{int(z.sum(dtype=np.uint64)):016x}"
+    return int(z.sum(dtype=np.uint64))
 
 
-def combine_sample_id_digests(digests: Iterable[str]) -> str:
-    """The digest of the union (as multisets) of the shards whose digests are given."""
-    return f"{sum(int(d, 16) for d in digests) & _MASK64:016x}"
+def add_hashes(hashes: Iterable[int]) -> int:
+    """`sample_id_hash` of the union (as multisets) of the parts whose hashes are given."""
+    return sum(hashes) & _MASK64
 
 
 def record_checksum(data: Mapping[str, Any]) -> str:

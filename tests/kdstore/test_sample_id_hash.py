@@ -1,5 +1,5 @@
-"""Sample ids compared from the commit records: no store is read before step 1 to line up the
-stores of a multi-teacher join, and stores written before the digest still join (read once)."""
+"""Sample ids compared by the hashes in the commit records: no store is read before step 1 to line up the
+stores of a multi-teacher join, and stores written before the hash still join (read once)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from kdstore.reader import StoreReader
 from kdstore.records import (
     COMMIT_JSON,
     COMMIT_JSON_INDENT,
+    SAMPLE_ID_HASH,
     SHARDS_DIR,
-    combine_sample_id_digests,
+    add_hashes,
     json_bytes,
     read_commit,
-    sample_id_digest,
+    sample_id_hash,
 )
 from kdstore.spec import Provenance, StoreSpec, TopKSpec
 from kdstore.verify import verify_store
@@ -55,25 +56,29 @@ def _store(path, ids: list[int], shard_rows: int, k: int = K) -> str:
     return str(path)
 
 
-def _drop_digests(store: str) -> None:
-    """Rewrite every commit record as a kdcache from before the digest wrote it."""
+def _drop_hashes(store: str) -> None:
+    """Rewrite every commit record as a kdcache from before the hash wrote it."""
     location = Location.of(store)
     for shard in StoreReader(store).shard_ids():
-        old = dataclasses.replace(read_commit(location, shard), sample_id_digest=None)
+        record = read_commit(location, shard)
+        old = dataclasses.replace(record, stats={k: v for k, v in record.stats.items() if k != SAMPLE_ID_HASH})
         location.write_bytes(json_bytes(old.to_json(), COMMIT_JSON_INDENT), SHARDS_DIR, shard, COMMIT_JSON)
 
 
-def test_digest_is_order_free_and_adds_up_over_shards():
+def test_hash_is_order_free_and_adds_up_over_shards():
     ids = np.arange(1000) * 7 + 3
-    whole = sample_id_digest(ids)
-    assert whole == sample_id_digest(ids[::-1]) and len(whole) == 16
-    assert combine_sample_id_digests([sample_id_digest(ids[:300]), sample_id_digest(ids[300:])]) == whole
-    assert sample_id_digest(ids[:-1]) != whole and sample_id_digest(np.append(ids[:-1], 4)) != whole
+    whole = sample_id_hash(ids)
+    assert whole == sample_id_hash(ids[::-1]) and 0 <= whole < 2**64
+    assert add_hashes([sample_id_hash(ids[:300]), sample_id_hash(ids[300:])]) == whole
+    assert sample_id_hash(ids[:-1]) != whole and sample_id_hash(np.append(ids[:-1], 4)) != whole
+    assert sample_id_hash(np.append(ids, ids[0])) != whole  # a multiset: a repeated id counts
 
 
 def test_stores_cut_differently_line_up_without_reading_a_shard(tmp_path):
     a = _store(tmp_path / "a", list(range(20)), 4)
     b = _store(tmp_path / "b", list(range(19, -1, -1)), 3, k=3)
+    first = StoreReader(b).shard_ids()[0]
+    assert StoreReader(b).record(first).stats[SAMPLE_ID_HASH] == sample_id_hash([19, 18, 17])  # in stats, as written
     readers = [CountingReader(a), CountingReader(b)]
     check_aligned(readers)
     assert readers[0].reads == [] and readers[1].reads == []
@@ -90,11 +95,11 @@ def test_missing_ids_are_named_and_old_stores_are_read_once(tmp_path):
     with pytest.raises(StoreMismatchError, match=r"'.*short' \(teacher 1\) lacks 3 of the 20 sample ids .*\[17, 18, 19\]"):
         check_aligned([StoreReader(a), StoreReader(short)])
     old = _store(tmp_path / "old", list(range(20)), 5)
-    _drop_digests(old)
-    assert verify_store(old).ok  # a record without the digest is a valid record
+    _drop_hashes(old)
+    assert verify_store(old).ok  # a record without the hash is a valid record
     readers = [CountingReader(a), CountingReader(old)]
     check_aligned(readers)
     assert readers[0].reads and sorted(readers[1].reads) == StoreReader(old).shard_ids()  # the fallback read
-    _drop_digests(short)
+    _drop_hashes(short)
     with pytest.raises(StoreMismatchError, match=r"lacks 3 of the 20 sample ids"):
         check_aligned([StoreReader(a), StoreReader(short)])
