@@ -106,8 +106,7 @@ class KDStream(IterableDataset):
         rows, shards = position - starts[pos], shard_order[pos]
         if not self.shuffle or len(rows) < 2:
             return np.stack([shards, rows], axis=1)
-        within = np.random.default_rng([self.seed, epoch, 2_000_003 + worker]).random(len(rows))
-        rows = rows[np.argsort(pos + within)]  # each shard's rows (one run of `pos`) in a seeded random order
+        rows = _shuffle_runs(rows, pos, np.random.default_rng([self.seed, epoch, 2_000_003 + worker]))
         order = np.stack([shards, rows], axis=1)
         return order[_buffer_shuffle(len(order), self.buffer_rows, np.random.default_rng([self.seed, epoch, 1_000_003 + worker]))]
 
@@ -311,7 +310,8 @@ def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.nd
     refill = np.where(i <= size - 2, 2 * i + 2, size + i)
     slots = min(size, steps + 1)
     first = np.maximum(2 * np.arange(slots, dtype=np.int64) - 1, 0)  # slot s is created holding item 2s-1 (slot 0: item 0)
-    by_slot = np.argsort(picks, kind="stable")  # each slot's picking steps, in step order
+    narrow = picks.astype(np.uint16) if size <= 1 << 16 else picks  # a radix sort
+    by_slot = np.argsort(narrow, kind="stable")  # each slot's picking steps, in step order
     slot = picks[by_slot]
     new = np.ones(steps, dtype=bool)  # a slot's first pick: it hands out the item it was created with
     new[1:] = slot[1:] != slot[:-1]
@@ -324,6 +324,18 @@ def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.nd
     read = 2 * steps + 1 if steps <= size - 1 else size + steps
     rest = np.concatenate([held, np.arange(read, n, dtype=np.int64)])
     out[steps:] = rest[rng.permutation(len(rest))]
+    return out
+
+
+def _shuffle_runs(values: np.ndarray, runs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`values` with each run of equal `runs` (sorted) shuffled in place of itself: the runs of
+    one length as the rows of a matrix, each row shuffled on its own."""
+    out = values.copy()
+    starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
+    lengths = np.diff(np.r_[starts, len(runs)])
+    for length in np.unique(lengths):
+        at = starts[lengths == length][:, None] + np.arange(length)
+        out[at] = rng.permuted(values[at], axis=1)
     return out
 
 
