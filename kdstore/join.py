@@ -25,6 +25,7 @@ import numpy as np
 
 from kdstore.errors import MissingFieldError, StoreMismatchError
 from kdstore.reader import StoreReader
+from kdstore.records import add_hashes
 
 _PREFIXED = re.compile(r"^t([1-9][0-9]*)/(.+)$")
 ROW_FIELDS = ("input_ids", "valid")  # what makes two rows the same row: compared on every join
@@ -59,7 +60,21 @@ def _mapping_diff(section: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> s
     return f"provenance {section} differs at key(s) {keys} ({values})"
 
 
+def _id_hash(reader: StoreReader) -> tuple[int, int] | None:
+    """(rows, hash of every sample id) from the store's commit records alone; None when a
+    record predates the hash (the ids are then read)."""
+    records = [reader.record(s) for s in reader.shard_ids()]
+    if any(r.sample_id_hash is None for r in records):
+        return None
+    return sum(r.rows for r in records), add_hashes(r.sample_id_hash for r in records)
+
+
 def _id_diff(base: StoreReader, other: StoreReader, teacher: int) -> list[str]:
+    """What sample ids one store lacks of the other's: compared by the hashes the commit
+    records carry, and the ids read only when those differ (to name them) or are missing."""
+    hashes = _id_hash(base), _id_hash(other)
+    if None not in hashes and hashes[0] == hashes[1]:
+        return []
     ours, theirs = base.sample_ids(), other.sample_ids()
     out = []
     a, b = _label(base, 0), _label(other, teacher)

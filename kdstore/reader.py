@@ -40,7 +40,8 @@ class StoreReader:
         self.meta = read_store_meta(self.location)
         self._shard_ids: list[str] | None = None
         self._records: dict[str, CommitRecord] = {}
-        self._index: dict[int, tuple[str, int]] | None = None
+        self._index: dict[int, tuple[str, int]] | None = None  # built shard by shard, as ids are asked for
+        self._ids_of: dict[str, np.ndarray] = {}  # shard -> its sample ids, for the shards indexed
 
     @property
     def spec(self):
@@ -221,11 +222,12 @@ class StoreReader:
     # ------------------------------------------------------------ random access
 
     def read_samples(self, sample_ids: Sequence[int], fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Rows by sample id, in the order asked (only the record batches that hold them)."""
-        index = self._sample_index()
+        """Rows by sample id, in the order asked (only the record batches that hold them). Only
+        the shards whose commit records' sample-id ranges hold an asked id are looked into."""
         ids = [int(s) for s in sample_ids]
         if not ids:
             return _empty(self.resolve(fields))
+        index = self._sample_index(np.asarray(ids, dtype=np.int64))
         unknown = [s for s in ids if s not in index]
         if unknown:
             raise KeyError(f"sample id(s) {unknown[:5]} not in store {self.location.url!r}")
@@ -242,16 +244,28 @@ class StoreReader:
         return parts
 
     def sample_ids(self) -> np.ndarray:
-        """Every committed sample id (int64, in shard order); builds the index `read_samples` uses."""
-        return np.fromiter(self._sample_index(), dtype=np.int64)
+        """Every committed sample id (int64, in shard order): reads every shard's ids."""
+        self._sample_index(None)
+        return np.concatenate([self._ids_of[s] for s in self.shard_ids()] or [np.zeros(0, np.int64)])
 
-    def _sample_index(self) -> dict[int, tuple[str, int]]:
+    def _sample_index(self, wanted: np.ndarray | None) -> dict[int, tuple[str, int]]:
+        """sample id -> (shard, row) for the shards that may hold `wanted` (None: every shard),
+        read once each: a shard is a candidate when its record's [min, max] range holds one."""
+        committed = self.shard_ids()  # first: a first listing starts the index afresh
         if self._index is None:
-            index = {}
-            for shard in self.shard_ids():
-                for row, sid in enumerate(self.read_shard(shard, ["sample_id"])["sample_id"].tolist()):
-                    index[sid] = (shard, row)
-            self._index = index
+            self._index, self._ids_of = {}, {}
+        shards = [s for s in committed if s not in self._ids_of]
+        if wanted is not None and shards:
+            unknown = np.unique(wanted[[int(s) not in self._index for s in wanted]])
+            lo = np.array([self.record(s).sample_id_min for s in shards])
+            hi = np.array([self.record(s).sample_id_max for s in shards])
+            holds = np.searchsorted(unknown, lo, "left") < np.searchsorted(unknown, hi, "right")
+            shards = [s for s, h in zip(shards, holds, strict=True) if h]
+        for shard in shards:
+            ids = self.read_shard(shard, ["sample_id"])["sample_id"].astype(np.int64)
+            self._ids_of[shard] = ids
+            for row, sid in enumerate(ids.tolist()):
+                self._index.setdefault(sid, (shard, row))
         return self._index
 
     # ------------------------------------------------------------ teacher tensors

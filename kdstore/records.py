@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kdstore.digest import ALGORITHMS, WRITE_ALGORITHM
 from kdstore.errors import CorruptShardError, FormatVersionError, NotAStoreError, SpecError
@@ -27,6 +29,8 @@ TEACHER_DIR = "teacher"
 STORE_JSON_INDENT = 2  # how the writer serialises store.json; verify checks the bytes against it
 COMMIT_JSON_INDENT = 1
 RECORD_SHA256 = "record_sha256"
+SAMPLE_ID_HASH = "sample_id_hash"  # a key of a commit record's stats, see `sample_id_hash`
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,12 @@ class CommitRecord:
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
 
+    @property
+    def sample_id_hash(self) -> int | None:
+        """`sample_id_hash` of the shard's ids, as written (None: a record written before it)."""
+        value = self.stats.get(SAMPLE_ID_HASH)
+        return None if value is None else int(value)
+
     def to_json(self, checksum: str | None = None) -> dict[str, Any]:
         """The record as written; `checksum`: one already checked against it (from_json does),
         so it is not computed again."""
@@ -207,6 +217,24 @@ def read_teacher_record(location: Location) -> TeacherRecord | None:
     return record
 
 
+def sample_id_hash(sample_ids: np.ndarray) -> int:
+    """An order-free hash of a multiset of sample ids: the sum mod 2^64 of each id's splitmix64
+    mix. It adds up like any other sum (`add_hashes`), so the hashes in the shards' commit
+    records give the hash of the whole store, and two stores cut into shards differently
+    compare their sample ids without reading them. Kept in a record's stats, so a kdcache
+    from before it reads (and verifies) the record unchanged."""
+    z = np.asarray(sample_ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return int(z.sum(dtype=np.uint64))
+
+
+def add_hashes(hashes: Iterable[int]) -> int:
+    """`sample_id_hash` of the union (as multisets) of the parts whose hashes are given."""
+    return sum(hashes) & _MASK64
+
+
 def record_checksum(data: Mapping[str, Any]) -> str:
     """sha256 of a record's canonical JSON without its own checksum: a commit record's counts,
     sample-id range and stats are covered as well as the files it lists."""
@@ -230,11 +258,28 @@ def read_commit(location: Location, shard_id: str) -> CommitRecord:
 
 
 def parse_commit(raw: bytes, location: Location, shard_id: str) -> CommitRecord:
+    return load_commit(raw, location, shard_id)[0]
+
+
+_PARSED: dict[bytes, tuple[CommitRecord, str | None]] = {}  # by the record's bytes, so never stale
+_PARSED_MAX = 65_536
+
+
+def load_commit(raw: bytes, location: Location, shard_id: str) -> tuple[CommitRecord, str | None]:
+    """A commit record and the checksum it carries (None: written without one). Parsed once per
+    process: the check before training and the stream after it read the same records."""
+    if (known := _PARSED.get(raw)) is not None:
+        return known
     try:
-        return CommitRecord.from_json(json.loads(raw))
+        data = json.loads(raw)
+        parsed = CommitRecord.from_json(data), data.get(RECORD_SHA256)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         path = location.path(SHARDS_DIR, shard_id, COMMIT_JSON)
         raise CorruptShardError(f"shard {shard_id}: {path} is not a valid commit record ({exc!r})") from exc
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[raw] = parsed
+    return parsed
 
 
 def committed_shard_ids(location: Location) -> list[str]:

@@ -192,11 +192,29 @@ def decode_arrow_batches(
         for batch in batches:
             column = batch.column(f.name)
             flat = column.values if f.shape else column
-            stored = flat.to_numpy(zero_copy_only=False).reshape((batch.num_rows, *f.shape))
+            stored = arrow_values(flat).reshape((batch.num_rows, *f.shape))
             dest[start : start + batch.num_rows] = decode_chain(f.chain, stored)
             start += batch.num_rows
         out[f.name] = dest
     return out
+
+
+_NUMPY_TYPES = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+                pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
+                pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64}
+
+
+def arrow_values(array: pa.Array) -> np.ndarray:
+    """A null-free primitive Arrow array as a (read-only) numpy view of its buffer. pyarrow's own
+    `to_numpy` imports pandas on its first call, a fraction of a second before any first batch."""
+    if array.null_count or (array.type not in _NUMPY_TYPES and array.type != pa.bool_()):
+        return array.to_numpy(zero_copy_only=False)
+    data = array.buffers()[1]
+    if array.type == pa.bool_():  # bit-packed, least significant bit first
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), count=array.offset + len(array), bitorder="little")
+        return bits[array.offset:].view(bool)
+    dtype = np.dtype(_NUMPY_TYPES[array.type])
+    return np.frombuffer(data, dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def _decode_draws(
@@ -205,12 +223,12 @@ def _decode_draws(
     n_tokens = _draw_count_field(group_fields[0]).shape
     width = group_fields[0].shape[-1]
     n = np.concatenate(
-        [b.column("draw_n").values.to_numpy(zero_copy_only=False) for b in batches]
+        [arrow_values(b.column("draw_n").values) for b in batches]
     ).reshape(n_rows, *n_tokens)
     slot = np.arange(width) < n[..., None]  # padded [R, T, width] positions that hold a draw
     out = {}
     for f in wanted:
-        flat = np.concatenate([b.column(f.name).values.to_numpy(zero_copy_only=False) for b in batches])
+        flat = np.concatenate([arrow_values(b.column(f.name).values) for b in batches])
         packed = np.zeros((n_rows, *f.shape), dtype=f.stored_dtype)
         packed[slot] = flat
         dest = decode_chain(f.chain, packed).astype(f.decoded_dtype, copy=False)

@@ -3,9 +3,10 @@
 Each epoch the committed shards are shuffled with (seed, epoch); the concatenated row sequence
 is cut into contiguous, balanced blocks, one per (rank, dataloader worker), so every row is
 seen exactly once per epoch and each worker decodes only the shards its block touches. Within a
-block rows go through a bounded shuffle buffer. The whole order is a pure function of
-(seed, epoch, worker), computed on row *indices*, so resuming only needs how many rows each
-worker has handed out: `state_dict()` is a few integers.
+block rows go through a bounded shuffle buffer that starts handing rows out as it fills (the
+first batch waits for about one shard, not for the buffer's worth of shards). The whole order
+is a pure function of (seed, epoch, worker), computed on row *indices*, so resuming only needs
+how many rows each worker has handed out: `state_dict()` is a few integers.
 
 Multi-teacher: `joined` stores (made over the same corpus, see `kdstore.join`) are read by sample
 id as each primary shard is loaded, in whichever process decodes it (dataloader workers
@@ -97,23 +98,17 @@ class KDStream(IterableDataset):
         """[n, 2] (shard index, row) pairs worker `worker` yields in `epoch`, in order."""
         rng = np.random.default_rng([self.seed, epoch])
         shard_order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
-        lengths = self.shard_rows[shard_order]
-        total = int(lengths.sum())
+        starts = np.concatenate([[0], np.cumsum(self.shard_rows[shard_order])])
+        total = int(starts[-1])
         lo, hi = worker * total // total_workers, (worker + 1) * total // total_workers
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        pairs = []
-        for pos, shard in enumerate(shard_order):
-            a, b = max(lo, starts[pos]), min(hi, starts[pos + 1])
-            if a >= b:
-                continue
-            rows = np.arange(a - starts[pos], b - starts[pos])
-            if self.shuffle:
-                rows = np.random.default_rng([self.seed, epoch, int(shard)]).permutation(rows)
-            pairs.append(np.stack([np.full(len(rows), shard), rows], axis=1))
-        order = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
-        if self.shuffle and len(order) > 1:
-            order = order[_buffer_shuffle(len(order), self.buffer_rows, np.random.default_rng([self.seed, epoch, 1_000_003 + worker]))]
-        return order
+        position = np.arange(lo, hi, dtype=np.int64)  # in the epoch's concatenated row sequence
+        pos = np.searchsorted(starts, position, side="right") - 1  # which shard of shard_order
+        rows, shards = position - starts[pos], shard_order[pos]
+        if not self.shuffle or len(rows) < 2:
+            return np.stack([shards, rows], axis=1)
+        rows = _shuffle_runs(rows, pos, np.random.default_rng([self.seed, epoch, 2_000_003 + worker]))
+        order = np.stack([shards, rows], axis=1)
+        return order[_buffer_shuffle(len(order), self.buffer_rows, np.random.default_rng([self.seed, epoch, 1_000_003 + worker]))]
 
     # ------------------------------------------------------------ iteration
 
@@ -205,6 +200,11 @@ class KDStream(IterableDataset):
                 "resume with the same world size and num_workers"
             )
 
+    def worker_rows(self, worker: int, total_workers: int) -> int:
+        """Rows worker `worker` yields per epoch (its block's length, the same every epoch)."""
+        total = self.rows_per_epoch()
+        return (worker + 1) * total // total_workers - worker * total // total_workers
+
     def rows_per_epoch(self) -> int:
         """Rows of all ranks and workers in one epoch (before any corrupt shard is skipped)."""
         return int(self.shard_rows.sum())
@@ -290,17 +290,52 @@ class KDLoader:
 
 
 def _buffer_shuffle(n: int, buffer_rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Permutation produced by streaming n items through a shuffle buffer of `buffer_rows`."""
-    if buffer_rows >= n:
-        return rng.permutation(n)
+    """Permutation produced by streaming n items through a shuffle buffer of `buffer_rows` slots.
+
+    Warm-up: the buffer starts with one item and, until its slots are all filled, takes in two
+    items for each one it hands out (a new slot, and a refill of the slot just emptied); then one
+    for one; when the input runs out, what it holds comes out in a seeded random order. So the
+    first batch needs about twice its rows from the front of the input (the first shard),
+    whatever the buffer's size. Computed without a loop: the item a step hands out is the last
+    one put into the slot it picks (each slot's occupants, in step order).
+    """
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    size = max(1, buffer_rows)
+    steps = min(size - 1, (n - 1) // 2)  # warm-up steps, each reading items 2i+1 and 2i+2
+    if steps == size - 1:
+        steps = max(steps, n - size)  # steady steps, each reading item size+i
+    i = np.arange(steps, dtype=np.int64)
+    picks = (rng.random(steps) * np.minimum(i + 2, size)).astype(np.int64)
+    refill = np.where(i <= size - 2, 2 * i + 2, size + i)
+    slots = min(size, steps + 1)
+    first = np.maximum(2 * np.arange(slots, dtype=np.int64) - 1, 0)  # slot s is created holding item 2s-1 (slot 0: item 0)
+    narrow = picks.astype(np.uint16) if size <= 1 << 16 else picks  # a radix sort
+    by_slot = np.argsort(narrow, kind="stable")  # each slot's picking steps, in step order
+    slot = picks[by_slot]
+    new = np.ones(steps, dtype=bool)  # a slot's first pick: it hands out the item it was created with
+    new[1:] = slot[1:] != slot[:-1]
     out = np.empty(n, dtype=np.int64)
-    buffer = list(range(buffer_rows))
-    picks = rng.integers(0, buffer_rows, size=n - buffer_rows)
-    for i, nxt in enumerate(range(buffer_rows, n)):
-        j = picks[i]
-        out[i] = buffer[j]
-        buffer[j] = nxt
-    out[n - buffer_rows :] = rng.permutation(buffer)
+    out[by_slot] = np.where(new, first[slot], refill[np.roll(by_slot, 1)])
+    last = np.ones(steps, dtype=bool)  # a slot's last pick: it holds that step's refill at the end
+    last[:-1] = new[1:]
+    held = first.copy()
+    held[slot[last]] = refill[by_slot[last]]
+    read = 2 * steps + 1 if steps <= size - 1 else size + steps
+    rest = np.concatenate([held, np.arange(read, n, dtype=np.int64)])
+    out[steps:] = rest[rng.permutation(len(rest))]
+    return out
+
+
+def _shuffle_runs(values: np.ndarray, runs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`values` with each run of equal `runs` (sorted) shuffled in place of itself: the runs of
+    one length as the rows of a matrix, each row shuffled on its own."""
+    out = values.copy()
+    starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
+    lengths = np.diff(np.r_[starts, len(runs)])
+    for length in np.unique(lengths):
+        at = starts[lengths == length][:, None] + np.arange(length)
+        out[at] = rng.permuted(values[at], axis=1)
     return out
 
 

@@ -10,7 +10,6 @@ teacher/ against teacher/COMMIT.json. A file that belongs to none of these is na
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from collections.abc import Mapping
@@ -76,11 +75,10 @@ def check_shard(
             return [Problem(shard_id, records.COMMIT_JSON, "missing: the shard has files but no commit record")], None
         return [], None
     try:
-        record = records.parse_commit(raw, location, shard_id)
+        record, checksum = records.load_commit(raw, location, shard_id)
     except CorruptShardError as exc:
         return [Problem(shard_id, records.COMMIT_JSON, str(exc))], None
     problems = []
-    checksum = json.loads(raw).get(records.RECORD_SHA256)
     if raw != records.json_bytes(record.to_json(checksum=checksum), records.COMMIT_JSON_INDENT):
         problems.append(Problem(shard_id, records.COMMIT_JSON, "its bytes differ from the record they parse to (altered)"))
     if fingerprint is not None and record.fingerprint != fingerprint:
@@ -119,29 +117,52 @@ def check_listed_files(location: Location, folder: tuple[str, ...], files: Mappi
     return found + [(rel, f"not listed in {commit}") for rel in sorted(on_disk)]
 
 
+def check_shards(location: Location, names: list[str], fingerprint: str | None,
+                 check: str) -> list[tuple[str, list[Problem], records.CommitRecord | None]]:
+    """`check_shard` of every named shard: (shard, problems, record) in the order named. In
+    parallel where that pays: digests release the GIL, and object-store reads overlap; a local
+    commit record is read from the page cache in microseconds, and its parse holds the GIL."""
+    if check == "record":
+        workers = 1 if location.is_local else 16
+    else:
+        workers = min(8, os.cpu_count() or 1)
+    if workers == 1 or len(names) < 2:
+        return [(name, *check_shard(location, name, fingerprint, check)) for name in names]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names)))) as pool:
+        checked = pool.map(lambda n: check_shard(location, n, fingerprint, check), names)
+        return [(name, problems, record) for name, (problems, record) in zip(names, checked, strict=True)]
+
+
+def _store_and_shards(location: Location) -> tuple[list[Problem], str | None, list[str], list[str]]:
+    """store.json's problems and fingerprint, the store's shard dirs and its leftover (staging,
+    quarantined) dirs: what `verify_store` and `check_structure` both start from."""
+    problems, fingerprint = check_store_json(location)
+    names = location.list_dirs(records.SHARDS_DIR)
+    leftovers = [posixpath.join(records.SHARDS_DIR, n) for n in names if n.startswith(".")]
+    return problems, fingerprint, [n for n in names if not n.startswith(".")], leftovers
+
+
+def _not_a_store(location: Location) -> NotAStoreError:
+    return NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(records.STORE_JSON)} does not exist")
+
+
 def verify_store(url: str, check: str = "hash") -> VerifyReport:
     """Re-check every file of a store: store.json, teacher/, every shard (plus uncommitted shard
     dirs, duplicate sample ids and files that belong nowhere)."""
     location = Location.of(url)
     top = location.walk_files() if location.exists() else {}
     if not top:
-        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(records.STORE_JSON)} does not exist")
-    problems, fingerprint = check_store_json(location)
+        raise _not_a_store(location)
+    problems, fingerprint, names, leftovers = _store_and_shards(location)
     problems += check_teacher(location, fingerprint, check)
     problems += [Problem(None, rel, "not a file of a kdcache store (store.json, teacher/, shards/<id>/)")
                  for rel in sorted(top)
                  if rel != records.STORE_JSON and rel.split("/")[0] not in (records.SHARDS_DIR, records.TEACHER_DIR)]
-    names = location.list_dirs(records.SHARDS_DIR)
-    leftovers = [posixpath.join(records.SHARDS_DIR, n) for n in names if n.startswith(".")]
-    names = [n for n in names if not n.startswith(".")]
     ranges = []
-    # shards in parallel: the digests release the GIL, and object-store reads overlap
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checked = pool.map(lambda n: check_shard(location, n, fingerprint, check), names)
-        for name, (shard_problems, record) in zip(names, checked, strict=True):
-            problems.extend(shard_problems)
-            if record is not None and not shard_problems:
-                ranges.append((record.sample_id_min, record.sample_id_max, name))
+    for name, shard_problems, record in check_shards(location, names, fingerprint, check):
+        problems.extend(shard_problems)
+        if record is not None and not shard_problems:
+            ranges.append((record.sample_id_min, record.sample_id_max, name))
     if fingerprint is not None:
         problems.extend(_overlapping_sample_ids(url, ranges))
     return VerifyReport(url, len(names), tuple(problems), tuple(leftovers))
@@ -182,18 +203,16 @@ def check_store_json(location: Location) -> tuple[list[Problem], str | None]:
 
 def check_structure(url: str) -> VerifyReport:
     """The check before training, reading no shard payload: store.json against its fingerprint,
-    teacher/COMMIT.json, and every shard's COMMIT.json present and self-consistent (fetched in
-    parallel: one small read per shard, also on object stores). Payload bytes are checked as
-    they are read (verify on read); `verify_store` is the full re-hash."""
+    teacher/COMMIT.json, and every shard's COMMIT.json present and self-consistent (one small
+    read per shard, in parallel). Payload bytes are checked as they are read (verify on read);
+    `verify_store` is the full re-hash."""
     location = Location.of(url)
     if not location.exists(records.STORE_JSON):
-        raise NotAStoreError(f"no kdcache store at {location.url!r}: {location.path(records.STORE_JSON)} does not exist")
-    problems, fingerprint = check_store_json(location)
+        raise _not_a_store(location)
+    problems, fingerprint, names, _ = _store_and_shards(location)
     problems += check_teacher(location, fingerprint, "record")
-    names = [n for n in location.list_dirs(records.SHARDS_DIR) if not n.startswith(".")]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        for shard_problems, _ in pool.map(lambda n: check_shard(location, n, fingerprint, "record"), names):
-            problems += shard_problems
+    for _, shard_problems, _ in check_shards(location, names, fingerprint, "record"):
+        problems += shard_problems
     return VerifyReport(url, len(names), tuple(problems))
 
 

@@ -33,6 +33,7 @@ from kdstore.location import Location
 from kdstore.records import (
     COMMIT_JSON,
     COMMIT_JSON_INDENT,
+    SAMPLE_ID_HASH,
     SHARDS_DIR,
     STORE_JSON,
     STORE_JSON_INDENT,
@@ -43,6 +44,7 @@ from kdstore.records import (
     TeacherRecord,
     json_bytes,
     read_store_meta,
+    sample_id_hash,
 )
 from kdstore.shard_io import write_shard_files
 from kdstore.spec import Provenance, StoreSpec, canonical_json
@@ -158,6 +160,7 @@ class StoreWriter:
         if "loss_mask" in rows:
             stats["loss_tokens"] = int(np.asarray(rows["loss_mask"], dtype=bool).sum())
         sample_ids = np.asarray(rows["sample_id"])
+        stats[SAMPLE_ID_HASH] = sample_id_hash(sample_ids)
         return CommitRecord(
             shard_id=shard_id,
             fingerprint=self.meta.fingerprint,

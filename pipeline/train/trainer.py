@@ -120,8 +120,7 @@ class Trainer:
     def _rank_rows(self) -> int:
         """Rows this rank reads per epoch (all its loader workers together)."""
         workers = max(1, self.cfg.num_workers)
-        return sum(len(self.stream.worker_order(0, self.rank * workers + w, self.world * workers))
-                   for w in range(workers))
+        return sum(self.stream.worker_rows(self.rank * workers + w, self.world * workers) for w in range(workers))
 
     # ------------------------------------------------------------ checkpoints
 

@@ -172,3 +172,63 @@ def test_rows_lingering_in_the_buffer_keep_their_values_and_memory_stays_bounded
             seen.append(sid)
     assert sorted(seen) == sorted(truth)
     assert held and max(held) <= 6 * 100, max(held)  # 1200 rows in the store; whole shards would pile up
+
+
+def _loop_buffer_shuffle(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The warm-up shuffle buffer as its docstring tells it, one item at a time."""
+    steps = min(size - 1, (n - 1) // 2)
+    if steps == size - 1:
+        steps = max(steps, n - size)
+    draws = rng.random(steps)
+    out, buffer, nxt = [], [0], 1
+    for i in range(steps):
+        if len(buffer) < size:  # warm-up: a new slot as well as the refill
+            buffer.append(nxt)
+            nxt += 1
+        j = int(draws[i] * min(i + 2, size))
+        out.append(buffer[j])
+        buffer[j] = nxt
+        nxt += 1
+    rest = np.array(buffer + list(range(nxt, n)), dtype=np.int64)
+    return np.array(out + rest[rng.permutation(len(rest))].tolist(), dtype=np.int64)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 16, 100])
+def test_buffer_shuffle_is_the_documented_warm_up_buffer(size):
+    from kdstore.torch_stream import _buffer_shuffle
+
+    for n in (1, 2, 3, 7, 31, 64, 250):
+        got = _buffer_shuffle(n, size, np.random.default_rng([n, size]))
+        np.testing.assert_array_equal(got, _loop_buffer_shuffle(n, size, np.random.default_rng([n, size])))
+        assert sorted(got.tolist()) == list(range(n))
+    early = _buffer_shuffle(10_000, 1024, np.random.default_rng(0))
+    assert early[:8].max() < 16 and early[:100].max() < 200  # the first rows come from the front
+    assert early[2000:3000].max() > 3000  # past warm-up the buffer mixes 1,024 rows
+
+
+def test_first_batch_reads_one_shard_whatever_the_buffer(tmp_path):
+    """A buffer spanning the whole store still yields its first batch after one shard is read."""
+    path = str(tmp_path / "store")
+    spec = StoreSpec(vocab_size=V, row_length=T, shard_rows=32, topk=TopKSpec(k=K), record_batch_rows=8)
+    writer = StoreWriter(path, spec, Provenance(teacher={"name": "random"}))
+    rng = np.random.default_rng(4)
+    for i in range(6):
+        writer.write_shard(f"c{i:02d}", _rows(32 * i, 32, rng))
+
+    class CountingReader(StoreReader):
+        def read_shard(self, shard_id, fields=None, rows=None):
+            reads.append(shard_id)
+            return super().read_shard(shard_id, fields, rows)
+
+    reads: list[str] = []
+    stream = KDStream(CountingReader(path), ["topk_logp"], 8, seed=2, buffer_rows=1024, rank=0, world_size=1)
+    first = next(iter(stream))
+    assert len(reads) == 1 and len(first["sample_id"]) == 8
+    assert {int(s) for s in first["sample_id"]} <= {int(s) for s in stream.reader.read_shard(reads[0], ["sample_id"])["sample_id"]}
+
+
+def test_worker_rows_is_the_length_of_each_worker_order(store):
+    stream = KDStream(store, [], batch_size=2, seed=3)
+    for total in (1, 2, 3, 7):
+        lengths = [len(stream.worker_order(1, w, total)) for w in range(total)]
+        assert lengths == [stream.worker_rows(w, total) for w in range(total)] and sum(lengths) == sum(SHARD_SIZES)
