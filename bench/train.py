@@ -20,9 +20,10 @@ What is timed is the step on a batch already drawn: each mode draws its batches 
 loader first (KDStream; StoreRows + KDCollator for KDTrainer: the draw is timed apart, "load
 ms/batch"), the batches are checked equal field by field across modes, and the same batches are
 cycled through in every mode. Warm-up steps, then rounds: in each round every mode takes
-`--round-steps` steps, the order rotating from round to round, with Python's GC off (collected
-between rounds) and the loss components read from the device between rounds (as a logging step
-does), outside the timing. A ratio is the median of its per-round ratios, reported with its
+`--round-steps` steps, in a seeded random order (a rotation would keep each mode behind the same
+neighbour, one of them behind the online mode's teacher pass every round), with Python's GC off
+(collected between rounds) and the loss components read from the device between rounds (as a
+logging step does), outside the timing. A ratio is the median of its per-round ratios, reported with its
 quartiles and a 95 % interval (`bench.paired`); the KDTrainer target is the median of the
 per-round differences of the two KD / CE ratios (all four modes ran in each round).
 Peak memory: each of `kd` and `online` in its own process (`bench.train_memory`).
@@ -35,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -110,13 +112,14 @@ def time_student(store: str, args: argparse.Namespace, layers: int) -> dict[str,
         for i in range(args.warmup):
             for mode in ALL_MODES:
                 steppers[mode].step(pools[mode][i % pool])
+        shuffle = random.Random(args.seed)  # a fresh order each round: no mode always follows the same one
         for r in range(rounds):
             for stepper in steppers.values():
                 stepper.read_log()  # the components of the steps before (one sync each), untimed
             gc.collect()
             gc.disable()
             try:
-                order = ALL_MODES[r % len(ALL_MODES):] + ALL_MODES[: r % len(ALL_MODES)]
+                order = shuffle.sample(ALL_MODES, len(ALL_MODES))
                 first = args.warmup + r * args.round_steps
                 for mode in order:
                     batches = [pools[mode][(first + j) % pool] for j in range(args.round_steps)]
@@ -218,7 +221,8 @@ def main() -> None:
           f"teacher {args.teacher} ({teacher_params / 1e6:.1f} M, {run['teacher_dtype']}), "
           f"batch {args.batch_size}×{args.row_length}, {dev_name}, bf16 {'on' if bf16 else 'off'}")
     print()
-    print(f"{args.warmup} warm-up + {run['rounds']} rounds × {args.round_steps} timed step(s) per mode, interleaved, "
+    print(f"{args.warmup} warm-up + {run['rounds']} rounds × {args.round_steps} timed step(s) per mode, interleaved "
+          "in a random order per round, "
           f"over {run['pool']} batches drawn first; same batches in every mode: {'yes' if run['same_batches'] else 'NO'} "
           f"(first batch {run['first_ids']})")
     print()
