@@ -246,9 +246,9 @@ def main() -> None:
                                                  "cpu": ratios["hf_kd_vs_ce"]["cpu"] - ratios["kd_vs_ce"]["cpu"]},
              "95 % interval inside ±0.03"))
     for name, r, target in rows:
-        best = "—" if r["best"] != r["best"] else f"{r['best']:.3f}"  # nan: no "best" of a difference
+        of_bests = "—" if r["best"] != r["best"] else f"{r['best']:.3f}"  # nan: no "best" of a difference
         print(f"| {name} | {r['paired']:.3f} | {r['ci95_lo']:.3f} – {r['ci95_hi']:.3f} | {r['q1']:.3f} – {r['q3']:.3f} | "
-              f"{r['of_medians']:.3f} | {best} | {r['cpu']:.3f} | {target} |")
+              f"{r['of_medians']:.3f} | {of_bests} | {r['cpu']:.3f} | {target} |")
     print()
     print(f"arithmetic limit of online/offline = (2·T + 6·S)/(6·S) = (2·{teacher_params / 1e6:.1f}M + "
           f"6·{student_params / 1e6:.1f}M)/(6·{student_params / 1e6:.1f}M) = {limit:.3f} "
