@@ -14,7 +14,7 @@ from kdstore.reader import StoreReader
 from pipeline.train.hf_trainer import KDCollator, KDTrainer, StoreRows, kd_fields
 from pipeline.train.losses import LossConfigError, MissingLossFieldError
 from pipeline.train.student import StudentConfig, build_student
-from pipeline.train.trainer import TrainConfig, lr_factor, train
+from pipeline.train.trainer import TrainConfig, lr_factor, make_optimizer, train
 
 LOSSES = [{"name": "fkl"}, {"name": "ce", "weight": 0.5}]
 
@@ -46,7 +46,7 @@ def test_hf_trainer_takes_the_same_steps_as_ours(store, tiny_teacher_dir, tmp_pa
     torch.manual_seed(cfg.seed)
     student = build_student(StudentConfig(**cfg.student.model_dump()), reader, False, "cpu")
     model = student.model
-    optimizer = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(list(model.parameters()), cfg)  # the Trainer's AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps, per_device_train_batch_size=2,
                              max_grad_norm=cfg.clip, logging_steps=1, save_strategy="no", report_to=[],

@@ -21,7 +21,7 @@ from pipeline.config import ConfigError
 from pipeline.train.hf_trainer import KDCollator, KDTrainer, StoreRows, kd_fields
 from pipeline.train.losses import StoreInfo, StudentDims, StudentOutputs, build_loss, fold_loss_mask
 from pipeline.train.student import StudentConfig, build_student
-from pipeline.train.trainer import TrainConfig, Trainer, lr_factor, train
+from pipeline.train.trainer import TrainConfig, Trainer, lr_factor, make_optimizer, train
 from tests.chat_docs import cache_chat, write_chat_corpus
 from tests.pipeline.train.test_multi_teacher import _perturbed
 
@@ -52,7 +52,7 @@ def _hf(cfg: TrainConfig, out: Path, losses=LOSSES, extra: tuple[str, ...] = (),
     reader = StoreReader(cfg.store)
     torch.manual_seed(cfg.seed)
     model = build_student(StudentConfig(**cfg.student.model_dump()), reader, False, "cpu").model
-    optimizer = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(list(model.parameters()), cfg)  # the Trainer's AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     args = TrainingArguments(output_dir=str(out), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
                              max_grad_norm=cfg.clip, logging_steps=1, save_strategy="no", report_to=[],

@@ -17,7 +17,7 @@ from pipeline.train.hf_trainer import kd_fields
 from pipeline.train.losses import fold_loss_mask
 from pipeline.train.store_rows import KDCollator, StoreRows
 from pipeline.train.student import StudentConfig, build_student
-from pipeline.train.trainer import TrainConfig, lr_factor, train
+from pipeline.train.trainer import TrainConfig, lr_factor, make_optimizer, train
 from pipeline.train.trl_trainer import KDSFTTrainer
 from tests.chat_docs import cache_chat, write_chat_corpus
 
@@ -67,7 +67,7 @@ def test_trl_takes_the_same_steps_as_kdcache_train(kind, plain_store, chat_store
     reader = StoreReader(store)
     student = _student(reader, tiny_teacher_dir, cfg.seed)
     model = student.model
-    optimizer = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(list(model.parameters()), cfg)  # the Trainer's AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     rows = StoreRows(reader, kd_fields(reader, LOSSES, model), seed=cfg.seed, buffer_rows=cfg.buffer_rows)
     assert ("loss_mask" in rows.fields) == (kind == "chat")
