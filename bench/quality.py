@@ -66,12 +66,14 @@ from bench.quality_methods import (  # noqa: E402
     Preset,
     feature_align,
     methods,
+    signal_files,
     store_configs,
     with_dependencies,
 )
 from bench.quality_report import REPORT_SPLIT, ROW, SWEEP_SPLIT, report  # noqa: E402
 from kdstore.reader import StoreReader  # noqa: E402
 from kdstore.spec import DRAW_SCHEMES  # noqa: E402
+from pipeline.config import CacheConfig, ConfigError, parse_config  # noqa: E402
 from pipeline.evaluation.evaluate import (  # noqa: E402
     EvalConfig,
     evaluate,
@@ -226,7 +228,27 @@ def draws_method(pair: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]
     name = f"sample{int(n)}_{scheme}"
     table[name] = {"store": name, "losses": [{"name": "sampled_kd"}]}
     STORE_FIELDS[name] = STORE_FIELDS["sample12"]
-    return name, {"n_draws": int(n), "scheme": scheme}
+    return name, {"sampled": {"n_draws": int(n), "scheme": scheme}}
+
+
+def store_method(text: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`NAME:BASE:SIGNALS` → method NAME, BASE's losses on its own store of SIGNALS (a cache
+    config's `signals`, e.g. fewer draws or a smaller hybrid head); a bad one exits with one line."""
+    name, _, rest = text.partition(":")
+    base, _, params = rest.partition(":")
+    try:
+        signals = json.loads(params)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"--store-sweep {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
+    if not name or name in table or base not in table or not isinstance(signals, dict) or not signals:
+        sys.exit(f"--store-sweep {text!r}: want NEW_NAME:BASE:{{signals}} with BASE one of {', '.join(table)}")
+    try:  # refused here, before any store is built
+        parse_config({"teacher": {"name": "default"}, "store": "-", "signals": signals}, CacheConfig)
+    except ConfigError as exc:
+        sys.exit(f"--store-sweep {name}: {exc}")
+    table[name] = {**table[base], "store": name}
+    STORE_FIELDS[name] = signal_files(signals)
+    return name, signals
 
 
 def parse_args() -> argparse.Namespace:
@@ -239,6 +261,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draws-sweep", default="", metavar="N:SCHEME,...",
                    help="extra sampled_kd runs, each from its own store of N draws per token taken by SCHEME "
                         "(multinomial or systematic), e.g. 12:multinomial,48:systematic")
+    p.add_argument("--store-sweep", action="append", default=[], metavar="NAME:BASE:SIGNALS",
+                   help='a run of method BASE\'s losses on its own store of SIGNALS (a cache config\'s signals), '
+                        'e.g. s6:sample12:{"sampled":{"n_draws":6,"scheme":"systematic"}} (repeatable: a sweep)')
     p.add_argument("--variant", action="append", default=[], metavar="NAME:BASE:JSON",
                    help='another run of method BASE with JSON merged into its first loss, e.g. '
                         'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52}, or a JSON list of losses '
@@ -269,6 +294,10 @@ def main() -> None:
     for pair in filter(None, args.draws_sweep.split(",")):
         name, store = draws_method(pair, table)
         draw_stores[name] = store
+        sweeps.append(name)
+    for text in args.store_sweep:
+        name, signals = store_method(text, table)
+        draw_stores[name] = signals
         sweeps.append(name)
     for text in args.variant:
         name, base, losses = parse_variant(text, table)
