@@ -220,6 +220,9 @@ def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, list[dict
     return name, base, losses
 
 
+STORE_SWEEP_KEYS = {"signals", "zstd_level"}  # what a store sweep may change: not rows, shards or batches
+
+
 def draws_method(pair: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """`N:SCHEME` → method sample{N}_{SCHEME} (plain sampled_kd) and its store's sampled signal."""
     n, _, scheme = pair.partition(":")
@@ -228,27 +231,31 @@ def draws_method(pair: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]
     name = f"sample{int(n)}_{scheme}"
     table[name] = {"store": name, "losses": [{"name": "sampled_kd"}]}
     STORE_FIELDS[name] = STORE_FIELDS["sample12"]
-    return name, {"sampled": {"n_draws": int(n), "scheme": scheme}}
+    return name, {"signals": {"sampled": {"n_draws": int(n), "scheme": scheme}}}
 
 
 def store_method(text: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """`NAME:BASE:SIGNALS` → method NAME, BASE's losses on its own store of SIGNALS (a cache
-    config's `signals`, e.g. fewer draws or a smaller hybrid head); a bad one exits with one line."""
+    """`NAME:BASE:JSON` → method NAME, BASE's losses on its own store: the `full` store's cache
+    config with JSON's keys (`signals`, and `zstd_level`, which leaves the rows as they are)
+    replacing its own; a bad one exits with one line."""
     name, _, rest = text.partition(":")
     base, _, params = rest.partition(":")
     try:
-        signals = json.loads(params)
+        overlay = json.loads(params)
     except json.JSONDecodeError as exc:
         sys.exit(f"--store-sweep {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
-    if not name or name in table or base not in table or not isinstance(signals, dict) or not signals:
-        sys.exit(f"--store-sweep {text!r}: want NEW_NAME:BASE:{{signals}} with BASE one of {', '.join(table)}")
+    if not name or name in table or base not in table or not isinstance(overlay, dict) or "signals" not in overlay:
+        sys.exit(f"--store-sweep {text!r}: want NEW_NAME:BASE:{{\"signals\": {{...}}}} with BASE one of {', '.join(table)}")
+    if set(overlay) - STORE_SWEEP_KEYS:
+        sys.exit(f"--store-sweep {name}: keys {sorted(set(overlay) - STORE_SWEEP_KEYS)} would change the rows or "
+                 f"batches; only {sorted(STORE_SWEEP_KEYS)} are swept")
     try:  # refused here, before any store is built
-        parse_config({"teacher": {"name": "default"}, "store": "-", "signals": signals}, CacheConfig)
+        parse_config({"teacher": {"name": "default"}, "store": "-", **overlay}, CacheConfig)
     except ConfigError as exc:
         sys.exit(f"--store-sweep {name}: {exc}")
     table[name] = {**table[base], "store": name}
-    STORE_FIELDS[name] = signal_files(signals)
-    return name, signals
+    STORE_FIELDS[name] = signal_files(overlay["signals"])
+    return name, overlay
 
 
 def parse_args() -> argparse.Namespace:
@@ -261,9 +268,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draws-sweep", default="", metavar="N:SCHEME,...",
                    help="extra sampled_kd runs, each from its own store of N draws per token taken by SCHEME "
                         "(multinomial or systematic), e.g. 12:multinomial,48:systematic")
-    p.add_argument("--store-sweep", action="append", default=[], metavar="NAME:BASE:SIGNALS",
-                   help='a run of method BASE\'s losses on its own store of SIGNALS (a cache config\'s signals), '
-                        'e.g. s6:sample12:{"sampled":{"n_draws":6,"scheme":"systematic"}} (repeatable: a sweep)')
+    p.add_argument("--store-sweep", action="append", default=[], metavar="NAME:BASE:JSON",
+                   help='a run of method BASE\'s losses on its own store: JSON\'s signals (and zstd_level) replace the full '
+                        'store\'s, e.g. s6:sample12:{"signals":{"topk":null,"sampled":{"n_draws":6,"scheme":"systematic"}}} '
+                        '(repeatable: a sweep)')
     p.add_argument("--variant", action="append", default=[], metavar="NAME:BASE:JSON",
                    help='another run of method BASE with JSON merged into its first loss, e.g. '
                         'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52}, or a JSON list of losses '
@@ -296,8 +304,8 @@ def main() -> None:
         draw_stores[name] = store
         sweeps.append(name)
     for text in args.store_sweep:
-        name, signals = store_method(text, table)
-        draw_stores[name] = signals
+        name, overlay = store_method(text, table)
+        draw_stores[name] = overlay
         sweeps.append(name)
     for text in args.variant:
         name, base, losses = parse_variant(text, table)

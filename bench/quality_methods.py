@@ -53,7 +53,8 @@ def store_configs(preset: Preset, teacher: str, sweep_stores: dict[str, dict[str
                   ) -> dict[str, dict[str, Any]]:
     """`full`: top-64 + 12 systematic draws + hidden + attention (top-16 keys) + text (cross-tokenizer);
     `hybrid`: the hybrid sparsifier topk_tail_sample, top-16 head + 8 tail draws; and each of
-    `sweep_stores` (name: its signals), for a sweep over draw counts, schemes, head sizes."""
+    `sweep_stores` (name: the keys replacing the base config's: its signals, zstd level), for a
+    sweep over draw counts, schemes, head sizes and codecs."""
     hidden, attn = layer_fields(preset.student_layers)
     base: dict[str, Any] = {"teacher": {"name": teacher, "batch_size": 8}, "corpus": {"kind": "builtin"},
                             "row_length": 256, "shard_rows": 16, "split": "train"}
@@ -64,7 +65,7 @@ def store_configs(preset: Preset, teacher: str, sweep_stores: dict[str, dict[str
                                      "hidden": {"layers": hidden},
                                      "attention": {"layers": attn, "heads": list(range(9)), "topk": 16}, "text": True}},
         "hybrid": {**base, "signals": {"topk": {"k": 16}, "tail_sample": {"n_draws": 8}}},
-        **{name: {**base, "signals": signals} for name, signals in (sweep_stores or {}).items()},
+        **{name: {**base, **overlay} for name, overlay in (sweep_stores or {}).items()},
     }
 
 
