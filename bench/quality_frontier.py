@@ -32,13 +32,18 @@ TARGETS = {"sampled": 8.0, "hybrid": 32.0}  # kind: bytes/token limit, at ≤ 1.
 RATIO_LIMIT = 1.0
 
 
-def store_kind(signals: dict[str, Any] | None) -> str | None:
-    """sampled (draws alone), hybrid (head + tail draws) or topk; None when the run did not say."""
-    if not signals:
+def store_kind(store: dict[str, Any]) -> str | None:
+    """What a method reads: sampled (draws alone), hybrid (head + tail draws) or topk; from the
+    file groups it reads (`files`), so sample12 on the full store counts as sampled; else from the
+    store's signals. None when the run said neither."""
+    files, signals = store.get("files"), store.get("signals") or {}
+    if not files:  # a quality.json written before `files`: the store's own signals
+        files = [g for key, g in (("topk", "topk_"), ("sampled", "draws"), ("tail_sample", "tail_draws")) if signals.get(key)]
+    if not files:
         return None
-    if signals.get("tail_sample"):
+    if "tail_draws" in files:
         return "hybrid"
-    return "sampled" if signals.get("sampled") and not signals.get("topk") else "topk"
+    return "sampled" if "draws" in files and "topk_" not in files else "topk"
 
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
@@ -74,7 +79,7 @@ figure from any run that reported it), with the frontier flag."""
             val = run["validation"]["ppl"].get(name)
             test = next((r["ppl"][name] for r in runs if name in r["ppl"]), None)  # a sweep run has none
             points[name] = {
-                "name": name, "bytes_per_token": bpt, "kind": store_kind(store.get("signals")),
+                "name": name, "bytes_per_token": bpt, "kind": store_kind(store),
                 "validation_ppl": val, "test_ppl": test,
                 "vs_online_validation": None if val is None else round(val / ref[SWEEP_SPLIT], 4),
                 "vs_online_test": None if test is None or ref[REPORT_SPLIT] is None else round(test / ref[REPORT_SPLIT], 4),

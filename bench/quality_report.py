@@ -173,7 +173,8 @@ def report(run: Any, reported: list[str], sweeps: list[str], trained: dict[str, 
                        "tokens": val["heldout_tokens"]},
         "recipes": {m: table[m]["losses"] for m in chosen},
         "stores": {m: {"path": stores.get(m, stores[table[m]["store"]]),
-                       **{k: run.configs.get(table[m]["store"], {}).get(k) for k in ("signals", "zstd_level")}}
+                       **{k: run.configs.get(table[m]["store"], {}).get(k) for k in ("signals", "zstd_level")},
+                       "files": list(STORE_FIELDS[m])}
                    for m in chosen},
         "same_batches": same_batches, "cached_tokens": rows * ROW, "epochs": preset.epochs, "steps": run.steps,
         "batch": preset.batch_size, "lr": preset.lr, "student_layers": list(preset.student_layers),

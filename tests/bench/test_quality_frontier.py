@@ -13,11 +13,12 @@ from bench import quality_frontier
 def quality_json(path, ppl, val, bpt, sweeps, stores):
     data = {"preset": "cpu", "seed": 0, "steps": 210, "device": "cpu (2 threads)", "ppl": ppl, "sweeps": sweeps,
             "validation": {"ppl": val}, "bytes_per_token": bpt, "recipes": {m: [{"name": "sampled_kd"}] for m in bpt},
-            "stores": {m: {"path": f"/s/{m}", "signals": s} for m, s in stores.items()}}
+            "stores": {m: {"path": f"/s/{m}", "signals": s, "files": FILES[m[0]]} for m, s in stores.items()}}
     path.write_text(json.dumps(data))
     return path
 
 
+FILES = {"s": ["tokens", "draws"], "h": ["tokens", "topk_", "tail_draws"], "o": ["tokens"]}
 SAMPLED = {"topk": None, "sampled": {"n_draws": 6, "scheme": "systematic"}}
 HYBRID = {"topk": {"k": 8}, "tail_sample": {"n_draws": 8}}
 
@@ -40,6 +41,8 @@ def test_frontier_joins_runs_keeps_splits_and_judges_targets_on_test(tmp_path, c
     assert points["s4"]["test_ppl"] is None and points["s4"]["splits"]["test_ppl"] is None
     assert [n for n, p in points.items() if p["on_frontier"]] == ["s4", "s6"]
     assert points["h8"]["kind"] == "hybrid" and points["s12"]["kind"] == "sampled"
+    assert quality_frontier.store_kind({"signals": SAMPLED}) == "sampled"  # no `files`: from the signals
+    assert quality_frontier.store_kind({"signals": HYBRID}) == "hybrid" and quality_frontier.store_kind({}) is None
     assert result["targets"]["sampled_at_8_B"]["verdict"] == "met" and result["targets"]["sampled_at_8_B"]["point"] == "s6"
     assert result["targets"]["hybrid_at_32_B"]["verdict"] == "not scored on test"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
