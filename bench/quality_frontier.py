@@ -39,11 +39,8 @@ def store_kind(store: dict[str, Any]) -> str | None:
     files, signals = store.get("files"), store.get("signals") or {}
     if not files:  # a quality.json written before `files`: the store's own signals
         files = [g for key, g in (("topk", "topk_"), ("sampled", "draws"), ("tail_sample", "tail_draws")) if signals.get(key)]
-    if not files:
-        return None
-    if "tail_draws" in files:
-        return "hybrid"
-    return "sampled" if "draws" in files and "topk_" not in files else "topk"
+    kinds = (("tail_draws", "hybrid"), ("topk_", "topk"), ("draws", "sampled"))
+    return next((kind for group, kind in kinds if group in (files or ())), None)  # ce: the tokens alone
 
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:

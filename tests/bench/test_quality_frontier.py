@@ -43,6 +43,7 @@ def test_frontier_joins_runs_keeps_splits_and_judges_targets_on_test(tmp_path, c
     assert points["h8"]["kind"] == "hybrid" and points["s12"]["kind"] == "sampled"
     assert quality_frontier.store_kind({"signals": SAMPLED}) == "sampled"  # no `files`: from the signals
     assert quality_frontier.store_kind({"signals": HYBRID}) == "hybrid" and quality_frontier.store_kind({}) is None
+    assert quality_frontier.store_kind({"files": ["tokens"]}) is None
     assert result["targets"]["sampled_at_8_B"]["verdict"] == "met" and result["targets"]["sampled_at_8_B"]["point"] == "s6"
     assert result["targets"]["hybrid_at_32_B"]["verdict"] == "not scored on test"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
