@@ -12,7 +12,7 @@ built-in corpus (~107k tokens; the stores are built once and reused across runs,
 the full evaluation (ECE, KL to the teacher, top-1 agreement, bits/byte).
 
 Splits (`pipeline.capture.packing`): the stores cache the train split; the held-out text is
-halved by content into validation and test. Sweep points (`--variant`, `--draws-sweep`,
+halved by content into validation and test. Sweep points (`--variant`, `--draws-sweep`, `--store-sweep`,
 `--fakd-sweep`) are trained and scored on validation only (`train_sweeps`); every method also
 gets a final validation score, which is what a choice of weight or recipe reads. The table, the
 curves and the targets of the other methods are test figures; the JSON's `splits` names the
@@ -26,6 +26,7 @@ its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from
 student), adversarial. `--variant NAME:BASE:JSON` (repeatable) adds a run of BASE with JSON merged
 into its first loss's config (a JSON list: BASE's losses replaced): a sweep point.
 `--fakd-sweep h:a,...` adds feature_align variants with those hidden / attention weights.
+`--store-sweep NAME:BASE:JSON` adds a run of BASE's losses on its own store (JSON: its signals and zstd_level).
 
 Presets: `cpu` (default; the 6 layers greedy pruning keeps, 2 epochs, bf16 autocast on this AMX
 CPU), `--quick` (8,192 cached tokens, 2 epochs, ce, topk64, hybrid: ≤ 10 min here), `--device
@@ -179,7 +180,7 @@ def train_method(name: str, run: Run, scorer: SplitScorer) -> dict[str, Any]:
 
 
 def train_sweeps(names: list[str], run: Run, scorer: SplitScorer) -> dict[str, dict[str, Any]]:
-    """The sweep points (`--variant`, `--draws-sweep`, `--fakd-sweep`), trained and scored on the
+    """The sweep points (`--variant`, `--draws-sweep`, `--store-sweep`, `--fakd-sweep`), trained and scored on the
     validation split only: a weight or recipe chosen from them has not seen the test split."""
     if scorer.split != SWEEP_SPLIT:
         raise ValueError(f"sweep points are scored on the {SWEEP_SPLIT} split only, not {scorer.split!r}")
@@ -298,14 +299,14 @@ def main() -> None:
         table[f"feature_align_h{h:g}_a{a:g}"] = {"store": "full", "losses": [feature_align(preset, h, a)]}
         STORE_FIELDS[f"feature_align_h{h:g}_a{a:g}"] = STORE_FIELDS["feature_align"]
         sweeps.append(f"feature_align_h{h:g}_a{a:g}")
-    draw_stores = {}
+    sweep_stores: dict[str, dict[str, Any]] = {}
     for pair in filter(None, args.draws_sweep.split(",")):
         name, store = draws_method(pair, table)
-        draw_stores[name] = store
+        sweep_stores[name] = store
         sweeps.append(name)
     for text in args.store_sweep:
         name, overlay = store_method(text, table)
-        draw_stores[name] = overlay
+        sweep_stores[name] = overlay
         sweeps.append(name)
     for text in args.variant:
         name, base, losses = parse_variant(text, table)
@@ -322,7 +323,7 @@ def main() -> None:
     chosen = with_dependencies(chosen, table)
     reported = [m for m in chosen if m not in sweeps]  # sweep points never reach the test split
     started = time.perf_counter()
-    configs = store_configs(preset, args.teacher, draw_stores)
+    configs = store_configs(preset, args.teacher, sweep_stores)
     stores = {key: cached_store(f"quality-{preset.name}-{key}", configs[key])
               for key in sorted({table[m]["store"] for m in chosen} | {"full"})}
     full = StoreReader(stores["full"])
