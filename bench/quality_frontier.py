@@ -2,13 +2,16 @@
 full KD's quality (issue 29's "half the bytes").
 
     python -m bench.quality_frontier runs/quality-bytes/quality.json runs/online/quality.json ... \
-        [--out runs/frontier] [--png docs/img/quality_frontier_cpu.png]
+        [--out runs/frontier] [--png bench/results/quality_frontier_cpu.png] [--rewrite 64:19]
 
 Reads the `quality.json` of any number of `bench.quality` runs (same preset, seed and threads, so
 their students compare) and joins them by method name. Every point keeps the split of each of its
 figures: validation for every method and sweep point (what a choice reads), test only for the
 methods a run reported. The reference is `online_full` on the same split. A point is on the
-frontier when no cheaper point has a lower validation perplexity.
+frontier when no cheaper point has a lower validation perplexity. Bytes/token are those of the
+files each method reads, as the bench stored them (16-row shards, whose fixed per-file cost is
+part of the figure); `--rewrite 64:19` re-writes each store's rows (lossless) at 64 rows per
+shard and zstd 19, as `kdcache cache` can write them, and uses those bytes instead.
 
 Targets (V = 49,152): a sampled store (draws alone) at ≤ 1.00× online on test within 8 B/token,
 and a hybrid store (top-k head + tail draws) at ≤ 1.00× within 32 B/token. A target with no
@@ -26,21 +29,28 @@ from pathlib import Path
 from typing import Any
 
 from bench.quality_report import REPORT_SPLIT, SWEEP_SPLIT
+from bench.store_fields import rewrite
 
 REFERENCE = "online_full"
 TARGETS = {"sampled": 8.0, "hybrid": 32.0}  # kind: bytes/token limit, at ≤ 1.00× online on test
 RATIO_LIMIT = 1.0
 
 
+def store_files(store: dict[str, Any]) -> list[str]:
+    """The file groups a method reads: quality.json's `files`, else those of its store's signals."""
+    if store.get("files"):
+        return store["files"]
+    signals = store.get("signals") or {}
+    groups = (("topk", "topk_"), ("sampled", "draws"), ("tail_sample", "tail_draws"))
+    return ["tokens", *(group for key, group in groups if signals.get(key))] if signals else []
+
+
 def store_kind(store: dict[str, Any]) -> str | None:
-    """What a method reads: sampled (draws alone), hybrid (head + tail draws) or topk; from the
-    file groups it reads (`files`), so sample12 on the full store counts as sampled; else from the
-    store's signals. None when the run said neither."""
-    files, signals = store.get("files"), store.get("signals") or {}
-    if not files:  # a quality.json written before `files`: the store's own signals
-        files = [g for key, g in (("topk", "topk_"), ("sampled", "draws"), ("tail_sample", "tail_draws")) if signals.get(key)]
+    """What a method reads: sampled (draws alone), hybrid (head + tail draws) or topk; so sample12
+    on the full store counts as sampled. None for the tokens alone (ce) or when the run did not say."""
     kinds = (("tail_draws", "hybrid"), ("topk_", "topk"), ("draws", "sampled"))
-    return next((kind for group, kind in kinds if group in (files or ())), None)  # ce: the tokens alone
+    files = store_files(store)
+    return next((kind for group, kind in kinds if group in files), None)
 
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
@@ -81,16 +91,40 @@ figure from any run that reported it), with the frontier flag."""
                 "vs_online_validation": None if val is None else round(val / ref[SWEEP_SPLIT], 4),
                 "vs_online_test": None if test is None or ref[REPORT_SPLIT] is None else round(test / ref[REPORT_SPLIT], 4),
                 "splits": {"validation_ppl": SWEEP_SPLIT, "test_ppl": REPORT_SPLIT if test is not None else None},
-                "store_signals": store.get("signals"), "recipe": run.get("recipes", {}).get(name),
+                "store": store, "recipe": run.get("recipes", {}).get(name),
                 "source": run["_source"],
                 "sweep_point": name in run.get("sweeps", []) and test is None,
             }
+    return {"reference": {"method": REFERENCE, "validation_ppl": ref[SWEEP_SPLIT], "test_ppl": ref[REPORT_SPLIT]},
+            "points": list(points.values())}
+
+
+def relayout(points: list[dict[str, Any]], shard_rows: int, level: int) -> None:
+    """Each point's bytes/token with its store's rows re-written at `shard_rows` rows per shard
+    and zstd `level` (lossless, `bench.store_fields.rewrite`); the bench's own figure is kept as
+    `bytes_per_token_as_stored`. A point whose store is gone keeps its own figure, flagged."""
+    done: dict[str, dict[str, float]] = {}
+    for p in points:
+        p["bytes_per_token_as_stored"] = p["bytes_per_token"]
+        path = p["store"].get("path")
+        if not path or not Path(path, "store.json").is_file():
+            p["layout"] = None
+            continue
+        if path not in done:
+            done[path] = rewrite(path, shard_rows, level)
+        files = tuple(store_files(p["store"]))
+        p["bytes_per_token"] = round(sum(v for k, v in done[path].items() if k.startswith(files)), 2)
+        p["layout"] = {"shard_rows": shard_rows, "zstd_level": level}
+
+
+def mark_frontier(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sorted by bytes; on the frontier when no cheaper point has a lower validation perplexity."""
     best = float("inf")
-    for point in sorted(points.values(), key=lambda p: (p["bytes_per_token"], p["validation_ppl"] or float("inf"))):
+    points = sorted(points, key=lambda p: (p["bytes_per_token"], p["validation_ppl"] or float("inf")))
+    for point in points:
         point["on_frontier"] = point["validation_ppl"] is not None and point["validation_ppl"] < best
         best = min(best, point["validation_ppl"] or best)
-    return {"reference": {"method": REFERENCE, "validation_ppl": ref[SWEEP_SPLIT], "test_ppl": ref[REPORT_SPLIT]},
-            "points": sorted(points.values(), key=lambda p: p["bytes_per_token"])}
+    return points
 
 
 def targets(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -141,9 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="quality.json files of bench.quality runs")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for quality_frontier.json")
     p.add_argument("--png", type=Path, help="the PNG (default: <out>/quality_frontier_cpu.png)")
+    p.add_argument("--rewrite", metavar="ROWS:LEVEL",
+                   help="bytes/token of each store re-written at ROWS rows per shard and zstd LEVEL, e.g. 64:19 "
+                        "(`kdcache cache`'s default shard size); the bench's own figure is kept beside")
     args = p.parse_args(argv)
+    layout = None
+    if args.rewrite:
+        rows, _, level = args.rewrite.partition(":")
+        if not (rows.isdigit() and level.isdigit() and int(rows) >= 1 and 1 <= int(level) <= 22):
+            sys.exit(f"--rewrite {args.rewrite!r}: want ROWS:LEVEL, ROWS ≥ 1 and LEVEL in [1, 22], e.g. 64:19")
+        layout = (int(rows), int(level))
     runs = load_runs(args.runs)
     result = frontier_points(runs)
+    if layout:
+        relayout(result["points"], *layout)
+    result["points"] = mark_frontier(result["points"])
     result["targets"] = targets(result["points"])
     result["runs"] = [{"source": r["_source"], "preset": r["preset"], "seed": r["seed"], "device": r["device"],
                        "steps": r["steps"]} for r in runs]

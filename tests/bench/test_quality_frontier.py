@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_store_fields_bench import write_store
 
-from bench import quality_frontier
+from bench import quality_frontier, store_fields
 
 
-def quality_json(path, ppl, val, bpt, sweeps, stores):
+def quality_json(path, ppl, val, bpt, sweeps, stores, paths=None):
     data = {"preset": "cpu", "seed": 0, "steps": 210, "device": "cpu (2 threads)", "ppl": ppl, "sweeps": sweeps,
             "validation": {"ppl": val}, "bytes_per_token": bpt, "recipes": {m: [{"name": "sampled_kd"}] for m in bpt},
-            "stores": {m: {"path": f"/s/{m}", "signals": s, "files": FILES[m[0]]} for m, s in stores.items()}}
+            "stores": {m: {"path": (paths or {}).get(m, f"/s/{m}"), "signals": s, "files": FILES[m[0]]}
+                       for m, s in stores.items()}}
     path.write_text(json.dumps(data))
     return path
 
@@ -60,3 +62,22 @@ def test_frontier_refuses_runs_without_the_reference_or_from_other_presets(tmp_p
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="not a readable quality.json"):
         quality_frontier.main([str(tmp_path / "bad.json")])
+
+
+def test_frontier_rewrites_each_store_at_another_layout(tmp_path, capsys):
+    """--rewrite: a point's bytes become those of its store's files re-written (lossless) at the
+    given shard size and zstd level; the bench's own figure stays beside; a missing store keeps it."""
+    sum(write_store(tmp_path / "store"))
+    online = quality_json(tmp_path / "a.json", {"online_full": 60.0}, {"online_full": 50.0}, {"online_full": 1.8},
+                          [], {"online_full": {"topk": {"k": 64}}})
+    sweep = quality_json(tmp_path / "b.json", {}, {"s4": 53.0, "s6": 49.0}, {"s4": 60.0, "s6": 7.5}, ["s4", "s6"],
+                         {"s4": SAMPLED, "s6": SAMPLED}, paths={"s4": str(tmp_path / "store")})
+    assert quality_frontier.main([str(online), str(sweep), "--out", str(tmp_path / "o"), "--rewrite", "16:19"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    points = {p["name"]: p for p in result["points"]}
+    rewritten = store_fields.rewrite(str(tmp_path / "store"), 16, 19)
+    assert points["s4"]["bytes_per_token"] == round(rewritten["tokens"] + rewritten["draws"], 2)
+    assert points["s4"]["bytes_per_token_as_stored"] == 60.0 and points["s4"]["layout"] == {"shard_rows": 16, "zstd_level": 19}
+    assert points["s6"]["bytes_per_token"] == 7.5 and points["s6"]["layout"] is None
+    with pytest.raises(SystemExit, match="want ROWS:LEVEL"):
+        quality_frontier.main([str(online), "--rewrite", "64"])
