@@ -12,7 +12,7 @@ built-in corpus (~107k tokens; the stores are built once and reused across runs,
 the full evaluation (ECE, KL to the teacher, top-1 agreement, bits/byte).
 
 Splits (`pipeline.capture.packing`): the stores cache the train split; the held-out text is
-halved by content into validation and test. Sweep points (`--variant`, `--draws-sweep`,
+halved by content into validation and test. Sweep points (`--variant`, `--draws-sweep`, `--store-sweep`,
 `--fakd-sweep`) are trained and scored on validation only (`train_sweeps`); every method also
 gets a final validation score, which is what a choice of weight or recipe reads. The table, the
 curves and the targets of the other methods are test figures; the JSON's `splits` names the
@@ -26,6 +26,7 @@ its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from
 student), adversarial. `--variant NAME:BASE:JSON` (repeatable) adds a run of BASE with JSON merged
 into its first loss's config (a JSON list: BASE's losses replaced): a sweep point.
 `--fakd-sweep h:a,...` adds feature_align variants with those hidden / attention weights.
+`--store-sweep NAME:BASE:JSON` adds a run of BASE's losses on its own store (JSON: its signals and zstd_level).
 
 Presets: `cpu` (default; the 6 layers greedy pruning keeps, 2 epochs, bf16 autocast on this AMX
 CPU), `--quick` (8,192 cached tokens, 2 epochs, ce, topk64, hybrid: ≤ 10 min here), `--device
@@ -66,12 +67,14 @@ from bench.quality_methods import (  # noqa: E402
     Preset,
     feature_align,
     methods,
+    signal_files,
     store_configs,
     with_dependencies,
 )
 from bench.quality_report import REPORT_SPLIT, ROW, SWEEP_SPLIT, report  # noqa: E402
 from kdstore.reader import StoreReader  # noqa: E402
 from kdstore.spec import DRAW_SCHEMES  # noqa: E402
+from pipeline.config import CacheConfig, ConfigError, parse_config  # noqa: E402
 from pipeline.evaluation.evaluate import (  # noqa: E402
     EvalConfig,
     evaluate,
@@ -177,7 +180,7 @@ def train_method(name: str, run: Run, scorer: SplitScorer) -> dict[str, Any]:
 
 
 def train_sweeps(names: list[str], run: Run, scorer: SplitScorer) -> dict[str, dict[str, Any]]:
-    """The sweep points (`--variant`, `--draws-sweep`, `--fakd-sweep`), trained and scored on the
+    """The sweep points (`--variant`, `--draws-sweep`, `--store-sweep`, `--fakd-sweep`), trained and scored on the
     validation split only: a weight or recipe chosen from them has not seen the test split."""
     if scorer.split != SWEEP_SPLIT:
         raise ValueError(f"sweep points are scored on the {SWEEP_SPLIT} split only, not {scorer.split!r}")
@@ -218,6 +221,9 @@ def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, list[dict
     return name, base, losses
 
 
+STORE_SWEEP_KEYS = {"signals", "zstd_level"}  # what a store sweep may change: not rows, shards or batches
+
+
 def draws_method(pair: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """`N:SCHEME` → method sample{N}_{SCHEME} (plain sampled_kd) and its store's sampled signal."""
     n, _, scheme = pair.partition(":")
@@ -226,7 +232,31 @@ def draws_method(pair: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]
     name = f"sample{int(n)}_{scheme}"
     table[name] = {"store": name, "losses": [{"name": "sampled_kd"}]}
     STORE_FIELDS[name] = STORE_FIELDS["sample12"]
-    return name, {"n_draws": int(n), "scheme": scheme}
+    return name, {"signals": {"sampled": {"n_draws": int(n), "scheme": scheme}}}
+
+
+def store_method(text: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`NAME:BASE:JSON` → method NAME, BASE's losses on its own store: the `full` store's cache
+    config with JSON's keys (`signals`, and `zstd_level`, which leaves the rows as they are)
+    replacing its own; a bad one exits with one line."""
+    name, _, rest = text.partition(":")
+    base, _, params = rest.partition(":")
+    try:
+        overlay = json.loads(params)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"--store-sweep {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
+    if not name or name in table or base not in table or not isinstance(overlay, dict) or "signals" not in overlay:
+        sys.exit(f"--store-sweep {text!r}: want NEW_NAME:BASE:{{\"signals\": {{...}}}} with BASE one of {', '.join(table)}")
+    if set(overlay) - STORE_SWEEP_KEYS:
+        sys.exit(f"--store-sweep {name}: keys {sorted(set(overlay) - STORE_SWEEP_KEYS)} would change the rows or "
+                 f"batches; only {sorted(STORE_SWEEP_KEYS)} are swept")
+    try:  # refused here, before any store is built
+        parse_config({"teacher": {"name": "default"}, "store": "-", **overlay}, CacheConfig)
+    except ConfigError as exc:
+        sys.exit(f"--store-sweep {name}: {exc}")
+    table[name] = {**table[base], "store": name}
+    STORE_FIELDS[name] = signal_files(overlay["signals"])
+    return name, overlay
 
 
 def parse_args() -> argparse.Namespace:
@@ -239,6 +269,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draws-sweep", default="", metavar="N:SCHEME,...",
                    help="extra sampled_kd runs, each from its own store of N draws per token taken by SCHEME "
                         "(multinomial or systematic), e.g. 12:multinomial,48:systematic")
+    p.add_argument("--store-sweep", action="append", default=[], metavar="NAME:BASE:JSON",
+                   help='a run of method BASE\'s losses on its own store: JSON\'s signals (and zstd_level) replace the full '
+                        'store\'s, e.g. s6:sample12:{"signals":{"topk":null,"sampled":{"n_draws":6,"scheme":"systematic"}}} '
+                        '(repeatable: a sweep)')
     p.add_argument("--variant", action="append", default=[], metavar="NAME:BASE:JSON",
                    help='another run of method BASE with JSON merged into its first loss, e.g. '
                         'cma_warm:cross_tokenizer_cma:{"projector_warmup_steps":52}, or a JSON list of losses '
@@ -265,10 +299,14 @@ def main() -> None:
         table[f"feature_align_h{h:g}_a{a:g}"] = {"store": "full", "losses": [feature_align(preset, h, a)]}
         STORE_FIELDS[f"feature_align_h{h:g}_a{a:g}"] = STORE_FIELDS["feature_align"]
         sweeps.append(f"feature_align_h{h:g}_a{a:g}")
-    draw_stores = {}
+    sweep_stores: dict[str, dict[str, Any]] = {}
     for pair in filter(None, args.draws_sweep.split(",")):
         name, store = draws_method(pair, table)
-        draw_stores[name] = store
+        sweep_stores[name] = store
+        sweeps.append(name)
+    for text in args.store_sweep:
+        name, overlay = store_method(text, table)
+        sweep_stores[name] = overlay
         sweeps.append(name)
     for text in args.variant:
         name, base, losses = parse_variant(text, table)
@@ -285,7 +323,7 @@ def main() -> None:
     chosen = with_dependencies(chosen, table)
     reported = [m for m in chosen if m not in sweeps]  # sweep points never reach the test split
     started = time.perf_counter()
-    configs = store_configs(preset, args.teacher, draw_stores)
+    configs = store_configs(preset, args.teacher, sweep_stores)
     stores = {key: cached_store(f"quality-{preset.name}-{key}", configs[key])
               for key in sorted({table[m]["store"] for m in chosen} | {"full"})}
     full = StoreReader(stores["full"])

@@ -49,11 +49,12 @@ def layer_fields(student_layers: tuple[int, ...]) -> tuple[list[int], list[int]]
     return [t + 1 for t in last_two], list(last_two)
 
 
-def store_configs(preset: Preset, teacher: str, draw_stores: dict[str, dict[str, Any]] | None = None
+def store_configs(preset: Preset, teacher: str, sweep_stores: dict[str, dict[str, Any]] | None = None
                   ) -> dict[str, dict[str, Any]]:
     """`full`: top-64 + 12 systematic draws + hidden + attention (top-16 keys) + text (cross-tokenizer);
     `hybrid`: the hybrid sparsifier topk_tail_sample, top-16 head + 8 tail draws; and each of
-    `draw_stores` (name: sampled signal), draws alone, for a sweep over draw counts and schemes."""
+    `sweep_stores` (name: the keys replacing the base config's: its signals, zstd level), for a
+    sweep over draw counts, schemes, head sizes and codecs."""
     hidden, attn = layer_fields(preset.student_layers)
     base: dict[str, Any] = {"teacher": {"name": teacher, "batch_size": 8}, "corpus": {"kind": "builtin"},
                             "row_length": 256, "shard_rows": 16, "split": "train"}
@@ -64,7 +65,7 @@ def store_configs(preset: Preset, teacher: str, draw_stores: dict[str, dict[str,
                                      "hidden": {"layers": hidden},
                                      "attention": {"layers": attn, "heads": list(range(9)), "topk": 16}, "text": True}},
         "hybrid": {**base, "signals": {"topk": {"k": 16}, "tail_sample": {"n_draws": 8}}},
-        **{name: {**base, "signals": {"sampled": sampled}} for name, sampled in (draw_stores or {}).items()},
+        **{name: {**base, **overlay} for name, overlay in (sweep_stores or {}).items()},
     }
 
 
@@ -113,6 +114,12 @@ def methods(preset: Preset) -> dict[str, dict[str, Any]]:
         "self_distill_round2": {"store": "full", "teacher_from": "topk64", "losses": [{"name": "fkl"}]},
         "adversarial": {"store": "full", "losses": [{"name": "fkl"}, {"name": "adversarial", "weight": 0.1}]},
     }
+
+
+def signal_files(signals: dict[str, Any]) -> tuple[str, ...]:
+    """The file groups a method trained on a store of `signals` reads (its bytes/token)."""
+    groups = {"topk": "topk_", "sampled": "draws", "tail_sample": "tail_draws"}
+    return ("tokens", *(groups[key] for key in groups if signals.get(key)))
 
 
 COUNTERPART = {"cross_tokenizer_baseline": "ce_foreign_tokenizer", "cross_tokenizer_cma": "ce_foreign_tokenizer"}

@@ -38,13 +38,35 @@ def test_draws_sweep_adds_a_store_and_a_method_and_refuses_bad_pairs():
     preset = quality.PRESETS["cpu"]
     table = quality.methods(preset)
     name, sampled = quality.draws_method("48:systematic", table)
-    assert name == "sample48_systematic" and sampled == {"n_draws": 48, "scheme": "systematic"}
+    assert name == "sample48_systematic" and sampled == {"signals": {"sampled": {"n_draws": 48, "scheme": "systematic"}}}
     assert table[name] == {"store": name, "losses": [{"name": "sampled_kd"}]}
     configs = quality.store_configs(preset, "default", {name: sampled})
-    assert configs[name]["signals"] == {"sampled": sampled}
+    assert configs[name]["signals"] == sampled["signals"]
     assert configs[name]["corpus"] == configs["full"]["corpus"] and configs[name]["split"] == "train"
     assert quality.parse_variant('x:sample48_systematic:{"weight": 0.9}', table)[2] == [
         {"name": "sampled_kd", "weight": 0.9}]
     for bad in ("48", "0:systematic", "256:multinomial", "x:systematic", "12:stratified"):
         with pytest.raises(SystemExit, match="want N:SCHEME"):
             quality.draws_method(bad, table)
+
+
+def test_store_sweep_runs_a_base_recipe_on_its_own_store_and_refuses_bad_ones():
+    preset = quality.PRESETS["cpu"]
+    table = quality.methods(preset)
+    signals = {"topk": {"k": 8}, "tail_sample": {"n_draws": 8, "scheme": "systematic"}}
+    name, got = quality.store_method('h8:hybrid:{"signals": {"topk": {"k": 8}, "tail_sample": {"n_draws": 8, '
+                                     '"scheme": "systematic"}}, "zstd_level": 19}', table)
+    assert (name, got) == ("h8", {"signals": signals, "zstd_level": 19})
+    assert table["h8"] == {"store": "h8", "losses": table["hybrid"]["losses"]}
+    assert quality.STORE_FIELDS["h8"] == ("tokens", "topk_", "tail_draws")
+    quality.store_method('s6:sample12:{"signals": {"topk": null, "sampled": {"n_draws": 6}}}', table)
+    assert quality.STORE_FIELDS["s6"] == ("tokens", "draws")
+    config = quality.store_configs(preset, "default", {"h8": got})["h8"]
+    assert config["signals"] == signals and config["zstd_level"] == 19 and config["shard_rows"] == 16
+    for bad, says in [('x:hybrid:{"signals": {"topk": {"kk": 8}}}', "unknown key 'signals.topk.kk'"),
+                      ('x:hybrid:{"signals": {"topk": null, "sampled": null}}', "at least one of topk or sampled"),
+                      ('x:hybrid:{"signals": {}, "shard_rows": 64}', "would change the rows or batches"),
+                      ('x:hybrid:{"topk": {"k": 8}}', "NEW_NAME"),
+                      ("x:nope:{}", "BASE one of"), ('h8:hybrid:{"signals": {}}', "NEW_NAME"), ("x:ce:{bad", "does not parse")]:
+        with pytest.raises(SystemExit, match=says):
+            quality.store_method(bad, table)
