@@ -1,6 +1,7 @@
 """Stores the benchmarks share: built once with `run_cache`, kept under
 `$KDCACHE_BENCH_CACHE` (default `<tmp>/kdcache-bench/`) by a digest of their cache config, and
-reused while `verify_store` finds them clean with the shard count recorded at build time."""
+reused while `verify_store` finds them clean with the shard count recorded at build time. A store
+without its marker is an interrupted pass: the teacher pass resumes it (committed shards kept)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def cached_store(prefix: str, data: dict[str, Any]) -> str:
             log(f"store {store} does not verify ({len(report.problems)} problems): rebuilding")
         except Exception as exc:  # unreadable: rebuild
             log(f"store {store} unreadable ({exc}): rebuilding")
-    shutil.rmtree(store, ignore_errors=True)
+    if marker.exists() or not store.exists():  # without a marker, a store is a pass to resume
+        shutil.rmtree(store, ignore_errors=True)
     marker.unlink(missing_ok=True)
     store.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

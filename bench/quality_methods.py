@@ -65,6 +65,9 @@ def store_configs(preset: Preset, teacher: str, sweep_stores: dict[str, dict[str
                                      "hidden": {"layers": hidden},
                                      "attention": {"layers": attn, "heads": list(range(9)), "topk": 16}, "text": True}},
         "hybrid": {**base, "signals": {"topk": {"k": 16}, "tail_sample": {"n_draws": 8}}},
+        # the half-bytes candidates (issue 29): 4 systematic draws; a top-4 head + 8 systematic tail draws
+        "s4": {**base, "signals": {"topk": None, "sampled": {"n_draws": 4, "scheme": "systematic"}}},
+        "h4x8": {**base, "signals": {"topk": {"k": 4}, "tail_sample": {"n_draws": 8, "scheme": "systematic"}}},
         **{name: {**base, **overlay} for name, overlay in (sweep_stores or {}).items()},
     }
 
@@ -97,6 +100,9 @@ def methods(preset: Preset) -> dict[str, dict[str, Any]]:
         # (README sweep: plain 74.9, + ce 0.06 → 70.5, label_tail 0.5 → 67.3)
         "sample12": {"store": "full", "losses": [{"name": "sampled_kd", "label_tail": 0.5}]},
         "hybrid": {"store": "hybrid", "losses": [{"name": "hybrid_kd", "label_tail": 0.5}]},
+        # half the bytes: the same recipes on the smallest stores of bench/quality_frontier's screen
+        "sample4": {"store": "s4", "losses": [{"name": "sampled_kd", "label_tail": 0.5}]},
+        "hybrid4x8": {"store": "h4x8", "losses": [{"name": "hybrid_kd", "label_tail": 0.5}]},
         "online_full": {"store": "full", "losses": [{"name": "fkl"}], "online_teacher": "default",
                         "online_full_logits": True},
         "feature_align": {"store": "full", "losses": [feature_align(preset)]},
@@ -127,7 +133,8 @@ STUDENT_VOCAB = 8192
 # which stored file groups each method reads (its bytes/token)
 STORE_FIELDS = {
     "ce": ("tokens",), "topk64": ("tokens", "topk_"), "sample12": ("tokens", "draws"),
-    "hybrid": ("tokens", "topk_", "tail_draws"), "online_full": ("tokens",),
+    "hybrid": ("tokens", "topk_", "tail_draws"), "sample4": ("tokens", "draws"),
+    "hybrid4x8": ("tokens", "topk_", "tail_draws"), "online_full": ("tokens",),
     "feature_align": ("tokens", "topk_", "hidden_", "attn_"), "dskd": ("tokens", "topk_", "hidden_30"),
     "ce_foreign_tokenizer": ("tokens", "text"), "cross_tokenizer_baseline": ("tokens", "topk_", "text"),
     "cross_tokenizer_cma": ("tokens", "topk_", "text", "hidden_30"), "multi_teacher": ("tokens", "topk_"),
@@ -137,6 +144,8 @@ TARGETS = {  # name: (method, reference, allowed ppl ratio)
     "topk64_vs_online_full_ppl": ("topk64", "online_full", 1.05),
     "sample12_vs_online_full_ppl": ("sample12", "online_full", 1.02),
     "hybrid_vs_online_full_ppl": ("hybrid", "online_full", 1.01),
+    "sample4_vs_online_full_ppl": ("sample4", "online_full", 1.00),  # issue 29: ≤ 8 B/token
+    "hybrid4x8_vs_online_full_ppl": ("hybrid4x8", "online_full", 1.00),  # issue 29: ≤ 32 B/token
 }
 
 
