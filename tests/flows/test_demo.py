@@ -14,8 +14,23 @@ from flows.cli import main
 TINY = ["--tokens", "1024", "--steps", "2", "--eval-tokens", "512"]
 
 
+@pytest.fixture
+def short_generation(tmp_path, monkeypatch):
+    """The demo's eval config with 2 prompts of 8 new tokens instead of 8 of 32: at this size,
+    generating with the three models was over a third of the test's time; the same code runs."""
+    import yaml
+
+    import flows.demo
+
+    data = yaml.safe_load(flows.demo.EVAL_CONFIG.read_text())
+    data["generation"].update(prompts=2, new_tokens=8)
+    path = tmp_path / "eval_demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(flows.demo, "EVAL_CONFIG", path)
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_and_reuse(tmp_path, capsys, default_teacher_dir):
+def test_demo_end_to_end_and_reuse(tmp_path, capsys, default_teacher_dir, short_generation):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *TINY]) == 0
     first = capsys.readouterr().out
