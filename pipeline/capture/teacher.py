@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,9 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → (its length, digest)
+
+
 def tokenizer_digest(tokenizer: Any) -> str:
     """A sha256 of what the tokenizer does, independent of how its files are formatted.
 
@@ -107,6 +111,21 @@ def tokenizer_digest(tokenizer: Any) -> str:
     The class name is left out on purpose: transformers renames tokenizer classes between
     versions (v5: ``TokenizersBackend``) without changing a single token.
     """
+    try:
+        length, digest = _DIGESTS[tokenizer]
+        if length == len(tokenizer):  # a token added since changes the length
+            return digest
+    except (KeyError, TypeError):
+        pass
+    digest = _tokenizer_digest(tokenizer)
+    try:
+        _DIGESTS[tokenizer] = (len(tokenizer), digest)
+    except TypeError:  # not weakly referenceable: computed each time
+        pass
+    return digest
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
     merges = None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
