@@ -200,15 +200,20 @@ def student_store(config: dict[str, Any], student_run: Path) -> str:
     return cached_store(f"quality-student-{student_run.name}-{weights}", data)
 
 
-def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
-    """NAME:BASE:JSON → (name, base method, its losses): a JSON object is merged into BASE's first
-    loss, a JSON list replaces BASE's losses; a bad one exits with one line."""
+def split_name_base_json(text: str, flag: str) -> tuple[str, str, Any]:
+    """NAME:BASE:JSON → (name, base, the parsed JSON); JSON that does not parse exits with one line."""
     name, _, rest = text.partition(":")
     base, _, params = rest.partition(":")
     try:
-        loaded = json.loads(params)
+        return name, base, json.loads(params)
     except json.JSONDecodeError as exc:
-        sys.exit(f"--variant {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
+        sys.exit(f"{flag} {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
+
+
+def parse_variant(text: str, table: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    """NAME:BASE:JSON → (name, base method, its losses): a JSON object is merged into BASE's first
+    loss, a JSON list replaces BASE's losses; a bad one exits with one line."""
+    name, base, loaded = split_name_base_json(text, "--variant")
     if not name or name in table or base not in table or not isinstance(loaded, dict | list) or not loaded:
         sys.exit(f"--variant {text!r}: want NEW_NAME:BASE:{{...}} or NEW_NAME:BASE:[losses] with BASE one of "
                  f"{', '.join(table)}")
@@ -239,12 +244,7 @@ def store_method(text: str, table: dict[str, Any]) -> tuple[str, dict[str, Any]]
     """`NAME:BASE:JSON` → method NAME, BASE's losses on its own store: the `full` store's cache
     config with JSON's keys (`signals`, and `zstd_level`, which leaves the rows as they are)
     replacing its own; a bad one exits with one line."""
-    name, _, rest = text.partition(":")
-    base, _, params = rest.partition(":")
-    try:
-        overlay = json.loads(params)
-    except json.JSONDecodeError as exc:
-        sys.exit(f"--store-sweep {text!r}: JSON after NAME:BASE: does not parse ({exc.msg})")
+    name, base, overlay = split_name_base_json(text, "--store-sweep")
     if not name or name in table or base not in table or not isinstance(overlay, dict) or "signals" not in overlay:
         sys.exit(f"--store-sweep {text!r}: want NEW_NAME:BASE:{{\"signals\": {{...}}}} with BASE one of {', '.join(table)}")
     if set(overlay) - STORE_SWEEP_KEYS:
