@@ -2,7 +2,8 @@
 the converted default teacher (slow the first time on a machine, then cached).
 
 Tests never reach the network: hub access is switched off before anything imports
-huggingface_hub (its offline flag is read at import time).
+huggingface_hub (its offline flag is read at import time). Under xdist, each worker (and what it
+starts) computes on its share of the cores.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the cores shared out among xdist workers: two workers × two torch threads on two cores wait
+    # on each other. Set before torch is imported, so the processes the tests start inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
