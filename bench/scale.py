@@ -13,9 +13,11 @@ Measures (one row each in the table; the JSON last line carries them and the tar
 - `kdcache verify` (in-process `verify_store`, and the CLI with its start-up) against `cat` of
   the same files to /dev/null, with the page cache warm and evicted (posix_fadvise);
 - KDStream tokens/s per core (CPU time) over a whole epoch, verification on (first reads hash
-  every file) and off (verdicts already cached, so nothing is hashed), each in a fresh process;
+  every file) and off (verdicts already cached, so nothing is hashed), each in a fresh process,
+  with the page cache warm, in two rounds of opposite order (each mode's best epoch counts);
 - time to the first training batch (structural check + stream + first batch) against a one-shard
-  store; the reader's peak RSS over an epoch against a store a tenth the size (at least the
+  store, the median of 7 fresh processes each, alternating; the reader's peak RSS over an epoch
+  against a store a tenth the size (at least the
   shards the shuffle buffer spans, so both are at steady state).
 
     python -m bench.scale                   # 10^8 tokens (about 1.7 GB, a few minutes)
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="where to build the stores (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     p.add_argument("--plan-config", default=None, help="a cache config to time `kdcache plan` on")
+    p.add_argument("--epoch-rounds", type=int, default=2, choices=(1, 2),
+                   help="verify on/off epoch pairs, the second in the other order (each mode's best CPU time counts)")
+    p.add_argument("--first-rounds", type=int, default=7, help="first-batch runs per store, alternating (medians)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--verify", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     p.add_argument("--first-only", action="store_true", help=argparse.SUPPRESS)
@@ -235,19 +240,28 @@ def main(argv: list[str] | None = None) -> dict:
         log("verify against cat", "scale")
         result["warm"] = verify_vs_cat(big, cold=False)
         result["cold"] = verify_vs_cat(big, cold=True)
-        log("reader epochs (fresh processes)", "scale")
-        on = run_child(big, "on", args.batch_size)
-        off = run_child(big, "off", args.batch_size)
+        log("reader epochs (fresh processes, page cache warm, on/off interleaved)", "scale")
+        subprocess.run(["cat", *store_files(big)], check=True, stdout=subprocess.DEVNULL)
+        epochs: dict[str, list[dict]] = {"on": [], "off": []}
+        for order in (("on", "off"), ("off", "on"))[:args.epoch_rounds]:
+            for mode in order:
+                epochs[mode].append(run_child(big, mode, args.batch_size))
+        on, off = (min(epochs[m], key=lambda r: r["cpu_s"]) for m in ("on", "off"))
+        on_off = [a["tokens_per_s_per_core"] / b["tokens_per_s_per_core"] for a, b in zip(epochs["on"], epochs["off"], strict=True)]
         small_run = run_child(small, "on", args.batch_size)
-        first_one = run_child(one, "on", args.batch_size, first_only=True)
-        first_big = run_child(big, "on", args.batch_size, first_only=True)
+        firsts: dict[str, list[float]] = {"one": [], "big": []}
+        for i in range(args.first_rounds):
+            for name in (("one", "big"), ("big", "one"))[i % 2]:
+                store = one if name == "one" else big
+                firsts[name].append(run_child(store, "on", args.batch_size, first_only=True)["first_batch_s"])
+        first_one, first_big = float(np.median(firsts["one"])), float(np.median(firsts["big"]))
         result.update({
-            "stream_on": on, "stream_off": off, "small_shards": small_shards,
+            "stream_on": on, "stream_off": off, "stream_on_off_per_round": on_off, "small_shards": small_shards,
             "tokens_per_s_per_core_on": on["tokens_per_s_per_core"],
             "tokens_per_s_per_core_off": off["tokens_per_s_per_core"],
             "stream_verify_vs_off": on["tokens_per_s_per_core"] / off["tokens_per_s_per_core"],
-            "first_batch_s": first_big["first_batch_s"], "first_batch_one_shard_s": first_one["first_batch_s"],
-            "first_batch_vs_one_shard": first_big["first_batch_s"] / first_one["first_batch_s"],
+            "first_batch_runs_s": firsts, "first_batch_s": first_big, "first_batch_one_shard_s": first_one,
+            "first_batch_vs_one_shard": first_big / first_one,
             "peak_rss_kb": on["peak_rss_kb"], "peak_rss_small_kb": small_run["peak_rss_kb"],
             "rss_big_vs_small": on["peak_rss_kb"] / small_run["peak_rss_kb"],
         })
