@@ -237,6 +237,21 @@ def _locked(lock_path: Path) -> Iterator[None]:
         yield
 
 
+def _restamp_source(out_dir: Path, marker: dict[str, Any], gguf_path: Path) -> None:
+    """Record where the same GGUF now lies (a reinstalled package): later calls skip its sha256."""
+    st = gguf_path.stat()
+    if (marker.get("source"), marker.get("source_size"), marker.get("source_mtime_ns")) == (
+            str(gguf_path), st.st_size, st.st_mtime_ns):
+        return
+    tmp = out_dir / f".{MARKER}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps({**marker, "source": str(gguf_path), "source_size": st.st_size,
+                                   "source_mtime_ns": st.st_mtime_ns}, indent=1))
+        os.replace(tmp, out_dir / MARKER)
+    except OSError:  # a read-only cache: the digest is still right, only not remembered
+        tmp.unlink(missing_ok=True)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> str:
     """Convert a GGUF file once into a float32 HF folder at ``out_dir``; return the GGUF sha256.
 
@@ -244,8 +259,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> str:
     place, under a file lock: a killed conversion or two processes never leave a half folder.
     A folder converted from a different GGUF (e.g. after a package upgrade) is replaced.
     """
-    digest = _source_digest(gguf_path, _marker(out_dir))
-    if (_marker(out_dir) or {}).get("weights_sha256") == digest:
+    digest = _source_digest(gguf_path, marker := _marker(out_dir))
+    if (marker or {}).get("weights_sha256") == digest:
+        _restamp_source(out_dir, marker, gguf_path)
         return digest
     with _locked(out_dir.parent / f".{out_dir.name}.lock"):
         if (_marker(out_dir) or {}).get("weights_sha256") == digest:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -161,6 +162,13 @@ def test_convert_gguf_is_atomic_and_once(tmp_path: Path, monkeypatch: pytest.Mon
     assert digest == hashlib.sha256(b"GGUF fake").hexdigest()
     assert json.loads((out / MARKER).read_text())["weights_sha256"] == digest
     assert convert_gguf(gguf, out) == digest and len(calls) == 1  # done once
+
+    # The same GGUF reinstalled (a new mtime): hashed once more, then remembered, not converted.
+    os.utime(gguf, ns=(1, 1))
+    hashed = []
+    monkeypatch.setattr(T, "file_sha256", lambda path: hashed.append(path) or hashlib.sha256(path.read_bytes()).hexdigest())
+    assert convert_gguf(gguf, out) == convert_gguf(gguf, out) == digest and len(calls) == 1
+    assert len(hashed) == 1 and json.loads((out / MARKER).read_text())["source_mtime_ns"] == 1
 
     # A folder left from another GGUF is replaced, never mixed.
     gguf.write_bytes(b"GGUF other")
