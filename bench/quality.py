@@ -18,8 +18,8 @@ gets a final validation score, which is what a choice of weight or recipe reads.
 curves and the targets of the other methods are test figures; the JSON's `splits` names the
 split of each key.
 
-Methods (`bench/quality_methods.py`): ce, topk64 (label_tail 0.5), sample12, hybrid (topk_tail_sample: top-16 + 8
-tail draws), online_full (the reference: forward KL against the resident teacher's full
+Methods (`bench/quality_methods.py`): ce, topk64 (label_tail 0.5), sample12 (label_tail 0.25), hybrid
+(topk_tail_sample: top-16 + 8 tail draws), sample4, hybrid4x8, online_full (the reference: forward KL against the resident teacher's full
 distribution), feature_align (fakd, hidden states in the standardised space), dskd (the authors'
 recipe), ce_foreign_tokenizer / cross_tokenizer_baseline / cross_tokenizer_cma (a student with
 its own 8,192-id tokenizer), multi_teacher, self_distill_round2 (born-again from the topk64

@@ -32,8 +32,9 @@ class Preset:
 
 # The student: the 6 teacher layers greedy pruning keeps (`bench/student_layers.py --keep 6` on
 # this corpus: perplexity ~5,800 at init; 6 evenly spaced layers start at ~10^7, a broken init).
-# 2 epochs × 107k tokens × 13 methods at ~1,000 student tokens/s (bf16 autocast on this AMX CPU;
-# the 49k-row head costs most of a step whatever the depth) fit the 90 min budget on 2 cores.
+# 2 epochs × 107k tokens at ~700–1,000 student tokens/s (bf16 autocast on an AMX CPU; the 49k-row
+# head costs most of a step whatever the depth): all 15 methods take about 2 h 15 min on 2 cores
+# with the stores built, 5–14 min each (docs/results/quality.md states the budget).
 CPU = Preset("cpu", None, (0, 1, 11, 24, 27, 29), 2, 4, 1e-3, 4096, 8)
 QUICK = Preset("quick", 8192, (0, 1, 11, 24, 27, 29), 2, 4, 1e-3, 1024, 6, ("ce", "topk64", "hybrid"))
 # a GPU has the time for a deeper student, more epochs and a larger held-out set
@@ -94,11 +95,12 @@ def methods(preset: Preset) -> dict[str, dict[str, Any]]:
     return {
         "ce": {"store": "full", "losses": [{"name": "ce"}]},
         # label_tail: the next token as a free draw inside the teacher's tail (no stored byte); 1 is
-        # unbiased for a calibrated teacher, 0.5 measured best (README sweep: 1 → 72.6, 0.5 → 70.2)
+        # unbiased for a calibrated teacher, 0.5 chosen on validation (1 → 78.97, 0.5 → 77.67)
         "topk64": {"store": "full", "losses": [{"name": "fkl", "label_tail": 0.5}]},
-        # 12 systematic draws (the full store), the label taking half the once-drawn ids' weight
-        # (README sweep: plain 74.9, + ce 0.06 → 70.5, label_tail 0.5 → 67.3)
-        "sample12": {"store": "full", "losses": [{"name": "sampled_kd", "label_tail": 0.5}]},
+        # 12 systematic draws (the full store), the label taking a quarter of the once-drawn ids'
+        # weight: chosen on validation (label_tail 0.25 → 74.72, 0.5 → 76.15; docs/results/quality.md)
+        "sample12": {"store": "full", "losses": [{"name": "sampled_kd", "label_tail": 0.25}]},
+        # label_tail chosen on validation (1 → 88.00, 0.5 → 73.74)
         "hybrid": {"store": "hybrid", "losses": [{"name": "hybrid_kd", "label_tail": 0.5}]},
         # half the bytes: the same recipes on the smallest stores of bench/quality_frontier's screen
         "sample4": {"store": "s4", "losses": [{"name": "sampled_kd", "label_tail": 0.5}]},
@@ -111,7 +113,8 @@ def methods(preset: Preset) -> dict[str, dict[str, Any]]:
         "ce_foreign_tokenizer": {"store": "full", "losses": [{"name": "ce"}], "own_tokenizer": True},
         "cross_tokenizer_baseline": {"store": "full", "losses": [{"name": "xtok_align"}, {"name": "ce"}],
                                      "own_tokenizer": True},
-        # t2s off: the sweep (README) shows the t2s term is what makes the recipe lose to CE here
+        # t2s off, chosen on validation (t2s 0.1 → 220.13, 0 → 194.08; the foreign CE 233.86): the
+        # t2s term is what makes the recipe lose ground here
         "cross_tokenizer_cma": {"store": "full", "losses": [{"name": "dskd_cma", "t2s_weight": 0.0}],
                                 "own_tokenizer": True},
         "multi_teacher": {"store": "full", "second_teacher": "topk64",
