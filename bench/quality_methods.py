@@ -33,7 +33,7 @@ class Preset:
 # The student: the 6 teacher layers greedy pruning keeps (`bench/student_layers.py --keep 6` on
 # this corpus: perplexity ~5,800 at init; 6 evenly spaced layers start at ~10^7, a broken init).
 # 2 epochs × 107k tokens at ~700–1,000 student tokens/s (bf16 autocast on an AMX CPU; the 49k-row
-# head costs most of a step whatever the depth): all 15 methods take about 2 h 15 min on 2 cores
+# head costs most of a step whatever the depth): all 15 methods take about 1 h 50 min on 2 cores
 # with the stores built, 5–14 min each (docs/results/quality.md states the budget).
 CPU = Preset("cpu", None, (0, 1, 11, 24, 27, 29), 2, 4, 1e-3, 4096, 8)
 QUICK = Preset("quick", 8192, (0, 1, 11, 24, 27, 29), 2, 4, 1e-3, 1024, 6, ("ce", "topk64", "hybrid"))
